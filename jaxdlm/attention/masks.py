@@ -1,0 +1,132 @@
+"""Attention masks as predicates on per-token metadata: the single source of truth for every backend.
+
+Every query and key token carries a :class:`TokenInfo`: its RoPE position, a block id, a stream flag
+(``CLEAN`` = causal / clean tokens, ``NOISY`` = tokens of a diffusion block) and, for keys, a validity
+flag.  One rule decides every pass of SPEC.md section 3:
+
+* a CLEAN query sees CLEAN keys at positions ``<=`` its own (plain causal attention, the AR model);
+* a NOISY query sees NOISY keys of its own block (bidirectional inside the block) and CLEAN keys of
+  strictly earlier blocks (the clean context);
+* invalid keys (unused cache slots, padding) are never seen.
+
+The two-stream training layout ``[x_t | x_0]`` is NOISY tokens then CLEAN tokens with block ids
+``pos // block_size``; a denoise pass over a KV cache is NOISY queries in block 1 over CLEAN cache
+keys in block 0; prefill / commit / verify / AR steps are CLEAN queries over CLEAN keys.  Kernels
+evaluate :func:`allowed` on tiles; the XLA path evaluates it densely.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+CLEAN = 0
+NOISY = 1
+
+
+class TokenInfo(NamedTuple):
+    """Per-token mask metadata, each field ``int32 [B, N]`` (``valid``: bool ``[B, N]``)."""
+
+    pos: jnp.ndarray
+    block: jnp.ndarray
+    stream: jnp.ndarray
+    valid: jnp.ndarray
+
+    @property
+    def shape(self):
+        return self.pos.shape
+
+
+def allowed(q: TokenInfo, k: TokenInfo, sliding_window: int | None = None) -> jnp.ndarray:
+    """Whether each query may attend to each key: bool ``[B, T, S]`` for ``q [B, T]``, ``k [B, S]``.
+
+    ``sliding_window`` (Mistral-style) additionally hides keys ``window`` or more positions behind the query.
+    """
+    qp, qb, qs = (x[:, :, None] for x in (q.pos, q.block, q.stream))
+    kp, kb, ks, kv = (x[:, None, :] for x in (k.pos, k.block, k.stream, k.valid))
+    causal = (ks == CLEAN) & (kp <= qp)
+    noisy = ((ks == NOISY) & (kb == qb)) | ((ks == CLEAN) & (kb < qb))
+    ok = jnp.where(qs == CLEAN, causal, noisy) & kv
+    if sliding_window is not None:
+        ok = ok & (qp - kp < sliding_window)
+    return ok
+
+
+def _full(shape, value, dtype=jnp.int32):
+    return jnp.full(shape, value, dtype=dtype)
+
+
+def sequence_info(positions: jnp.ndarray, kind: str, block_size: int = 32, valid=None) -> TokenInfo:
+    """Metadata for a whole sequence attended to without a cache.
+
+    ``kind``: ``"causal"`` (AR), ``"bidirectional"`` (every token sees every valid token) or
+    ``"block_causal"`` (NOISY tokens bidirectional inside blocks of ``block_size``; they see nothing
+    outside their block - use :func:`two_stream_info` for clean context).
+    """
+    shape = positions.shape
+    valid = jnp.ones(shape, bool) if valid is None else valid
+    if kind == "causal":
+        return TokenInfo(positions, _full(shape, 0), _full(shape, CLEAN), valid)
+    if kind == "bidirectional":
+        return TokenInfo(positions, _full(shape, 0), _full(shape, NOISY), valid)
+    if kind == "block_causal":
+        return TokenInfo(positions, positions // block_size, _full(shape, NOISY), valid)
+    raise ValueError(f"kind={kind!r} is not a sequence mask kind; expected 'causal', 'bidirectional' or 'block_causal'")
+
+
+def two_stream_info(batch: int, length: int, block_size: int, *, bidirectional: bool = False) -> TokenInfo:
+    """Metadata for the training layout ``[x_t | x_0]`` (2L tokens, both halves at positions 0..L-1).
+
+    With ``bidirectional=True`` the noisy half sees all of itself and no clean keys (a fully
+    bidirectional diffusion model, for comparison studies).
+    """
+    pos = jnp.arange(length, dtype=jnp.int32)
+    if bidirectional:
+        noisy_block = _full((length,), 0)
+        clean_block = _full((length,), 2**30)  # never strictly before a noisy block
+    else:
+        noisy_block = clean_block = pos // block_size
+    info = TokenInfo(
+        pos=jnp.concatenate([pos, pos]),
+        block=jnp.concatenate([noisy_block, clean_block]),
+        stream=jnp.concatenate([_full((length,), NOISY), _full((length,), CLEAN)]),
+        valid=jnp.ones((2 * length,), bool),
+    )
+    return TokenInfo(*(jnp.broadcast_to(x, (batch, 2 * length)) for x in info))
+
+
+def cache_query_info(length: jnp.ndarray, num_new: int, kind: str) -> TokenInfo:
+    """Metadata of ``num_new`` new tokens placed right after each row's cache (``length [B]``).
+
+    ``kind``: ``"causal"`` (prefill / commit / verify / AR step) or ``"denoise"`` (a diffusion block
+    that sees the cache and itself bidirectionally).
+    """
+    pos = length[:, None].astype(jnp.int32) + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+    shape = pos.shape
+    valid = jnp.ones(shape, bool)
+    if kind == "causal":
+        return TokenInfo(pos, _full(shape, 0), _full(shape, CLEAN), valid)
+    if kind == "denoise":
+        return TokenInfo(pos, _full(shape, 1), _full(shape, NOISY), valid)
+    raise ValueError(f"kind={kind!r} is not a cached pass kind; expected 'causal' or 'denoise'")
+
+
+def cache_key_info(length: jnp.ndarray, max_len: int, num_new: int, kind: str) -> TokenInfo:
+    """Metadata of the cache slots ``0..max_len-1`` after ``num_new`` tokens were written at ``length``.
+
+    Slot ``s`` holds position ``s``.  Slots below ``length`` are the committed cache (CLEAN, block 0);
+    slots ``length .. length+num_new-1`` hold the new tokens (CLEAN for causal passes, NOISY block 1 for
+    denoise passes); later slots are invalid.
+    """
+    slot = jnp.arange(max_len, dtype=jnp.int32)[None, :]
+    length = length[:, None].astype(jnp.int32)
+    shape = (length.shape[0], max_len)
+    is_new = slot >= length
+    valid = slot < length + num_new
+    pos = jnp.broadcast_to(slot, shape)
+    if kind == "causal":
+        return TokenInfo(pos, _full(shape, 0), _full(shape, CLEAN), valid)
+    if kind == "denoise":
+        return TokenInfo(pos, is_new.astype(jnp.int32), is_new.astype(jnp.int32) * NOISY, valid)
+    raise ValueError(f"kind={kind!r} is not a cached pass kind; expected 'causal' or 'denoise'")

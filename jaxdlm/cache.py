@@ -1,0 +1,69 @@
+"""KV cache: an explicit pytree passed into and returned from every cached forward pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxdlm.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of committed (causal) tokens.
+
+    Attributes:
+      k, v: ``[num_layers, batch, max_len, num_kv_heads, head_dim]``; slot ``s`` of a row holds the
+        token at position ``s`` (RoPE already applied to keys).
+      length: ``int32 [batch]`` number of valid slots per row.  Slots at or beyond ``length`` hold
+        scratch data and are never attended to.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        """An empty cache of ``max_len`` slots per row."""
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def advance(self, n) -> "KVCache":
+        """Marks ``n`` (scalar or ``[batch]``) more slots valid, clipped to ``max_len``."""
+        n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), self.length.shape)
+        return dataclasses.replace(self, length=jnp.minimum(self.length + n, self.max_len))
+
+    def crop(self, length) -> "KVCache":
+        """Keeps only the first ``length`` (scalar or ``[batch]``) slots per row (never grows a row)."""
+        length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape)
+        return dataclasses.replace(self, length=jnp.clip(length, 0, self.length))
+
+    def with_length(self, length) -> "KVCache":
+        """Sets the per-row lengths (no checks: the caller guarantees the slots hold valid K/V)."""
+        length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape)
+        return dataclasses.replace(self, length=length)
+
+
+def write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes ``new [B, T, ...]`` into ``buffer [B, S, ...]`` at per-row slot ``start [B]``.
+
+    Slots past the end are dropped (never clamped onto valid data).
+    """
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    cols = start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return buffer.at[rows, cols].set(new.astype(buffer.dtype), mode="drop")

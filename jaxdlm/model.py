@@ -1,0 +1,344 @@
+"""The decoder (Ministral-3 / Mistral / Llama / Qwen3 / NLD) as Flax NNX modules, plus a pure forward.
+
+Layers are stacked on a leading axis and run with ``lax.scan``.  Every pass of SPEC.md goes through
+:func:`forward_general`; :func:`forward` covers the common kinds:
+
+==================  =======================================  ============================
+kind                queries attend to                        cache
+==================  =======================================  ============================
+``causal``          earlier tokens (+ whole cache)           written, length advanced
+``denoise``         whole cache + all tokens of the block    scratch only, length kept
+``bidirectional``   all tokens (no cache)                    -
+``two_stream``      ``[x_t | x_0]`` training layout          -
+==================  =======================================  ============================
+
+Shapes: ``B`` batch, ``T`` new tokens, ``S`` cache slots, ``H`` hidden, ``V`` vocabulary.
+
+Parameters use the ``[in, out]`` layout (``y = x @ W``).  Optional LoRA on ``o_proj`` for draft
+passes is a separate pytree ``{"a": [L, heads*head_dim, r], "b": [L, r, H], "scale": ()}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdlm import rope as rope_lib
+from jaxdlm.attention import attention, masks
+from jaxdlm.attention.masks import TokenInfo
+from jaxdlm.cache import KVCache, write
+from jaxdlm.config import ModelConfig
+
+_INIT_STD = 0.02
+
+CACHED_KINDS = ("causal", "denoise")
+UNCACHED_KINDS = ("causal", "bidirectional", "two_stream")
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=_INIT_STD):
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with the variance in float32; ``weight * normalized.astype(x.dtype)``."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return self.weight[...] * y
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm attention and a SwiGLU MLP, both residual."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        c = config
+        h, d = c.hidden_size, c.head_dim
+        self.attn_norm = RMSNorm(h, c.rms_norm_eps, dtype)
+        self.q_proj = nnx.Param(_normal(rngs, (h, c.num_heads * d), dtype))
+        self.k_proj = nnx.Param(_normal(rngs, (h, c.num_kv_heads * d), dtype))
+        self.v_proj = nnx.Param(_normal(rngs, (h, c.num_kv_heads * d), dtype))
+        self.o_proj = nnx.Param(_normal(rngs, (c.num_heads * d, h), dtype))
+        if c.qk_norm:
+            self.q_norm = RMSNorm(d, c.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(d, c.rms_norm_eps, dtype)
+        self.mlp_norm = RMSNorm(h, c.rms_norm_eps, dtype)
+        self.gate_proj = nnx.Param(_normal(rngs, (h, c.intermediate_size), dtype))
+        self.up_proj = nnx.Param(_normal(rngs, (h, c.intermediate_size), dtype))
+        self.down_proj = nnx.Param(_normal(rngs, (c.intermediate_size, h), dtype))
+        self.config = config
+
+    def qkv(self, x, cos, sin, qscale):
+        """Projections with q/k norm, RoPE and the query scale: q ``[B,T,Hq,D]``, k/v ``[B,T,Hkv,D]``."""
+        c = self.config
+        b, t, _ = x.shape
+        a = self.attn_norm(x)
+        q = (a @ self.q_proj[...]).reshape(b, t, c.num_heads, c.head_dim)
+        k = (a @ self.k_proj[...]).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = (a @ self.v_proj[...]).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+        if qscale is not None:
+            q = q * qscale[:, :, None, None].astype(q.dtype)
+        return q, k, v
+
+    def finish(self, x, attn_out, lora=None):
+        """Output projection (+ LoRA delta) and the MLP, both added to the residual ``x``."""
+        b, t = x.shape[:2]
+        o = attn_out.reshape(b, t, -1)
+        y = o @ self.o_proj[...]
+        if lora is not None:
+            y = y + ((o @ lora["a"]) @ lora["b"] * lora["scale"]).astype(y.dtype)
+        x = x + y
+        m = self.mlp_norm(x)
+        gate = jax.nn.silu(m @ self.gate_proj[...])
+        x = x + (gate * (m @ self.up_proj[...])) @ self.down_proj[...]
+        return x
+
+
+class Transformer(nnx.Module):
+    """Embedding, ``num_layers`` stacked :class:`Block` s, final norm and output head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        c = config
+        self.config = config
+        self.embed = nnx.Param(_normal(rngs, (c.vocab_size, c.hidden_size), dtype))
+        keys = jax.random.split(rngs.params(), c.num_layers)
+
+        def one_layer(key):
+            return nnx.split(Block(c, rngs=nnx.Rngs(params=key), dtype=dtype))[1]
+
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(c, rngs=nnx.Rngs(0), dtype=dtype)))
+        self.layers = nnx.merge(graphdef, jax.vmap(one_layer)(keys))
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        if not c.tie_word_embeddings:
+            self.head = nnx.Param(_normal(rngs, (c.hidden_size, c.vocab_size), dtype))
+
+    def head_weight(self):
+        """Output projection ``[H, V]`` (the transposed embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T
+        return self.head[...]
+
+    def __call__(self, tokens, positions, q_info: TokenInfo, k_info: TokenInfo, *, cache: KVCache | None = None,
+                 num_write: int | None = None, lora: dict | None = None, impl: str | None = None,
+                 return_hidden: bool = False):
+        """General forward.
+
+        Args:
+          tokens: ``int32 [B, T]``.
+          positions: ``int32 [B, T]`` RoPE positions.
+          q_info: mask metadata of the ``T`` queries.
+          k_info: mask metadata of the keys: the ``T`` new tokens when ``cache`` is None, else the
+            ``S`` cache slots followed by the ``T - num_write`` new tokens that are not written.
+          cache: optional KV cache; the first ``num_write`` (default ``T``) new tokens are written at
+            slots ``cache.length + i`` (its length is NOT changed here).
+          lora: optional o_proj LoRA pytree (draft passes).
+          return_hidden: return the final normed hidden states ``[B, T, H]`` instead of logits.
+
+        Returns ``(logits float32 [B, T, V], new_cache or None)``.
+        """
+        c = self.config
+        t = tokens.shape[1]
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        cos, sin = rope_lib.cos_sin(c.rope, c.head_dim, positions)
+        qscale = rope_lib.query_scale(c.rope, positions)
+        scale = c.head_dim ** -0.5
+        graphdef, state = nnx.split(self.layers)
+        lora_xs = None if lora is None else {"a": lora["a"], "b": lora["b"]}
+        lora_scale = None if lora is None else lora["scale"]
+
+        def run_layer(layer_state, lora_l, h, kv_fn):
+            layer = nnx.merge(graphdef, layer_state)
+            q, k, v = layer.qkv(h, cos, sin, qscale)
+            k_all, v_all, extra = kv_fn(k, v)
+            out = attention(q, k_all, v_all, q_info, k_info, scale=scale, sliding_window=c.sliding_window,
+                            impl=impl)
+            lora_full = None if lora_l is None else dict(lora_l, scale=lora_scale)
+            return layer.finish(h, out, lora_full), extra
+
+        if cache is None:
+            def body(h, xs):
+                h, _ = run_layer(xs[0], xs[1], h, lambda k, v: (k, v, None))
+                return h, None
+
+            x, _ = jax.lax.scan(body, x, (state, lora_xs))
+            new_cache = None
+        else:
+            nw = t if num_write is None else num_write
+            if not 0 <= nw <= t:
+                raise ValueError(f"num_write={num_write} must be in [0, {t}]")
+
+            def body(carry, xs):
+                h, ck, cv = carry
+                layer_state, lora_l, i = xs
+
+                def kv_fn(k, v):
+                    k_l = write(ck[i], k[:, :nw], cache.length)
+                    v_l = write(cv[i], v[:, :nw], cache.length)
+                    k_all, v_all = k_l, v_l
+                    if nw < t:
+                        k_all = jnp.concatenate([k_l, k[:, nw:].astype(k_l.dtype)], axis=1)
+                        v_all = jnp.concatenate([v_l, v[:, nw:].astype(v_l.dtype)], axis=1)
+                    return k_all, v_all, (k_l, v_l)
+
+                h, (k_l, v_l) = run_layer(layer_state, lora_l, h, kv_fn)
+                ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, i, 0)
+                cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, i, 0)
+                return (h, ck, cv), None
+
+            idx = jnp.arange(c.num_layers)
+            (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (state, lora_xs, idx))
+            new_cache = dataclasses.replace(cache, k=ck, v=cv)
+
+        x = self.final_norm(x)
+        if return_hidden:
+            return x, new_cache
+        logits = jnp.matmul(x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits, new_cache
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure forward functions
+
+
+def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache | None = None,
+            num_valid=None, lora: dict | None = None, impl: str | None = None, return_hidden: bool = False):
+    """Forward pass of one kind (see the module docstring).
+
+    Without a cache, ``tokens [B, T]`` is a whole sequence at positions ``0..T-1``; for ``two_stream``
+    ``T = 2L`` is ``[x_t | x_0]`` and both halves sit at positions ``0..L-1`` with blocks of
+    ``config.block_size``.  With a cache, the ``T`` tokens sit at positions ``cache.length + i``; a
+    ``causal`` pass advances each row's length by ``num_valid`` (int or ``[B]``, default ``T``: the rest
+    is right padding), a ``denoise`` pass keeps it.
+
+    Returns ``(logits float32 [B, T, V], cache or None)``.
+    """
+    b, t = tokens.shape
+    c = model.config
+    if cache is None:
+        if kind == "two_stream":
+            if t % 2:
+                raise ValueError(f"two_stream needs an even number of tokens [x_t | x_0], got T={t}")
+            q_info = masks.two_stream_info(b, t // 2, c.block_size)
+        elif kind in ("causal", "bidirectional"):
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            q_info = masks.sequence_info(pos, kind)
+        else:
+            raise ValueError(f"kind={kind!r} is not supported without a cache; expected one of {UNCACHED_KINDS}")
+        return model(tokens, q_info.pos, q_info, q_info, lora=lora, impl=impl, return_hidden=return_hidden)
+    if kind not in CACHED_KINDS:
+        raise ValueError(f"kind={kind!r} is not supported with a cache; expected one of {CACHED_KINDS}")
+    q_info = masks.cache_query_info(cache.length, t, kind)
+    k_info = masks.cache_key_info(cache.length, cache.max_len, t, kind)
+    out, new_cache = model(tokens, q_info.pos, q_info, k_info, cache=cache, lora=lora, impl=impl,
+                           return_hidden=return_hidden)
+    if kind == "causal":
+        new_cache = new_cache.advance(t if num_valid is None else num_valid)
+    else:
+        new_cache = new_cache.with_length(cache.length)
+    return out, new_cache
+
+
+# ---------------------------------------------------------------------------------------------------
+# the user-facing model object
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kind", "impl"))
+def _logits_jit(graphdef, params, tokens, kind, impl):
+    model = nnx.merge(graphdef, params)
+    return forward(model, tokens, kind=kind, impl=impl)[0]
+
+
+def _check_tokens(tokens, vocab_size: int, name: str = "tokens"):
+    try:
+        arr = np.asarray(tokens)
+    except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced: no eager check possible
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer token ids, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, length], got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+class Model:
+    """A model ready to use: config, parameters (an ``nnx.State``), optional draft LoRA and tokenizer.
+
+    ``graphdef`` and ``params`` are the two halves of ``nnx.split(transformer)``; pass ``params`` into
+    your own jitted functions and ``nnx.merge(model.graphdef, params)`` inside them.
+    """
+
+    def __init__(self, config: ModelConfig, graphdef, params, *, lora: dict | None = None, tokenizer: Any = None):
+        self.config = config
+        self.graphdef = graphdef
+        self.params = params
+        self.lora = lora
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def init(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> "Model":
+        """A model with random parameters (normal, std 0.02; norms at one)."""
+        transformer = Transformer(config, rngs=nnx.Rngs(params=seed), dtype=jnp.dtype(dtype))
+        graphdef, params = nnx.split(transformer)
+        return cls(config, graphdef, params)
+
+    @classmethod
+    def abstract(cls, config: ModelConfig, *, dtype=jnp.float32) -> "Model":
+        """Shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves), no memory: a restore target."""
+        transformer = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0), dtype=jnp.dtype(dtype)))
+        graphdef, params = nnx.split(transformer)
+        return cls(config, graphdef, params)
+
+    @property
+    def module(self) -> Transformer:
+        """The merged NNX module (for use inside jitted code)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    @property
+    def dtype(self):
+        return jax.tree.leaves(self.params)[0].dtype
+
+    def astype(self, dtype) -> "Model":
+        """A copy with every floating parameter (and the LoRA) cast to ``dtype``."""
+        dtype = jnp.dtype(dtype)
+
+        def cast(x):
+            return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+        params = jax.tree.map(cast, self.params)
+        lora = None if self.lora is None else jax.tree.map(cast, self.lora)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(self.config, rngs=nnx.Rngs(0), dtype=dtype)))
+        return Model(self.config, graphdef, params, lora=lora, tokenizer=self.tokenizer)
+
+    def logits(self, tokens, kind: str = "causal", *, impl: str | None = None) -> jax.Array:
+        """Float32 logits ``[B, T, V]`` for whole sequences ``tokens [B, T]`` (no cache).
+
+        ``kind``: ``"causal"`` (AR; logits at t predict token t+1), ``"bidirectional"``, or
+        ``"two_stream"`` (``tokens = [x_t | x_0]``, ``T = 2L``; diffusion logits on the first half
+        predict the token at the same position, AR logits on the second half the next token).
+        """
+        if kind not in UNCACHED_KINDS:
+            raise ValueError(f"kind={kind!r} is not supported; expected one of {UNCACHED_KINDS}")
+        _check_tokens(tokens, self.config.vocab_size)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        return _logits_jit(self.graphdef, self.params, tokens, kind, impl)
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, "
+                f"params={c.num_params() / 1e6:.1f}M, dtype={self.dtype}, lora={self.lora is not None})")

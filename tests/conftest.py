@@ -1,0 +1,28 @@
+"""Test configuration: CPU backend, full float32 matmuls, fresh random seeds (printed for replay)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (``JAXDLM_TEST_SEED`` replays one); printed so a failure can be replayed."""
+    value = os.environ.get("JAXDLM_TEST_SEED")
+    value = int(value) if value else int(np.random.SeedSequence().entropy % (2**31))
+    print(f"\n[{request.node.name}] JAXDLM_TEST_SEED={value}")
+    return value
+
+
+@pytest.fixture
+def rng(seed):
+    return np.random.default_rng(seed)
