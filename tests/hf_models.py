@@ -8,6 +8,7 @@ import transformers
 
 from jaxdlm import ModelConfig
 from jaxdlm.hf import model_from_pure_dict, params_from_hf
+from numerics import rel_err  # noqa: F401  (re-exported for tests)
 
 torch.set_num_threads(2)
 
@@ -99,8 +100,3 @@ def hf_logits(hf_model, tokens: np.ndarray, positions: np.ndarray | None = None,
         kwargs["attention_mask"] = torch.where(m, 0.0, torch.finfo(torch.float32).min)[:, None]
     with torch.no_grad():
         return hf_model(torch.as_tensor(np.asarray(tokens), dtype=torch.long), **kwargs).logits.float().numpy()
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxdlm import KVCache, Model, ModelConfig, RopeConfig, forward
 from jaxdlm.hf import model_from_pure_dict
-from hf_models import rel_err
+from numerics import rel_err
 
 TOL = 1e-5
 
