@@ -20,6 +20,7 @@ passes is a separate pytree ``{"a": [L, heads*head_dim, r], "b": [L, r, H], "sca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -34,6 +35,7 @@ from jaxdlm.attention import attention, masks
 from jaxdlm.attention.masks import TokenInfo
 from jaxdlm.cache import KVCache, write
 from jaxdlm.config import ModelConfig
+from jaxdlm.sharding import CACHE_AXES, constrain
 
 _INIT_STD = 0.02
 
@@ -152,7 +154,7 @@ class Transformer(nnx.Module):
         """
         c = self.config
         t = tokens.shape[1]
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", None))
         cos, sin = rope_lib.cos_sin(c.rope, c.head_dim, positions)
         qscale = rope_lib.query_scale(c.rope, positions)
         scale = c.head_dim ** -0.5
@@ -186,8 +188,8 @@ class Transformer(nnx.Module):
                 layer_state, lora_l, i = xs
 
                 def kv_fn(k, v):
-                    k_l = write(ck[i], k[:, :nw], cache.length)
-                    v_l = write(cv[i], v[:, :nw], cache.length)
+                    k_l = constrain(write(ck[i], k[:, :nw], cache.length), CACHE_AXES[1:])
+                    v_l = constrain(write(cv[i], v[:, :nw], cache.length), CACHE_AXES[1:])
                     k_all, v_all = k_l, v_l
                     if nw < t:
                         k_all = jnp.concatenate([k_l, k[:, nw:].astype(k_l.dtype)], axis=1)
@@ -195,19 +197,19 @@ class Transformer(nnx.Module):
                     return k_all, v_all, (k_l, v_l)
 
                 h, (k_l, v_l) = run_layer(layer_state, lora_l, h, kv_fn)
-                ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, i, 0)
-                cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, i, 0)
+                ck = constrain(jax.lax.dynamic_update_index_in_dim(ck, k_l, i, 0), CACHE_AXES)
+                cv = constrain(jax.lax.dynamic_update_index_in_dim(cv, v_l, i, 0), CACHE_AXES)
                 return (h, ck, cv), None
 
             idx = jnp.arange(c.num_layers)
             (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (state, lora_xs, idx))
-            new_cache = dataclasses.replace(cache, k=ck, v=cv)
+            new_cache = dataclasses.replace(cache, k=constrain(ck, CACHE_AXES), v=constrain(cv, CACHE_AXES))
 
         x = self.final_norm(x)
         if return_hidden:
             return x, new_cache
         logits = jnp.matmul(x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
-        return logits, new_cache
+        return constrain(logits, ("batch", "seq", "vocab")), new_cache
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,12 +285,18 @@ class Model:
     your own jitted functions and ``nnx.merge(model.graphdef, params)`` inside them.
     """
 
-    def __init__(self, config: ModelConfig, graphdef, params, *, lora: dict | None = None, tokenizer: Any = None):
+    def __init__(self, config: ModelConfig, graphdef, params, *, lora: dict | None = None, tokenizer: Any = None,
+                 mesh=None):
         self.config = config
         self.graphdef = graphdef
         self.params = params
         self.lora = lora
         self.tokenizer = tokenizer
+        self.mesh = mesh  # set by jaxdlm.sharding.shard_model: jitted calls run under jax.set_mesh(mesh)
+
+    def mesh_context(self):
+        """``jax.set_mesh(self.mesh)`` for sharded models, else a null context."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @classmethod
     def init(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> "Model":
@@ -306,7 +314,8 @@ class Model:
 
     @property
     def module(self) -> Transformer:
-        """The merged NNX module (for use inside jitted code)."""
+        """The merged NNX module (for use inside jitted code).  It shares its variables with
+        ``params``: assigning to them changes this model."""
         return nnx.merge(self.graphdef, self.params)
 
     @property
@@ -323,7 +332,7 @@ class Model:
         params = jax.tree.map(cast, self.params)
         lora = None if self.lora is None else jax.tree.map(cast, self.lora)
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(self.config, rngs=nnx.Rngs(0), dtype=dtype)))
-        return Model(self.config, graphdef, params, lora=lora, tokenizer=self.tokenizer)
+        return Model(self.config, graphdef, params, lora=lora, tokenizer=self.tokenizer, mesh=self.mesh)
 
     def logits(self, tokens, kind: str = "causal", *, impl: str | None = None) -> jax.Array:
         """Float32 logits ``[B, T, V]`` for whole sequences ``tokens [B, T]`` (no cache).
@@ -336,7 +345,8 @@ class Model:
             raise ValueError(f"kind={kind!r} is not supported; expected one of {UNCACHED_KINDS}")
         _check_tokens(tokens, self.config.vocab_size)
         tokens = jnp.asarray(tokens, jnp.int32)
-        return _logits_jit(self.graphdef, self.params, tokens, kind, impl)
+        with self.mesh_context():
+            return _logits_jit(self.graphdef, self.params, tokens, kind, impl)
 
     def __repr__(self):
         c = self.config

@@ -1,8 +1,12 @@
-"""Test configuration: CPU backend, full float32 matmuls, fresh random seeds (printed for replay)."""
+"""Test configuration: CPU backend with 8 fake devices, full float32 matmuls, fresh random seeds."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 8 fake CPU devices for the sharding tests (must be set before jax is imported)
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

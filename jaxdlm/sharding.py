@@ -1,0 +1,218 @@
+"""SPMD partitioning with jax.sharding: logical axis names, rules, meshes.
+
+Every parameter (and the KV cache) carries logical axis names; a rule table maps logical names to the
+mesh axes ``data``, ``fsdp`` and ``tensor``.  XLA's GSPMD partitioner does the rest (collectives are
+inserted by the compiler, not written by hand).  Inside ``with jax.set_mesh(mesh):`` the model pins the
+sharding of its residual stream, KV cache writes and logits (:func:`constrain`); without a mesh those
+constraints vanish.
+
+Default rules (Megatron-style tensor parallelism + FSDP):
+
+===========  ===================  =====================================================
+logical      mesh axes            meaning
+===========  ===================  =====================================================
+batch        (data, fsdp)         batch rows of activations and of the KV cache
+vocab        tensor               embedding rows and head columns
+heads        tensor               query heads (q_proj columns, o_proj rows)
+kv_heads     tensor               key/value heads (k/v_proj columns, KV cache)
+mlp          tensor               MLP hidden units
+embed        fsdp                 the model dimension of every weight matrix
+layers       -                    the stacked layer axis (scanned)
+===========  ===================  =====================================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdlm.config import ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("layers", None),
+    ("norm", None),
+    ("head_dim", None),
+    ("seq", None),
+    ("lora", None),
+)
+
+# logical axes of each parameter, keyed by its path in the pure-dict parameter tree
+PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("embed",): ("vocab", "embed"),
+    ("head",): ("embed", "vocab"),
+    ("final_norm", "weight"): ("norm",),
+    ("layers", "attn_norm", "weight"): ("layers", "norm"),
+    ("layers", "mlp_norm", "weight"): ("layers", "norm"),
+    ("layers", "q_norm", "weight"): ("layers", "head_dim"),
+    ("layers", "k_norm", "weight"): ("layers", "head_dim"),
+    ("layers", "q_proj"): ("layers", "embed", "heads"),
+    ("layers", "k_proj"): ("layers", "embed", "kv_heads"),
+    ("layers", "v_proj"): ("layers", "embed", "kv_heads"),
+    ("layers", "o_proj"): ("layers", "heads", "embed"),
+    ("layers", "gate_proj"): ("layers", "embed", "mlp"),
+    ("layers", "up_proj"): ("layers", "embed", "mlp"),
+    ("layers", "down_proj"): ("layers", "mlp", "embed"),
+}
+LORA_AXES = {"a": ("layers", "heads", "lora"), "b": ("layers", "lora", "embed"), "scale": ()}
+CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+
+
+def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """``"tensor=2,fsdp=4"`` -> ``{"data": 1, "fsdp": 4, "tensor": 2}`` (missing axes are 1)."""
+    if isinstance(spec, str):
+        sizes = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep or not value.strip().isdigit():
+                raise ValueError(f"mesh spec part {part!r} is not NAME=SIZE (e.g. 'tensor=2,fsdp=4')")
+            if name in sizes:
+                raise ValueError(f"mesh axis {name!r} is given twice in {spec!r}")
+            sizes[name] = int(value)
+    else:
+        sizes = dict(spec)
+    for name, size in sizes.items():
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh axis {name!r} is unknown; axes are {', '.join(MESH_AXES)}")
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh axis {name}={size!r} must be a positive integer")
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
+def make_mesh(spec: str | Mapping[str, int] = "", *, devices: Sequence | None = None) -> Mesh:
+    """A mesh with axes ``(data, fsdp, tensor)`` from a short spec such as ``"tensor=2,fsdp=4"``.
+
+    Axis sizes must multiply to the number of devices used (all of ``jax.devices()`` by default;
+    an empty spec puts every device on ``fsdp``).  Axes are ``Auto`` (GSPMD) typed.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec)
+    if not spec:
+        sizes["fsdp"] = len(devices)
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(f"mesh {sizes} needs {total} devices but {len(devices)} are available; "
+                         f"make the axis sizes multiply to {len(devices)}")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types, devices=devices)
+
+
+def logical_spec(axes: Sequence[str], rules=DEFAULT_RULES, mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for logical ``axes`` under ``rules`` (mesh axes of size 1 are dropped)."""
+    table = dict(rules)
+    out = []
+    used: set[str] = set()
+    for name in axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        target = table[name]
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        if mesh is not None:
+            targets = tuple(t for t in targets if mesh.shape.get(t, 1) > 1)
+        targets = tuple(t for t in targets if t not in used)  # a mesh axis shards one dim at most
+        used.update(targets)
+        out.append(None if not targets else (targets[0] if len(targets) == 1 else targets))
+    return PartitionSpec(*out)
+
+
+def constrain(x, axes: Sequence[str | None], rules=DEFAULT_RULES):
+    """``with_sharding_constraint`` by logical axes under the mesh set with ``jax.set_mesh``; a no-op
+    when no mesh is set (single-device code is unchanged)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes, rules, mesh))
+
+
+def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch: int | None = None):
+    """Raises ``ValueError`` naming the mesh axis and sizes when the mesh does not divide the model."""
+    table = dict(rules)
+    dims = {"heads": ("num_attention_heads", config.num_heads), "kv_heads": ("num_key_value_heads", config.num_kv_heads),
+            "vocab": ("vocab_size", config.vocab_size), "mlp": ("intermediate_size", config.intermediate_size),
+            "embed": ("hidden_size", config.hidden_size)}
+    if batch is not None:
+        dims["batch"] = ("batch", batch)
+    for logical, (field, size) in dims.items():
+        target = table.get(logical)
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        n = math.prod(mesh.shape.get(t, 1) for t in targets)
+        if size % n:
+            axes = "x".join(f"{t}={mesh.shape.get(t, 1)}" for t in targets)
+            raise ValueError(f"mesh axis {axes} (size {n}) does not divide {field}={size}; "
+                             f"choose a {'/'.join(targets)} size that divides {size}")
+
+
+def param_axes(params) -> dict:
+    """Logical axes of each parameter, as a pure dict shaped like ``nnx.to_pure_dict(params)``."""
+    pure = nnx.to_pure_dict(params) if not isinstance(params, dict) else params
+
+    def walk(tree, path):
+        if isinstance(tree, Mapping):
+            return {k: walk(v, path + (k,)) for k, v in tree.items()}
+        if path not in PARAM_AXES:
+            raise ValueError(f"parameter {'/'.join(path)} has no logical axes in jaxdlm.sharding.PARAM_AXES")
+        axes = PARAM_AXES[path]
+        if len(axes) != np.ndim(tree):
+            raise ValueError(f"parameter {'/'.join(path)} has rank {np.ndim(tree)}, axes {axes}")
+        return axes
+
+    return walk(pure, ())
+
+
+def _shardings_like(params, mesh, rules):
+    axes = param_axes(params)
+    shardings = jax.tree.map(lambda a: NamedSharding(mesh, logical_spec(a, rules, mesh)), axes,
+                             is_leaf=lambda x: isinstance(x, tuple))
+    return shardings
+
+
+def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for ``model.params`` (an ``nnx.State`` with NamedSharding leaves)."""
+    check_divisible(model.config, mesh, rules)
+    target = jax.tree.map(lambda x: x, model.params)
+    nnx.replace_by_pure_dict(target, _shardings_like(model.params, mesh, rules))
+    return target
+
+
+def lora_shardings(mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """NamedShardings for a LoRA pytree ``{"a", "b", "scale"}``."""
+    return {k: NamedSharding(mesh, logical_spec(v, rules, mesh)) for k, v in LORA_AXES.items()}
+
+
+def cache_sharding(mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a :class:`~jaxdlm.cache.KVCache` (k, v over batch and kv heads; length over batch)."""
+    from jaxdlm.cache import KVCache
+
+    kv = NamedSharding(mesh, logical_spec(CACHE_AXES, rules, mesh))
+    return KVCache(kv, kv, NamedSharding(mesh, logical_spec(("batch",), rules, mesh)))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a ``[B, ...]`` activation or token array: rows over ``batch``'s mesh axes."""
+    return NamedSharding(mesh, logical_spec(("batch",) + ("seq",) * (ndim - 1), rules, mesh))
+
+
+def shard_model(model, mesh: Mesh, rules=DEFAULT_RULES):
+    """A copy of ``model`` with parameters (and LoRA) placed on ``mesh`` by ``rules``."""
+    from jaxdlm.model import Model
+
+    params = jax.device_put(model.params, param_shardings(model, mesh, rules))
+    lora = None if model.lora is None else jax.device_put(model.lora, lora_shardings(mesh, rules))
+    return Model(model.config, model.graphdef, params, lora=lora, tokenizer=model.tokenizer, mesh=mesh)
