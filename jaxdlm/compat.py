@@ -1,0 +1,39 @@
+"""Differences between the jax versions jaxdlm runs on (0.10.2 on CPU CI, 0.11.x on the GPU machines).
+
+Keep every version-dependent import or call here.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+
+
+def triton_compiler_params(num_warps: int | None = None, num_stages: int | None = None):
+    """Compiler parameters that pin ``pl.pallas_call`` to the Triton GPU backend.
+
+    ``jax.experimental.pallas.triton.CompilerParams`` (jax >= 0.7); older releases named it
+    ``jax.experimental.pallas.gpu.TritonCompilerParams``.  Passing it explicitly matters: the default GPU
+    backend of ``pallas_call`` is not the same in every jax version.
+    """
+    try:
+        from jax.experimental.pallas import triton as pltriton
+        cls = pltriton.CompilerParams
+    except (ImportError, AttributeError):  # pragma: no cover - old jax
+        from jax.experimental.pallas import gpu as plgpu_old
+        cls = plgpu_old.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+#: the marker of a squeezed (size-1, dropped) block dimension in ``pl.BlockSpec``
+SQUEEZED = getattr(pl, "squeezed", None)
+
+
+def lower_for_platform(fn, *args, platform: str = "cuda"):
+    """Lower ``jax.jit(fn)`` for ``platform`` without that device (e.g. an abstract H100 on a CPU host).
+
+    Pallas' Triton lowering falls back to compute capability 9.0 when no GPU is present, so this catches
+    primitives the Triton backend cannot lower.  Returns the ``jax.stages.Lowered`` object.
+    """
+    traced = jax.jit(fn).trace(*args)
+    return traced.lower(lowering_platforms=(platform,))
