@@ -29,11 +29,18 @@ def triton_compiler_params(num_warps: int | None = None, num_stages: int | None 
 SQUEEZED = getattr(pl, "squeezed", None)
 
 
-def lower_for_platform(fn, *args, platform: str = "cuda"):
-    """Lower ``jax.jit(fn)`` for ``platform`` without that device (e.g. an abstract H100 on a CPU host).
+def lowered_text_for_platform(fn, *args, platform: str = "cuda") -> str:
+    """StableHLO text of ``jax.jit(fn)(*args)`` lowered for ``platform`` without that device.
 
-    Pallas' Triton lowering falls back to compute capability 9.0 when no GPU is present, so this catches
-    primitives the Triton backend cannot lower.  Returns the ``jax.stages.Lowered`` object.
+    Used to lower Pallas kernels for an abstract H100 on a CPU host: Pallas' Triton lowering falls back to
+    compute capability 9.0 when no GPU is present, so this catches primitives the Triton backend cannot
+    lower.  ``jit(...).trace(...).lower(lowering_platforms=...)`` where it exists (jax 0.10 / 0.11), else
+    ``jax.export`` with the Triton custom call allowed.
     """
     traced = jax.jit(fn).trace(*args)
-    return traced.lower(lowering_platforms=(platform,))
+    try:
+        return traced.lower(lowering_platforms=(platform,)).as_text()
+    except TypeError:  # pragma: no cover - a jax without lowering_platforms=
+        from jax import export
+        checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()

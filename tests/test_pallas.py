@@ -17,7 +17,7 @@ from jaxdlm.attention.masks import TokenInfo
 
 SMALL = pallas_gpu.KernelConfig(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16, block_k_decode=16,
                                 num_splits=3)
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 def rel_err(a, b):
@@ -129,12 +129,12 @@ def test_decode_over_cache_ragged(kind, num_new, h, kvh, dtype, rng):
 
 
 def test_decode_splits_agree(rng):
-    """The split count of flash-decoding does not change the result (1, 2 and more splits than tiles)."""
+    """The split count of flash-decoding does not change the result (1 split, more splits than tiles)."""
     length = jnp.asarray([50, 17], jnp.int32)
     qi, ki = masks.cache_query_info(length, 4, "denoise"), masks.cache_key_info(length, 64, 4, "denoise")
     q, k, v, _ = _qkv(rng, 2, 4, 64, 4, 2, 16, jnp.float32)
     ref = xla.attention(q, k, v, qi, ki, scale=0.25)
-    for ns in (1, 2, 9):
+    for ns in (1, 9):  # (3 splits: test_decode_over_cache_ragged)
         cfg = pallas_gpu.KernelConfig(block_k_decode=16, num_splits=ns)
         fn = jax.jit(lambda q, k, v: pallas_gpu.attention(q, k, v, qi, ki, scale=0.25, config=cfg))
         assert rel_err(fn(q, k, v), ref) < 1e-5
@@ -213,7 +213,6 @@ def test_bad_shapes_raise():
         pallas_gpu.KernelConfig(block_q=24)
 
 
-@pytest.mark.skipif(not hasattr(jax.stages.Traced, "lower"), reason="jax has no Traced.lower(lowering_platforms=)")
 def test_kernels_lower_for_abstract_h100():
     """Every kernel lowers through Pallas' Triton backend for CUDA (compute capability 9.0) on this CPU host,
     at the benchmark's shapes (bf16, head_dim 128, GQA 4:1): catches primitives Triton cannot lower."""
@@ -233,5 +232,5 @@ def test_kernels_lower_for_abstract_h100():
     cases = {"fwd": (train, qkv, 1), "fwd+bwd": (grad, qkv, 3),
              "decode": (decode, (sds(b, 32, h, d), sds(b, 1024, kvh, d), sds(b, 1024, kvh, d)), 1)}
     for name, (fn, args, n_kernels) in cases.items():
-        text = compat.lower_for_platform(fn, *args, platform="cuda").as_text()
+        text = compat.lowered_text_for_platform(fn, *args, platform="cuda")
         assert text.count("__gpu$xla.gpu.triton") == n_kernels, name

@@ -63,6 +63,7 @@ class KernelConfig:
     decode_max_queries: int = 32
     num_splits: int | None = None
     interpret: bool | None = None
+    debug: bool = False  # print each kernel's jaxpr and Triton IR when lowering
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_k_decode"):
@@ -294,7 +295,7 @@ def _train_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
                    pl.BlockSpec((_SQ, _SQ, bq), lambda i, j, n: (n, j, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
         compiler_params=compat.triton_compiler_params(cfg.num_warps, cfg.num_stages),
-        interpret=_interpret(cfg),
+        interpret=_interpret(cfg), debug=cfg.debug,
         name="jaxdlm_flash_fwd",
     )(lists, q, *_info_arrays(q_info)[:3], k, v, *_info_arrays(k_info))
 
@@ -340,7 +341,7 @@ def _decode_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
                    jax.ShapeDtypeStruct((b, kvh, ns, rp), jnp.float32),
                    jax.ShapeDtypeStruct((b, kvh, ns, rp), jnp.float32)],
         compiler_params=compat.triton_compiler_params(cfg.num_warps_decode, cfg.num_stages_decode),
-        interpret=_interpret(cfg),
+        interpret=_interpret(cfg), debug=cfg.debug,
         name="jaxdlm_flash_decode",
     )(lists, qr, *_info_arrays(q_rows)[:3], k, v, *_info_arrays(k_info))
     # merge the splits
@@ -386,7 +387,7 @@ def _train_bwd(q, k, v, q_info, k_info, out, lse, do, scale, window, cfg: Kernel
                   qrow, qrow, qrow, kv_all, kv_all, krow_all, krow_all, krow_all, krow_all],
         out_specs=qtile,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        compiler_params=params, interpret=_interpret(cfg), name="jaxdlm_flash_bwd_dq",
+        compiler_params=params, interpret=_interpret(cfg), debug=cfg.debug, name="jaxdlm_flash_bwd_dq",
     )(q_lists, qp, dop, lsep, deltap, *qinfo_arrays, kp, vp, *kinfo_arrays)
 
     krow = _specs_row(bk, lambda i, j, n: (n, i))
@@ -401,7 +402,7 @@ def _train_bwd(q, k, v, q_info, k_info, out, lse, do, scale, window, cfg: Kernel
                   krow, krow, krow, krow, q_group, q_group, stat_group, stat_group, qrow_all, qrow_all, qrow_all],
         out_specs=[ktile, ktile],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-        compiler_params=params, interpret=_interpret(cfg), name="jaxdlm_flash_bwd_dkdv",
+        compiler_params=params, interpret=_interpret(cfg), debug=cfg.debug, name="jaxdlm_flash_bwd_dkdv",
     )(k_lists, kp, vp, *kinfo_arrays, qp, dop, lsep, deltap, *qinfo_arrays)
     return dq[:, :t], dk[:, :s], dv[:, :s]
 
