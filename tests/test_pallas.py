@@ -16,7 +16,7 @@ from jaxdlm.attention import masks, pallas_gpu, xla
 from jaxdlm.attention.masks import TokenInfo
 
 SMALL = pallas_gpu.KernelConfig(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16, block_k_decode=16,
-                                num_splits=3)
+                                block_k_decode_wide=16, num_splits=3)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
@@ -118,7 +118,7 @@ def test_random_metadata_fwd_bwd(rng):
 @pytest.mark.parametrize("kind,num_new,h,kvh,dtype", [
     ("causal", 1, 4, 1, jnp.float32),      # AR step, GQA 4:1
     ("denoise", 8, 2, 2, jnp.float32),     # diffusion block, GQA 1:1
-    ("causal", 8, 4, 2, jnp.bfloat16),     # commit / verify, bf16
+    ("causal", 12, 4, 1, jnp.bfloat16),    # commit / verify, bf16, 48 rows (a "wide" decode tile)
 ])
 def test_decode_over_cache_ragged(kind, num_new, h, kvh, dtype, rng):
     """Flash-decoding over 70 cache slots, per-row lengths shorter than the cache (one row empty-ish)."""
@@ -225,12 +225,14 @@ def test_kernels_lower_for_abstract_h100():
     length_c = jnp.asarray([700], jnp.int32)
 
     def decode(q, k, v):
-        qi, ki = masks.cache_query_info(length_c, 32, "denoise"), masks.cache_key_info(length_c, 1024, 32, "denoise")
+        t, kind = q.shape[1], ("causal" if q.shape[1] == 1 else "denoise")
+        qi, ki = masks.cache_query_info(length_c, t, kind), masks.cache_key_info(length_c, 1024, t, kind)
         return pallas_gpu.attention(q, k, v, qi, ki, scale=d ** -0.5, config=cfg)
 
     qkv = (sds(b, 2 * length, h, d), sds(b, 2 * length, kvh, d), sds(b, 2 * length, kvh, d))
     cases = {"fwd": (train, qkv, 1), "fwd+bwd": (grad, qkv, 3),
-             "decode": (decode, (sds(b, 32, h, d), sds(b, 1024, kvh, d), sds(b, 1024, kvh, d)), 1)}
+             "decode32": (decode, (sds(b, 32, h, d), sds(b, 1024, kvh, d), sds(b, 1024, kvh, d)), 1),
+             "decode1": (decode, (sds(b, 1, h, d), sds(b, 1024, kvh, d), sds(b, 1024, kvh, d)), 1)}
     for name, (fn, args, n_kernels) in cases.items():
         text = compat.lowered_text_for_platform(fn, *args, platform="cuda")
         assert text.count("__gpu$xla.gpu.triton") == n_kernels, name

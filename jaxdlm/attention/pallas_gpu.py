@@ -60,13 +60,17 @@ class KernelConfig:
     num_stages_bwd: int = 2
     num_warps_decode: int = 4
     num_stages_decode: int = 3
+    # decode tiles of more than 32 query rows (e.g. 32 queries x GQA 4 = 128) hold a [rows, D] f32
+    # accumulator and a [rows, block_k] score tile: more warps and a narrower key tile keep them in registers
+    block_k_decode_wide: int = 64
+    num_warps_decode_wide: int = 8
     decode_max_queries: int = 32
     num_splits: int | None = None
     interpret: bool | None = None
     debug: bool = False  # print each kernel's jaxpr and Triton IR when lowering
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_k_decode"):
+        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_k_decode", "block_k_decode_wide"):
             val = getattr(self, name)
             if val < 16 or val & (val - 1):
                 raise ValueError(f"{name}={val} must be a power of two >= 16 (Triton tile shapes)")
@@ -412,10 +416,12 @@ def _forward(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
     b, t, h, d = q.shape
     s = k.shape[1]
     if t <= cfg.decode_max_queries:
-        bk = min(cfg.block_k_decode, _pow2(s))
+        wide = _pow2(t * (h // k.shape[2])) > 32
+        bk = min(cfg.block_k_decode_wide if wide else cfg.block_k_decode, _pow2(s))
+        warps = cfg.num_warps_decode_wide if wide else cfg.num_warps_decode
         sp = _round_up(s, bk)
         return _decode_fwd(q, _pad_axis(k, sp, 1), _pad_axis(v, sp, 1), q_info, _pad_info(k_info, sp),
-                           scale, window, dataclasses.replace(cfg, block_k_decode=bk))
+                           scale, window, dataclasses.replace(cfg, block_k_decode=bk, num_warps_decode=warps))
     bq, bk = min(cfg.block_q, _pow2(t)), min(cfg.block_k, _pow2(s))
     tp, sp = _round_up(t, bq), _round_up(s, bk)
     out, lse = _train_fwd(_pad_axis(q, tp, 1), _pad_axis(k, sp, 1), _pad_axis(v, sp, 1), _pad_info(q_info, tp),
