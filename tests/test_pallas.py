@@ -128,6 +128,15 @@ def test_decode_over_cache_ragged(kind, num_new, h, kvh, dtype, rng):
     _check(rng, qi, ki, h=h, kvh=kvh, d=16, dtype=dtype, grads=(kind == "denoise"))
 
 
+def test_quadratic_self_spec_layout(rng):
+    """The quadratic self-speculation layout (generation's own TokenInfo builder): B + B*B queries (42 for
+    block 6: the training kernels, as for real block sizes) over the cache plus the unwritten mask tokens."""
+    spec = pytest.importorskip("jaxdlm.generation.speculative", reason="generation package not merged here")
+    length = jnp.asarray([int(rng.integers(5, 20)), int(rng.integers(0, 3))], jnp.int32)
+    qi, ki = spec.quadratic_infos(length, 6, 32)
+    _check(rng, qi, ki, h=4, kvh=2, d=16, dtype=jnp.float32)
+
+
 def test_decode_splits_agree(rng):
     """The split count of flash-decoding does not change the result (1 split, more splits than tiles)."""
     length = jnp.asarray([50, 17], jnp.int32)
