@@ -3,6 +3,8 @@
 Tiles are shrunk to 16 so that the tiny shapes still span several tiles, partial tiles and padding.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +32,7 @@ def _qkv(rng, b, t, s, h, kvh, d, dtype):
     return mk(b, t, h, d), mk(b, s, kvh, d), mk(b, s, kvh, d), mk(b, t, h, d)
 
 
-def _check(rng, q_info, k_info, *, h, kvh, d, dtype, window=None, grads=True):
+def _check(rng, q_info, k_info, *, h, kvh, d, dtype, window=None, grads=True, config=SMALL):
     """Forward and (optionally) dq, dk, dv of pallas vs xla under a random output cotangent."""
     b, t = q_info.pos.shape
     s = k_info.pos.shape[1]
@@ -38,7 +40,7 @@ def _check(rng, q_info, k_info, *, h, kvh, d, dtype, window=None, grads=True):
     scale = d ** -0.5
     run = lambda impl: lambda q, k, v: impl(q, k, v, q_info, k_info, scale=scale, sliding_window=window)  # noqa
     ref_fn = run(xla.attention)
-    pal_fn = run(lambda *a, **kw: pallas_gpu.attention(*a, **kw, config=SMALL))
+    pal_fn = run(lambda *a, **kw: pallas_gpu.attention(*a, **kw, config=config))
     tol = TOL[dtype]
     if not grads:
         out = jax.jit(pal_fn)(q, k, v)
@@ -108,11 +110,13 @@ def test_causal_ragged_window_fwd_bwd(rng):
     _check(rng, info, info, h=4, kvh=2, d=16, dtype=jnp.float32, window=9)
 
 
-def test_random_metadata_fwd_bwd(rng):
-    """Arbitrary TokenInfo (mixed streams, random blocks, invalid keys, rows that see nothing)."""
+@pytest.mark.parametrize("schedule", pallas_gpu.SCHEDULES)
+def test_random_metadata_fwd_bwd(schedule, rng):
+    """Arbitrary TokenInfo (mixed streams, random blocks, invalid keys, rows that see nothing), under both
+    tile schedules (runs of consecutive tiles; v1's visit list)."""
     qi = _random_info(rng, 2, 40, 30, 4)
     ki = _random_info(rng, 2, 56, 30, 4, p_valid=0.7)
-    _check(rng, qi, ki, h=4, kvh=2, d=16, dtype=jnp.float32)
+    _check(rng, qi, ki, h=4, kvh=2, d=16, dtype=jnp.float32, config=dataclasses.replace(SMALL, schedule=schedule))
 
 
 @pytest.mark.parametrize("kind,num_new,h,kvh,dtype", [
@@ -138,13 +142,14 @@ def test_quadratic_self_spec_layout(rng):
 
 
 def test_decode_splits_agree(rng):
-    """The split count of flash-decoding does not change the result (1 split, more splits than tiles)."""
+    """The split count of flash-decoding does not change the result (1 split, more splits than tiles, and
+    v1's visit-list schedule)."""
     length = jnp.asarray([50, 17], jnp.int32)
     qi, ki = masks.cache_query_info(length, 4, "denoise"), masks.cache_key_info(length, 64, 4, "denoise")
     q, k, v, _ = _qkv(rng, 2, 4, 64, 4, 2, 16, jnp.float32)
     ref = xla.attention(q, k, v, qi, ki, scale=0.25)
-    for ns in (1, 9):  # (3 splits: test_decode_over_cache_ragged)
-        cfg = pallas_gpu.KernelConfig(block_k_decode=16, num_splits=ns)
+    for ns, schedule in ((1, "runs"), (9, "runs"), (2, "list")):  # (3 splits: test_decode_over_cache_ragged)
+        cfg = pallas_gpu.KernelConfig(block_k_decode=16, num_splits=ns, schedule=schedule)
         fn = jax.jit(lambda q, k, v: pallas_gpu.attention(q, k, v, qi, ki, scale=0.25, config=cfg))
         assert rel_err(fn(q, k, v), ref) < 1e-5
 
@@ -220,12 +225,18 @@ def test_bad_shapes_raise():
         pallas_gpu.attention(q, k, k, info_q, info_k, scale=1.0)
     with pytest.raises(ValueError, match="power of two"):
         pallas_gpu.KernelConfig(block_q=24)
+    with pytest.raises(ValueError, match="schedule"):
+        pallas_gpu.KernelConfig(schedule="dense")
 
 
 def test_kernels_lower_for_abstract_h100():
     """Every kernel lowers through Pallas' Triton backend for CUDA (compute capability 9.0) on this CPU host,
     at the benchmark's shapes (bf16, head_dim 128, GQA 4:1): catches primitives Triton cannot lower."""
-    cfg = pallas_gpu.KernelConfig(interpret=False)
+    for schedule in pallas_gpu.SCHEDULES:
+        _lower_all(pallas_gpu.KernelConfig(interpret=False, schedule=schedule))
+
+
+def _lower_all(cfg):
     b, length, h, kvh, d = 1, 256, 8, 2, 128
     info = masks.two_stream_info(b, length, 32)
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
@@ -244,4 +255,4 @@ def test_kernels_lower_for_abstract_h100():
              "decode1": (decode, (sds(b, 1, h, d), sds(b, 1024, kvh, d), sds(b, 1024, kvh, d)), 1)}
     for name, (fn, args, n_kernels) in cases.items():
         text = compat.lowered_text_for_platform(fn, *args, platform="cuda")
-        assert text.count("__gpu$xla.gpu.triton") == n_kernels, name
+        assert text.count("__gpu$xla.gpu.triton") == n_kernels, (name, cfg.schedule)

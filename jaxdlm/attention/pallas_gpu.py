@@ -37,6 +37,7 @@ from jaxdlm import compat
 from jaxdlm.attention import masks
 from jaxdlm.attention.masks import TILE_FULL, TILE_SKIP, TokenInfo
 
+SCHEDULES = ("runs", "list")
 _BIG = 1e30  # log-sum-exp of a query row that sees no key: exp(s - _BIG) == 0 for every s
 _SQ = compat.SQUEEZED
 
@@ -66,10 +67,13 @@ class KernelConfig:
     num_warps_decode_wide: int = 8
     decode_max_queries: int = 32
     num_splits: int | None = None
+    schedule: str = "runs"
     interpret: bool | None = None
     debug: bool = False  # print each kernel's jaxpr and Triton IR when lowering
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_k_decode", "block_k_decode_wide"):
             val = getattr(self, name)
             if val < 16 or val & (val - 1):
@@ -111,12 +115,60 @@ def _pad_info(info: TokenInfo, n: int) -> TokenInfo:
 
 
 def _visit_lists(cls):
-    """``cls [B, n, m]`` -> int32 ``[B, n, 1 + m]``: the count of non-skipped tiles, then ``4 * tile + class``
-    for those tiles in ascending order (then padding)."""
+    """Schedule "list" (v1).  ``cls [B, n, m]`` -> (int32 ``[B, n, 1 + m]``,): the count of non-skipped tiles,
+    then ``4 * tile + class`` for those tiles in ascending order (then padding)."""
     order = jnp.argsort(cls == TILE_SKIP, axis=-1, stable=True).astype(jnp.int32)
     entries = order * 4 + jnp.take_along_axis(cls, order, axis=-1)
     count = jnp.sum(cls != TILE_SKIP, axis=-1, keepdims=True).astype(jnp.int32)
-    return jnp.concatenate([count, entries], axis=-1)
+    return (jnp.concatenate([count, entries], axis=-1),)
+
+
+def _visit_runs(cls):
+    """Schedule "runs" (v2).  ``cls [B, n, m]`` -> (int32 ``[B, n, 2 + 2m]``, ``cls``): the number of runs of
+    consecutive non-skipped tiles, their total length, then ``start, end`` (exclusive) of each run.  Inside
+    a run the key-tile address is affine in the loop variable, so Triton can software-pipeline the loads."""
+    vis = cls != TILE_SKIP
+    prev = jnp.pad(vis[..., :-1], ((0, 0), (0, 0), (1, 0)))
+    nxt = jnp.pad(vis[..., 1:], ((0, 0), (0, 0), (0, 1)))
+    starts = jnp.argsort(~(vis & ~prev), axis=-1, stable=True).astype(jnp.int32)
+    ends = jnp.argsort(~(vis & ~nxt), axis=-1, stable=True).astype(jnp.int32) + 1
+    count = jnp.sum(vis & ~prev, axis=-1, keepdims=True).astype(jnp.int32)
+    total = jnp.sum(vis, axis=-1, keepdims=True).astype(jnp.int32)
+    pairs = jnp.stack([starts, ends], axis=-1).reshape(*cls.shape[:2], 2 * cls.shape[2])
+    return jnp.concatenate([count, total, pairs], axis=-1), cls
+
+
+def _schedule(cls, kind: str):
+    return _visit_runs(cls) if kind == "runs" else _visit_lists(cls)
+
+
+def _schedule_specs(arrays, index_map):
+    return [pl.BlockSpec((_SQ, _SQ, a.shape[2]), index_map) for a in arrays]
+
+
+def _num_visible(sched, kind: str):
+    return sched[0][1] if kind == "runs" else sched[0][0]
+
+
+def _visit(sched, kind: str, lo, hi, body, init):
+    """``body(tile, class, carry)`` over the visible tiles with ordinal ``lo..hi-1`` (ascending tiles)."""
+    if kind == "list":
+        lists_ref, = sched
+
+        def step(j, carry):
+            e = lists_ref[1 + j]
+            return body(e // 4, e % 4, carry)
+        return lax.fori_loop(lo, hi, step, init)
+    runs_ref, cls_ref = sched
+
+    def run(r, carry):
+        carry, offset = carry
+        start, end = runs_ref[2 + 2 * r], runs_ref[3 + 2 * r]
+        a = jnp.maximum(start, start + lo - offset)
+        b = jnp.minimum(end, start + hi - offset)
+        carry = lax.fori_loop(a, b, lambda t, c: body(t, cls_ref[t], c), carry)
+        return carry, offset + (end - start)
+    return lax.fori_loop(0, runs_ref[0], run, (init, jnp.int32(0)))[0]
 
 
 def _info_arrays(info: TokenInfo):
@@ -162,19 +214,18 @@ def _dot_tn(a, b, precision):
                            preferred_element_type=jnp.float32)
 
 
-def _flash_loop(lists_ref, q, q_info, k_ref, v_ref, k_refs, lo, hi, *, scale, block_k, window):
-    """Online-softmax loop over visit-list entries ``lo..hi-1``: returns ``acc [R, D], m [R], l [R]`` (f32)."""
+def _flash_loop(sched, kind, q, q_info, k_ref, v_ref, k_refs, lo, hi, *, scale, block_k, window):
+    """Online-softmax loop over visible key tiles ``lo..hi-1``: returns ``acc [R, D], m [R], l [R]`` (f32)."""
     r, d = q.shape
     prec = _precision(q.dtype)
 
-    def body(j, carry):
+    def body(tile, cls, carry):
         acc, m, l = carry
-        e = lists_ref[1 + j]
-        start = pl.multiple_of((e // 4) * block_k, block_k)
+        start = pl.multiple_of(tile * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
         s = _dot_t(q, k, prec) * scale
-        s = _mask_tile(s, e % 4, q_info, _key_info(k_refs, start, block_k), window)
+        s = _mask_tile(s, cls, q_info, _key_info(k_refs, start, block_k), window)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp(m - m_safe)
@@ -184,27 +235,30 @@ def _flash_loop(lists_ref, q, q_info, k_ref, v_ref, k_refs, lo, hi, *, scale, bl
         return acc, m_new, l
 
     init = (jnp.zeros((r, d), jnp.float32), jnp.full((r,), -jnp.inf, jnp.float32), jnp.zeros((r,), jnp.float32))
-    return lax.fori_loop(lo, hi, body, init)
+    return _visit(sched, kind, lo, hi, body, init)
 
 
-def _fwd_kernel(lists_ref, q_ref, qp_ref, qb_ref, qs_ref, k_ref, v_ref, kp_ref, kb_ref, ks_ref, kv_ref,
-                *out_refs, scale, block_k, window, num_splits):
+def _fwd_kernel(*refs, kind, scale, block_k, window, num_splits):
+    ns = 2 if kind == "runs" else 1
+    sched = refs[:ns]
+    q_ref, qp_ref, qb_ref, qs_ref, k_ref, v_ref, kp_ref, kb_ref, ks_ref, kv_ref = refs[ns:ns + 10]
+    out_refs = refs[ns + 10:]
     q = q_ref[...]
     q_info = _row_info((qp_ref, qb_ref, qs_ref))
     k_refs = (kp_ref, kb_ref, ks_ref, kv_ref)
-    count = lists_ref[0]
+    count = _num_visible(sched, kind)
     if num_splits is None:  # one program does the whole row: normalised output + log-sum-exp
-        acc, m, l = _flash_loop(lists_ref, q, q_info, k_ref, v_ref, k_refs, 0, count, scale=scale,
+        acc, m, l = _flash_loop(sched, kind, q, q_info, k_ref, v_ref, k_refs, 0, count, scale=scale,
                                 block_k=block_k, window=window)
         o_ref, lse_ref = out_refs
         seen = l > 0
         o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _BIG)
-    else:  # flash-decoding: this program's share of the visit list, unnormalised
+    else:  # flash-decoding: this program's share of the visible tiles, unnormalised
         per = (count + num_splits - 1) // num_splits
         lo = pl.program_id(0) * per
         hi = jnp.minimum(lo + per, count)
-        acc, m, l = _flash_loop(lists_ref, q, q_info, k_ref, v_ref, k_refs, lo, hi, scale=scale,
+        acc, m, l = _flash_loop(sched, kind, q, q_info, k_ref, v_ref, k_refs, lo, hi, scale=scale,
                                 block_k=block_k, window=window)
         acc_ref, m_ref, l_ref = out_refs
         acc_ref[...] = acc
@@ -217,54 +271,58 @@ def _probs(q, k, lse, cls, q_info, k_info, scale, window, prec):
     return jnp.exp(s - lse[:, None])
 
 
-def _dq_kernel(lists_ref, q_ref, do_ref, lse_ref, delta_ref, qp_ref, qb_ref, qs_ref, k_ref, v_ref,
-               kp_ref, kb_ref, ks_ref, kv_ref, dq_ref, *, scale, block_k, window):
+def _dq_kernel(*refs, kind, scale, block_k, window):
+    ns = 2 if kind == "runs" else 1
+    sched = refs[:ns]
+    (q_ref, do_ref, lse_ref, delta_ref, qp_ref, qb_ref, qs_ref, k_ref, v_ref,
+     kp_ref, kb_ref, ks_ref, kv_ref, dq_ref) = refs[ns:]
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     q_info = _row_info((qp_ref, qb_ref, qs_ref))
     k_refs = (kp_ref, kb_ref, ks_ref, kv_ref)
     prec = _precision(q.dtype)
 
-    def body(j, dq):
-        e = lists_ref[1 + j]
-        start = pl.multiple_of((e // 4) * block_k, block_k)
+    def body(tile, cls, dq):
+        start = pl.multiple_of(tile * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        p = _probs(q, k, lse, e % 4, q_info, _key_info(k_refs, start, block_k), scale, window, prec)
+        p = _probs(q, k, lse, cls, q_info, _key_info(k_refs, start, block_k), scale, window, prec)
         ds = p * (_dot_t(do, v, prec) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, prec)
 
-    dq = lax.fori_loop(0, lists_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+    dq = _visit(sched, kind, 0, _num_visible(sched, kind), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(lists_ref, k_ref, v_ref, kp_ref, kb_ref, ks_ref, kv_ref, q_ref, do_ref, lse_ref, delta_ref,
-                 qp_ref, qb_ref, qs_ref, dk_ref, dv_ref, *, scale, block_q, group, window):
+def _dkdv_kernel(*refs, kind, scale, block_q, group, window):
+    ns = 2 if kind == "runs" else 1
+    sched = refs[:ns]
+    (k_ref, v_ref, kp_ref, kb_ref, ks_ref, kv_ref, q_ref, do_ref, lse_ref, delta_ref,
+     qp_ref, qb_ref, qs_ref, dk_ref, dv_ref) = refs[ns:]
     k, v = k_ref[...], v_ref[...]
     pos, blk, stream, valid = (r[...][None, :] for r in (kp_ref, kb_ref, ks_ref, kv_ref))
     k_info = TokenInfo(pos, blk, stream, valid != 0)
     prec = _precision(k.dtype)
-    count = lists_ref[0]
 
-    def body(it, carry):
-        dk, dv = carry
-        g, j = it // count, it % count
-        e = lists_ref[1 + j]
-        start = pl.multiple_of((e // 4) * block_q, block_q)
-        q = q_ref[pl.ds(start, block_q), g, :]
-        do = do_ref[pl.ds(start, block_q), g, :]
-        lse = lse_ref[g, pl.ds(start, block_q)]
-        delta = delta_ref[g, pl.ds(start, block_q)]
-        qpos, qblk, qstr = (r[pl.ds(start, block_q)][None, :] for r in (qp_ref, qb_ref, qs_ref))
-        q_info = TokenInfo(qpos, qblk, qstr, jnp.ones_like(qpos, dtype=bool))
-        p = _probs(q, k, lse, e % 4, q_info, k_info, scale, window, prec)
-        dv = dv + _dot_tn(p.astype(do.dtype), do, prec)
-        ds = p * (_dot_t(do, v, prec) - delta[:, None])
-        dk = dk + _dot_tn(ds.astype(q.dtype), q, prec)
-        return dk, dv
+    def head(g, carry):
+        def body(tile, cls, carry):
+            dk, dv = carry
+            start = pl.multiple_of(tile * block_q, block_q)
+            q = q_ref[pl.ds(start, block_q), g, :]
+            do = do_ref[pl.ds(start, block_q), g, :]
+            lse = lse_ref[g, pl.ds(start, block_q)]
+            delta = delta_ref[g, pl.ds(start, block_q)]
+            qpos, qblk, qstr = (r[pl.ds(start, block_q)][None, :] for r in (qp_ref, qb_ref, qs_ref))
+            q_info = TokenInfo(qpos, qblk, qstr, jnp.ones_like(qpos, dtype=bool))
+            p = _probs(q, k, lse, cls, q_info, k_info, scale, window, prec)
+            dv = dv + _dot_tn(p.astype(do.dtype), do, prec)
+            ds = p * (_dot_t(do, v, prec) - delta[:, None])
+            dk = dk + _dot_tn(ds.astype(q.dtype), q, prec)
+            return dk, dv
+        return _visit(sched, kind, 0, _num_visible(sched, kind), body, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, group * count, body, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -284,15 +342,16 @@ def _train_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
     group = h // kvh
     bq, bk = min(cfg.block_q, t), min(cfg.block_k, s)
     nq, nk = t // bq, s // bk
-    lists = _visit_lists(masks.tile_classes(q_info, k_info, bq, bk, window))
-    kernel = functools.partial(_fwd_kernel, scale=scale, block_k=bk, window=window, num_splits=None)
+    sched = _schedule(masks.tile_classes(q_info, k_info, bq, bk, window), cfg.schedule)
+    kernel = functools.partial(_fwd_kernel, kind=cfg.schedule, scale=scale, block_k=bk, window=window,
+                               num_splits=None)
     qrow = _specs_row(bq, lambda i, j, n: (n, i))
     krow = _specs_row(s, lambda i, j, n: (n, 0))
     kvspec = pl.BlockSpec((_SQ, s, _SQ, d), lambda i, j, n: (n, 0, j // group, 0))
     return pl.pallas_call(
         kernel,
         grid=(nq, h, b),
-        in_specs=[pl.BlockSpec((_SQ, _SQ, nk + 1), lambda i, j, n: (n, i, 0)),
+        in_specs=[*_schedule_specs(sched, lambda i, j, n: (n, i, 0)),
                   pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, j, n: (n, i, j, 0)), qrow, qrow, qrow,
                   kvspec, kvspec, krow, krow, krow, krow],
         out_specs=[pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, j, n: (n, i, j, 0)),
@@ -301,7 +360,7 @@ def _train_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
         compiler_params=compat.triton_compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=_interpret(cfg), debug=cfg.debug,
         name="jaxdlm_flash_fwd",
-    )(lists, q, *_info_arrays(q_info)[:3], k, v, *_info_arrays(k_info))
+    )(*sched, q, *_info_arrays(q_info)[:3], k, v, *_info_arrays(k_info))
 
 
 def _num_splits(cfg: KernelConfig, b: int, kvh: int, nk: int) -> int:
@@ -327,15 +386,16 @@ def _decode_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
     qr = q.reshape(b, t, kvh, group, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, rows, d)
     qr = _pad_axis(qr, rp, 2)
     q_rows = _pad_info(TokenInfo(*(jnp.repeat(x, group, axis=1) for x in q_info)), rp)
-    lists = _visit_lists(masks.tile_classes(q_rows, k_info, rp, bk, window))  # [B, 1, 1 + nk]
-    kernel = functools.partial(_fwd_kernel, scale=scale, block_k=bk, window=window, num_splits=ns)
+    sched = _schedule(masks.tile_classes(q_rows, k_info, rp, bk, window), cfg.schedule)  # one q tile
+    kernel = functools.partial(_fwd_kernel, kind=cfg.schedule, scale=scale, block_k=bk, window=window,
+                               num_splits=ns)
     qrow = _specs_row(rp, lambda i, j, n: (n, 0))
     krow = _specs_row(s, lambda i, j, n: (n, 0))
     kvspec = pl.BlockSpec((_SQ, s, _SQ, d), lambda i, j, n: (n, 0, j, 0))
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(ns, kvh, b),
-        in_specs=[pl.BlockSpec((_SQ, _SQ, nk + 1), lambda i, j, n: (n, 0, 0)),
+        in_specs=[*_schedule_specs(sched, lambda i, j, n: (n, 0, 0)),
                   pl.BlockSpec((_SQ, _SQ, rp, d), lambda i, j, n: (n, j, 0, 0)), qrow, qrow, qrow,
                   kvspec, kvspec, krow, krow, krow, krow],
         out_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, rp, d), lambda i, j, n: (n, j, i, 0, 0)),
@@ -347,7 +407,7 @@ def _decode_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
         compiler_params=compat.triton_compiler_params(cfg.num_warps_decode, cfg.num_stages_decode),
         interpret=_interpret(cfg), debug=cfg.debug,
         name="jaxdlm_flash_decode",
-    )(lists, qr, *_info_arrays(q_rows)[:3], k, v, *_info_arrays(k_info))
+    )(*sched, qr, *_info_arrays(q_rows)[:3], k, v, *_info_arrays(k_info))
     # merge the splits
     m_max = jnp.max(m, axis=2, keepdims=True)
     m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
@@ -375,7 +435,7 @@ def _train_bwd(q, k, v, q_info, k_info, out, lse, do, scale, window, cfg: Kernel
     kp, vp = _pad_axis(k, sp, 1), _pad_axis(v, sp, 1)
     qi, ki = _pad_info(q_info, tp), _pad_info(k_info, sp)
     cls = masks.tile_classes(qi, ki, bq, bk, window)
-    q_lists, k_lists = _visit_lists(cls), _visit_lists(jnp.swapaxes(cls, 1, 2))
+    q_sched, k_sched = _schedule(cls, cfg.schedule), _schedule(jnp.swapaxes(cls, 1, 2), cfg.schedule)
     qinfo_arrays, kinfo_arrays = _info_arrays(qi)[:3], _info_arrays(ki)
     params = compat.triton_compiler_params(cfg.num_warps_bwd, cfg.num_stages_bwd)
 
@@ -385,14 +445,14 @@ def _train_bwd(q, k, v, q_info, k_info, out, lse, do, scale, window, cfg: Kernel
     qtile = pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, j, n: (n, i, j, 0))
     rowstat = pl.BlockSpec((_SQ, _SQ, bq), lambda i, j, n: (n, j, i))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, block_k=bk, window=window),
+        functools.partial(_dq_kernel, kind=cfg.schedule, scale=scale, block_k=bk, window=window),
         grid=(nq, h, b),
-        in_specs=[pl.BlockSpec((_SQ, _SQ, nk + 1), lambda i, j, n: (n, i, 0)), qtile, qtile, rowstat, rowstat,
+        in_specs=[*_schedule_specs(q_sched, lambda i, j, n: (n, i, 0)), qtile, qtile, rowstat, rowstat,
                   qrow, qrow, qrow, kv_all, kv_all, krow_all, krow_all, krow_all, krow_all],
         out_specs=qtile,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         compiler_params=params, interpret=_interpret(cfg), debug=cfg.debug, name="jaxdlm_flash_bwd_dq",
-    )(q_lists, qp, dop, lsep, deltap, *qinfo_arrays, kp, vp, *kinfo_arrays)
+    )(*q_sched, qp, dop, lsep, deltap, *qinfo_arrays, kp, vp, *kinfo_arrays)
 
     krow = _specs_row(bk, lambda i, j, n: (n, i))
     qrow_all = _specs_row(tp, lambda i, j, n: (n, 0))
@@ -400,14 +460,14 @@ def _train_bwd(q, k, v, q_info, k_info, out, lse, do, scale, window, cfg: Kernel
     q_group = pl.BlockSpec((_SQ, tp, group, d), lambda i, j, n: (n, 0, j, 0))
     stat_group = pl.BlockSpec((_SQ, group, tp), lambda i, j, n: (n, j, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, scale=scale, block_q=bq, group=group, window=window),
+        functools.partial(_dkdv_kernel, kind=cfg.schedule, scale=scale, block_q=bq, group=group, window=window),
         grid=(nk, kvh, b),
-        in_specs=[pl.BlockSpec((_SQ, _SQ, nq + 1), lambda i, j, n: (n, i, 0)), ktile, ktile,
+        in_specs=[*_schedule_specs(k_sched, lambda i, j, n: (n, i, 0)), ktile, ktile,
                   krow, krow, krow, krow, q_group, q_group, stat_group, stat_group, qrow_all, qrow_all, qrow_all],
         out_specs=[ktile, ktile],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
         compiler_params=params, interpret=_interpret(cfg), debug=cfg.debug, name="jaxdlm_flash_bwd_dkdv",
-    )(k_lists, kp, vp, *kinfo_arrays, qp, dop, lsep, deltap, *qinfo_arrays)
+    )(*k_sched, kp, vp, *kinfo_arrays, qp, dop, lsep, deltap, *qinfo_arrays)
     return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
