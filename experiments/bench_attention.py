@@ -5,7 +5,8 @@ heads, 8 kv heads, head_dim 128, bf16.  Forward and forward+backward, time and T
 unmasked (allowed) query-key pairs: ``4 * pairs * head_dim * heads * batch`` for the forward and 3.5x that
 for forward+backward (the FlashAttention convention).  Side by side in the same run:
 
-* ``pallas``      - jaxdlm.attention.pallas_gpu (the two-stream mask from TokenInfo, tile skipping);
+* ``pallas``      - jaxdlm.attention.pallas_gpu (the two-stream mask from TokenInfo, tile skipping), v2
+  schedule (runs of consecutive visible tiles); ``pallas_list`` - the same kernels with v1's visit list;
 * ``xla_dense``   - ``jax.nn.dot_product_attention(implementation="xla")`` with the dense ``[2L, 2L]`` mask;
 * ``cudnn_dense`` - ``jax.nn.dot_product_attention(implementation="cudnn")`` with the dense mask;
 * ``cudnn_causal``- cuDNN with plain causal masking on the same ``2L`` tokens: the speed reference (its
@@ -13,7 +14,7 @@ for forward+backward (the FlashAttention convention).  Side by side in the same 
 
 Decode shapes: cache 1k..32k slots (filled but for the new tokens), 1 query (AR step, causal) and 32 queries
 (a diffusion block, denoise), batch 1 and 8: time and GB/s (K and V of the valid slots read once, plus q and
-out) against the measured HBM copy bandwidth; ``pallas`` against the XLA reference path.
+out) against the measured HBM copy bandwidth; ``pallas`` / ``pallas_list`` against the XLA reference path.
 
 Before timing, a correctness check of pallas against the XLA path on the device (forward and gradients).
 
@@ -27,6 +28,7 @@ its timings mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -113,8 +115,8 @@ def dense_mask(info):
 
 def make_train_impls(info, scale, kcfg, on_gpu):
     """name -> (fn(q, k, v) -> out, needs_gpu)."""
-    def pallas(q, k, v):
-        return pallas_gpu.attention(q, k, v, info, info, scale=scale, config=kcfg)
+    def pallas(cfg):
+        return lambda q, k, v: pallas_gpu.attention(q, k, v, info, info, scale=scale, config=cfg)
 
     def sdpa(impl, causal):
         def f(q, k, v):
@@ -123,7 +125,9 @@ def make_train_impls(info, scale, kcfg, on_gpu):
                                                 implementation=impl)
         return f
 
-    return {"pallas": (pallas, False), "xla_dense": (sdpa("xla", False), False),
+    return {"pallas": (pallas(kcfg), False),
+            "pallas_list": (pallas(dataclasses.replace(kcfg, schedule="list")), False),
+            "xla_dense": (sdpa("xla", False), False),
             "cudnn_dense": (sdpa("cudnn", False), True), "cudnn_causal": (sdpa("cudnn", True), True)}
 
 
@@ -181,6 +185,9 @@ def bench_training(args, kcfg, dtype, on_gpu, progress):
                 rows.append({"L": length, "batch": b, "error": _err(e)})
                 continue
             for name, (fn, needs_gpu) in make_train_impls(info, scale, kcfg, on_gpu).items():
+                if args.impls is not None and name not in args.impls:
+                    progress.update(1)
+                    continue
                 row = {"L": length, "tokens": t, "batch": b, "impl": name}
                 n_pairs = causal_pairs if name == "cudnn_causal" else pairs
                 flops_fwd = 4.0 * n_pairs * d * h * b
@@ -211,7 +218,7 @@ def bench_training(args, kcfg, dtype, on_gpu, progress):
     for r in rows:
         if r.get("impl") != "pallas":
             continue
-        for ref in ("cudnn_causal", "cudnn_dense", "xla_dense"):
+        for ref in ("cudnn_causal", "cudnn_dense", "xla_dense", "pallas_list"):
             o = by.get((r["L"], r["batch"], ref), {})
             for mode in ("fwd", "fwd_bwd"):
                 a, c = r.get(mode, {}), o.get(mode, {})
@@ -239,10 +246,11 @@ def bench_decode(args, kcfg, dtype, copy_gbps, progress):
                 n_sets = max(1, min(4, math.ceil(args.rotate_bytes / kv_bytes)))  # defeat L2 on small caches
                 sets = [(mk(b, nq, h, d), mk(b, s, kvh, d), mk(b, s, kvh, d)) for _ in range(n_sets)]
                 nbytes = kv_bytes + 2 * b * nq * h * d * itemsize
-                for name in ("pallas", "xla"):
-                    if name == "pallas":
-                        fn = jax.jit(lambda q, k, v, qi=qi, ki=ki: pallas_gpu.attention(q, k, v, qi, ki, scale=scale,
-                                                                                        config=kcfg))
+                for name in ("pallas", "pallas_list", "xla"):
+                    if name.startswith("pallas"):
+                        cfg = kcfg if name == "pallas" else dataclasses.replace(kcfg, schedule="list")
+                        fn = jax.jit(lambda q, k, v, qi=qi, ki=ki, cfg=cfg: pallas_gpu.attention(
+                            q, k, v, qi, ki, scale=scale, config=cfg))
                     else:
                         fn = jax.jit(lambda q, k, v, qi=qi, ki=ki: xla.attention(q, k, v, qi, ki, scale=scale))
                     row = {"cache": s, "queries": nq, "kind": kind, "batch": b, "impl": name, "bytes": nbytes,
@@ -277,6 +285,8 @@ def main(argv=None):
     p.add_argument("--xla-max-bytes", type=float, default=16 * 2**30)
     p.add_argument("--rotate-bytes", type=float, default=256 * 2**20)
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "train", "decode"])
+    p.add_argument("--impls", nargs="*", default=None,
+                   help="subset of training impls (pallas pallas_list xla_dense cudnn_dense cudnn_causal)")
     args = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     kcfg = pallas_gpu.KernelConfig()
@@ -300,8 +310,8 @@ def main(argv=None):
                      __import__("jaxlib").__version__, "python": platform.python_version(), "numpy": np.__version__},
         "args": vars(args), "kernel_config": {k: v for k, v in vars(kcfg).items()}, "dtype": "bfloat16",
     }
-    n_train = len(args.lengths) * len(args.batches) * 4
-    n_dec = len(args.caches) * len(args.decode_queries) * len(args.decode_batches) * 2
+    n_train = len(args.lengths) * len(args.batches) * 5
+    n_dec = len(args.caches) * len(args.decode_queries) * len(args.decode_batches) * 3
     with tqdm(total=(0 if "train" in args.skip else n_train) + (0 if "decode" in args.skip else n_dec),
               desc="bench_attention") as progress:
         if "check" not in args.skip:
@@ -333,7 +343,7 @@ def main(argv=None):
             print(f"train L={r['L']:5d} B={r['batch']} {r['impl']:12s} " + " | ".join(cells))
     for r in result.get("decode", []):
         cell = f"{r['median_s'] * 1e6:9.1f} us {r['gbps']:7.1f} GB/s" if "gbps" in r else r.get("error", "")[:60]
-        print(f"decode S={r['cache']:6d} T={r['queries']:2d} B={r['batch']} {r['impl']:7s} {cell}")
+        print(f"decode S={r['cache']:6d} T={r['queries']:2d} B={r['batch']} {r['impl']:11s} {cell}")
     return result
 
 
