@@ -29,18 +29,35 @@ def triton_compiler_params(num_warps: int | None = None, num_stages: int | None 
 SQUEEZED = getattr(pl, "squeezed", None)
 
 
-def lowered_text_for_platform(fn, *args, platform: str = "cuda") -> str:
+#: the device an abstract lowering targets (compute capability 9.0)
+ABSTRACT_H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _abstract_gpu(device_kind: str):
+    """A context naming an abstract GPU for lowering without one: jax 0.11 reads the target architecture
+    from the abstract mesh's ``AbstractDevice``; jax 0.10 falls back to compute capability 9.0 by itself."""
+    import contextlib
+
+    sharding = jax.sharding
+    if not hasattr(sharding, "AbstractDevice") or jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    dev = sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    mesh = sharding.AbstractMesh((1,), ("_",), abstract_device=dev)
+    return sharding.use_abstract_mesh(mesh)
+
+
+def lowered_text_for_platform(fn, *args, platform: str = "cuda", device_kind: str = ABSTRACT_H100) -> str:
     """StableHLO text of ``jax.jit(fn)(*args)`` lowered for ``platform`` without that device.
 
-    Used to lower Pallas kernels for an abstract H100 on a CPU host: Pallas' Triton lowering falls back to
-    compute capability 9.0 when no GPU is present, so this catches primitives the Triton backend cannot
-    lower.  ``jit(...).trace(...).lower(lowering_platforms=...)`` where it exists (jax 0.10 / 0.11), else
-    ``jax.export`` with the Triton custom call allowed.
+    Used to lower Pallas kernels for an abstract H100 on a CPU host, which catches primitives the Triton
+    backend cannot lower.  ``jit(...).trace(...).lower(lowering_platforms=...)`` where it exists
+    (jax 0.10 / 0.11), else ``jax.export`` with the Triton custom call allowed.
     """
-    traced = jax.jit(fn).trace(*args)
-    try:
-        return traced.lower(lowering_platforms=(platform,)).as_text()
-    except TypeError:  # pragma: no cover - a jax without lowering_platforms=
-        from jax import export
-        checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-        return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+    with _abstract_gpu(device_kind):
+        traced = jax.jit(fn).trace(*args)
+        try:
+            return traced.lower(lowering_platforms=(platform,)).as_text()
+        except TypeError:  # pragma: no cover - a jax without lowering_platforms=
+            from jax import export
+            checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+            return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
