@@ -336,11 +336,14 @@ def main(argv=None):
     os.replace(tmp, out)  # nothing half-written on failure
     # short table last
     print(f"\ndevice {result['device']}  copy {copy['gbps']:.0f} GB/s  -> {out}")
+    def cell(r, m):
+        if "tflops" in r.get(m, {}):
+            return f"{m} {r[m]['median_s'] * 1e3:8.2f} ms {r[m]['tflops']:6.1f} TF/s"
+        return f"{m} " + (r.get("skipped") or r.get(m, {}).get("error", "-"))[:40]
+
     for r in result.get("training", []):
         if "impl" in r:
-            cells = [f"{m} " + (f"{r[m]['median_s'] * 1e3:8.2f} ms {r[m]['tflops']:6.1f} TF/s" if "tflops" in r.get(m, {})
-                                else (r.get("skipped") or r.get(m, {}).get("error", "-"))[:40]) for m in ("fwd", "fwd_bwd")]
-            print(f"train L={r['L']:5d} B={r['batch']} {r['impl']:12s} " + " | ".join(cells))
+            print(f"train L={r['L']:5d} B={r['batch']} {r['impl']:12s} {cell(r, 'fwd')} | {cell(r, 'fwd_bwd')}")
     for r in result.get("decode", []):
         cell = f"{r['median_s'] * 1e6:9.1f} us {r['gbps']:7.1f} GB/s" if "gbps" in r else r.get("error", "")[:60]
         print(f"decode S={r['cache']:6d} T={r['queries']:2d} B={r['batch']} {r['impl']:11s} {cell}")

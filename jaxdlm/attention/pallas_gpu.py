@@ -7,14 +7,18 @@ it visits and evaluates :func:`jaxdlm.attention.masks.allowed` on the tile.  Whi
 comes from :func:`jaxdlm.attention.masks.tile_classes` (per-tile min/max bounds, O(T/tq * S/tk)):
 fully masked tiles are never visited, partial tiles are masked, fully visible tiles run unmasked.
 
+Tile schedules (``KernelConfig.schedule``): ``"runs"`` (default) loops over runs of consecutive visible
+tiles, so inside a run the K/V address is affine in the loop variable and Triton can software-pipeline
+the loads; ``"list"`` (v1) loops over an explicit list of visible tiles.
+
 Kernels (all Triton backend, ``compiler_params`` passed explicitly; ``interpret=True`` off GPU):
 
-* ``_fwd_kernel`` - flash attention forward (online softmax, fp32 accumulators) over a per-query-tile
-  list of key tiles; one program per (query tile, query head, batch row).  Training / prefill (T > 32).
+* ``_fwd_kernel`` - flash attention forward (online softmax, fp32 accumulators); one program per
+  (query tile, query head, batch row).  Training / prefill / anything with more than 32 queries.
 * ``_fwd_kernel`` in split mode - flash-decoding: up to 32 queries (times the GQA group, packed into one
-  tile of ``T * H/KVH`` rows so each K/V tile is read once per kv head) over the cache slots, the list of
-  visible key tiles split evenly over ``num_splits`` programs, partial results merged in XLA.
-  Per-row cache lengths come in through ``k_info.valid``.
+  tile of ``T * H/KVH`` rows so each K/V tile is read once per kv head) over the cache slots, the visible
+  key tiles split evenly over ``num_splits`` programs, partial results merged in XLA.  Per-row cache
+  lengths come in through ``k_info.valid``.
 * ``_dq_kernel`` / ``_dkdv_kernel`` - the ``custom_vjp`` backward (FlashAttention-2 style, recomputing
   the probabilities from the saved log-sum-exp); dk / dv sum over the GQA group inside the program.
 
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
