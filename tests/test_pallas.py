@@ -110,6 +110,16 @@ def test_causal_ragged_window_fwd_bwd(rng):
     _check(rng, info, info, h=4, kvh=2, d=16, dtype=jnp.float32, window=9)
 
 
+def test_bidirectional_fwd(rng):
+    """Fully bidirectional with invalid (padding) keys, T=35: unmasked FULL tiles, masked partial ones."""
+    pos = jnp.broadcast_to(jnp.arange(35, dtype=jnp.int32), (2, 35))
+    info = masks.sequence_info(pos, "bidirectional", valid=pos < jnp.array([[35], [30]]))
+    head = TokenInfo(*(x[:, :32] for x in info))
+    cls = np.asarray(masks.tile_classes(head, head, 16, 16))
+    assert (cls[0] == masks.TILE_FULL).all() and (cls[1, :, 1] == masks.TILE_PARTIAL).all()
+    _check(rng, info, info, h=2, kvh=1, d=16, dtype=jnp.float32, grads=False)
+
+
 @pytest.mark.parametrize("schedule", pallas_gpu.SCHEDULES)
 def test_random_metadata_fwd_bwd(schedule, rng):
     """Arbitrary TokenInfo (mixed streams, random blocks, invalid keys, rows that see nothing), under both
@@ -119,17 +129,17 @@ def test_random_metadata_fwd_bwd(schedule, rng):
     _check(rng, qi, ki, h=4, kvh=2, d=16, dtype=jnp.float32, config=dataclasses.replace(SMALL, schedule=schedule))
 
 
-@pytest.mark.parametrize("kind,num_new,h,kvh,dtype", [
-    ("causal", 1, 4, 1, jnp.float32),      # AR step, GQA 4:1
-    ("denoise", 8, 2, 2, jnp.float32),     # diffusion block, GQA 1:1
-    ("causal", 12, 4, 1, jnp.bfloat16),    # commit / verify, bf16, 48 rows (a "wide" decode tile)
+@pytest.mark.parametrize("kind,num_new,h,kvh,dtype,window", [
+    ("causal", 1, 4, 1, jnp.float32, 20),    # AR step, GQA 4:1, sliding window
+    ("denoise", 8, 2, 2, jnp.float32, None),  # diffusion block, GQA 1:1
+    ("causal", 12, 4, 1, jnp.bfloat16, None),  # commit / verify, bf16, 48 rows (a "wide" decode tile)
 ])
-def test_decode_over_cache_ragged(kind, num_new, h, kvh, dtype, rng):
+def test_decode_over_cache_ragged(kind, num_new, h, kvh, dtype, window, rng):
     """Flash-decoding over 70 cache slots, per-row lengths shorter than the cache (one row empty-ish)."""
     length = jnp.asarray([int(rng.integers(30, 60)), int(rng.integers(0, 5))], jnp.int32)
     qi = masks.cache_query_info(length, num_new, kind)
     ki = masks.cache_key_info(length, 70, num_new, kind)
-    _check(rng, qi, ki, h=h, kvh=kvh, d=16, dtype=dtype, grads=(kind == "denoise"))
+    _check(rng, qi, ki, h=h, kvh=kvh, d=16, dtype=dtype, window=window, grads=(kind == "denoise"))
 
 
 def test_quadratic_self_spec_layout(rng):
