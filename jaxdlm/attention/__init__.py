@@ -2,23 +2,27 @@
 
 ``attention(q, k, v, q_info, k_info, scale=..., sliding_window=None, impl=None)``: queries
 ``[B, T, H, D]`` over keys / values ``[B, S, KVH, D]`` with the mask given by per-token metadata
-(:mod:`jaxdlm.attention.masks`).  ``impl`` picks the backend: ``"xla"`` (reference, everywhere); the
-default comes from the environment variable ``JAXDLM_ATTENTION`` (``xla`` unless set).
+(:mod:`jaxdlm.attention.masks`).  ``impl`` picks the backend: ``"xla"`` (reference, everywhere) or
+``"pallas"`` (Pallas Triton kernels, :mod:`jaxdlm.attention.pallas_gpu`; interpret mode off GPU).  The default comes from the environment
+variable ``JAXDLM_ATTENTION`` (``xla`` | ``pallas``); unset, it is ``pallas`` on a GPU and ``xla`` elsewhere.
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
+
 from jaxdlm.attention import masks, xla
 from jaxdlm.attention.masks import CLEAN, NOISY, TokenInfo, allowed
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas")
 
 
 def default_impl() -> str:
-    """The backend named by ``JAXDLM_ATTENTION`` (default ``"xla"``)."""
-    impl = os.environ.get("JAXDLM_ATTENTION", "xla").strip().lower() or "xla"
+    """The backend named by ``JAXDLM_ATTENTION`` (unset: ``"pallas"`` on GPU, else ``"xla"``)."""
+    auto = "pallas" if jax.default_backend() == "gpu" else "xla"
+    impl = os.environ.get("JAXDLM_ATTENTION", auto).strip().lower() or auto
     if impl not in IMPLS:
         raise ValueError(f"JAXDLM_ATTENTION={impl!r} is not a known attention backend; expected one of {IMPLS}")
     return impl
@@ -29,6 +33,10 @@ def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sl
     impl = impl or default_impl()
     if impl == "xla":
         return xla.attention(q, k, v, q_info, k_info, scale=scale, sliding_window=sliding_window)
+    if impl == "pallas":
+        from jaxdlm.attention import pallas_gpu
+
+        return pallas_gpu.attention(q, k, v, q_info, k_info, scale=scale, sliding_window=sliding_window)
     raise ValueError(f"impl={impl!r} is not a known attention backend; expected one of {IMPLS}")
 
 

@@ -130,3 +130,52 @@ def cache_key_info(length: jnp.ndarray, max_len: int, num_new: int, kind: str) -
     if kind == "denoise":
         return TokenInfo(pos, is_new.astype(jnp.int32), is_new.astype(jnp.int32) * NOISY, valid)
     raise ValueError(f"kind={kind!r} is not a cached pass kind; expected 'causal' or 'denoise'")
+
+
+# ---------------------------------------------------------------------------------------------------
+# tile bounds for kernels (a conservative summary of `allowed` over tiles)
+
+TILE_SKIP, TILE_PARTIAL, TILE_FULL = 0, 1, 2
+
+
+def _tile_stats(info: TokenInfo, tile: int):
+    b, n = info.pos.shape
+    if n % tile:
+        raise ValueError(f"sequence length {n} is not a multiple of the tile {tile}; pad it first")
+    r = lambda x: x.reshape(b, n // tile, tile)  # noqa: E731
+    pos, blk, stream, valid = r(info.pos), r(info.block), r(info.stream), r(info.valid)
+    return dict(
+        pos_min=pos.min(-1), pos_max=pos.max(-1), blk_min=blk.min(-1), blk_max=blk.max(-1),
+        any_clean=(stream == CLEAN).any(-1), all_clean=(stream == CLEAN).all(-1),
+        any_noisy=(stream == NOISY).any(-1), all_noisy=(stream == NOISY).all(-1),
+        any_notclean=(stream != CLEAN).any(-1), all_notclean=(stream != CLEAN).all(-1),
+        any_valid=valid.any(-1), all_valid=valid.all(-1))
+
+
+def tile_classes(q: TokenInfo, k: TokenInfo, tile_q: int, tile_k: int,
+                 sliding_window: int | None = None) -> jnp.ndarray:
+    """Classify each (query tile, key tile) pair from per-tile min/max bounds: int32 ``[B, T/tq, S/tk]``.
+
+    ``TILE_SKIP``: no pair of the tile is :func:`allowed`; ``TILE_FULL``: every pair is; otherwise
+    ``TILE_PARTIAL`` (the kernel evaluates :func:`allowed` per element).  The bounds are conservative
+    interval arithmetic over :func:`allowed`'s rule (O(T/tq * S/tk) work, no ``[T, S]`` mask): a tile
+    is only skipped when no pair can be allowed and only full when every pair must be, so a kernel that
+    masks PARTIAL tiles with :func:`allowed` is exact whatever the metadata.  ``T``, ``S`` must be
+    multiples of the tiles.
+    """
+    a = {n: x[:, :, None] for n, x in _tile_stats(q, tile_q).items()}
+    c = {n: x[:, None, :] for n, x in _tile_stats(k, tile_k).items()}
+    # some pair may be allowed (upper bound of the predicate)
+    clean_q = a["any_clean"] & c["any_clean"] & (c["pos_min"] <= a["pos_max"])
+    noisy_same = a["any_notclean"] & c["any_noisy"] & (c["blk_min"] <= a["blk_max"]) & (a["blk_min"] <= c["blk_max"])
+    noisy_ctx = a["any_notclean"] & c["any_clean"] & (c["blk_min"] < a["blk_max"])
+    may = c["any_valid"] & (clean_q | noisy_same | noisy_ctx)
+    # every pair is allowed (lower bound)
+    one_block = (a["blk_min"] == a["blk_max"]) & (c["blk_min"] == c["blk_max"]) & (a["blk_min"] == c["blk_min"])
+    must_clean = a["all_clean"] & c["all_clean"] & (c["pos_max"] <= a["pos_min"])
+    must_noisy = a["all_notclean"] & ((c["all_noisy"] & one_block) | (c["all_clean"] & (c["blk_max"] < a["blk_min"])))
+    must = c["all_valid"] & (must_clean | must_noisy)
+    if sliding_window is not None:
+        may = may & (a["pos_min"] - c["pos_max"] < sliding_window)
+        must = must & (a["pos_max"] - c["pos_min"] < sliding_window)
+    return jnp.where(must, TILE_FULL, jnp.where(may, TILE_PARTIAL, TILE_SKIP)).astype(jnp.int32)

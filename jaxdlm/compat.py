@@ -1,0 +1,63 @@
+"""Differences between the jax versions jaxdlm runs on (0.10.2 on CPU CI, 0.11.x on the GPU machines).
+
+Keep every version-dependent import or call here.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+
+
+def triton_compiler_params(num_warps: int | None = None, num_stages: int | None = None):
+    """Compiler parameters that pin ``pl.pallas_call`` to the Triton GPU backend.
+
+    ``jax.experimental.pallas.triton.CompilerParams`` (jax >= 0.7); older releases named it
+    ``jax.experimental.pallas.gpu.TritonCompilerParams``.  Passing it explicitly matters: the default GPU
+    backend of ``pallas_call`` is not the same in every jax version.
+    """
+    try:
+        from jax.experimental.pallas import triton as pltriton
+        cls = pltriton.CompilerParams
+    except (ImportError, AttributeError):  # pragma: no cover - old jax
+        from jax.experimental.pallas import gpu as plgpu_old
+        cls = plgpu_old.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+#: the marker of a squeezed (size-1, dropped) block dimension in ``pl.BlockSpec``
+SQUEEZED = getattr(pl, "squeezed", None)
+
+
+#: the device an abstract lowering targets (compute capability 9.0)
+ABSTRACT_H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _abstract_gpu(device_kind: str):
+    """A context naming an abstract GPU for lowering without one: jax 0.11 reads the target architecture
+    from the abstract mesh's ``AbstractDevice``; jax 0.10 falls back to compute capability 9.0 by itself."""
+    import contextlib
+
+    sharding = jax.sharding
+    if not hasattr(sharding, "AbstractDevice") or jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    dev = sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    mesh = sharding.AbstractMesh((1,), ("_",), abstract_device=dev)
+    return sharding.use_abstract_mesh(mesh)
+
+
+def lowered_text_for_platform(fn, *args, platform: str = "cuda", device_kind: str = ABSTRACT_H100) -> str:
+    """StableHLO text of ``jax.jit(fn)(*args)`` lowered for ``platform`` without that device.
+
+    Used to lower Pallas kernels for an abstract H100 on a CPU host, which catches primitives the Triton
+    backend cannot lower.  ``jit(...).trace(...).lower(lowering_platforms=...)`` where it exists
+    (jax 0.10 / 0.11), else ``jax.export`` with the Triton custom call allowed.
+    """
+    with _abstract_gpu(device_kind):
+        traced = jax.jit(fn).trace(*args)
+        try:
+            return traced.lower(lowering_platforms=(platform,)).as_text()
+        except TypeError:  # pragma: no cover - a jax without lowering_platforms=
+            from jax import export
+            checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+            return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
