@@ -100,3 +100,13 @@ def test_mesh_that_does_not_divide_the_model_is_rejected(cfg_kw, spec, msg, devi
     model = Model.abstract(config(**cfg_kw))
     with pytest.raises(ValueError, match=msg):
         sh.param_shardings(model, sh.make_mesh(spec, devices=devices))
+
+
+def test_automatic_attention_backend_is_xla_under_a_multi_device_mesh(devices, monkeypatch):
+    from jaxdlm import attention
+
+    monkeypatch.delenv("JAXDLM_ATTENTION", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention.default_impl() == "pallas"
+    with jax.set_mesh(sh.make_mesh("tensor=8", devices=devices)):
+        assert attention.default_impl() == "xla"

@@ -9,6 +9,7 @@ variable ``JAXDLM_ATTENTION`` (``xla`` | ``pallas``); unset, it is ``pallas`` on
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -19,9 +20,18 @@ from jaxdlm.attention.masks import CLEAN, NOISY, TokenInfo, allowed
 IMPLS = ("xla", "pallas")
 
 
+def _under_multi_device_mesh() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh is not None and not mesh.empty and math.prod(mesh.shape.values()) > 1
+
+
 def default_impl() -> str:
-    """The backend named by ``JAXDLM_ATTENTION`` (unset: ``"pallas"`` on GPU, else ``"xla"``)."""
-    auto = "pallas" if jax.default_backend() == "gpu" else "xla"
+    """The backend named by ``JAXDLM_ATTENTION``; unset: ``"pallas"`` on a GPU, else ``"xla"``.
+
+    Under a multi-device mesh (``jax.set_mesh``) the automatic choice is ``"xla"``: ``pallas_call`` has
+    no sharding rule, so GSPMD could not partition it.
+    """
+    auto = "pallas" if jax.default_backend() == "gpu" and not _under_multi_device_mesh() else "xla"
     impl = os.environ.get("JAXDLM_ATTENTION", auto).strip().lower() or auto
     if impl not in IMPLS:
         raise ValueError(f"JAXDLM_ATTENTION={impl!r} is not a known attention backend; expected one of {IMPLS}")
