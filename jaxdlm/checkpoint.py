@@ -169,10 +169,10 @@ class CheckpointWriter:
     The writer keeps no reference to an array after its group is written.
     """
 
-    def __init__(self, root: str | os.PathLike, *, group_bytes: int = GROUP_BYTES,
+    def __init__(self, root: str | os.PathLike, *, group_bytes: int | None = None,
                  on_written: Callable[[int], None] | None = None):
         self.root = Path(root)
-        self.group_bytes = group_bytes
+        self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
         self.on_written = on_written
         self.manifest: dict[str, dict] = {}
         self._pending: list[tuple[tuple[str, ...], np.ndarray]] = []
