@@ -4,8 +4,11 @@ Everything about the input is checked before anything is written: config, weight
 shards, headers), tensor names, shapes and dtypes, and the optional draft LoRA adapter.  Then each
 parameter of the jaxdlm tree (``jaxdlm.hf.tensor_specs`` gives the name map, transposes and layer
 stacking) is built on its own, from one tensor read at a time, and handed to the checkpoint writer,
-which writes it and drops it.  Peak host memory is therefore about the largest stacked parameter
-(e.g. ``layers.gate_proj``: ``[L, H, I]``) plus one source tensor, not the whole model.
+which writes it (in a background thread) and drops it.  Peak host memory is therefore about the
+largest stacked parameter (e.g. ``layers.gate_proj``: ``[L, H, I]``) plus one source tensor, plus
+at most :data:`OVERLAP_BYTES` for building the next parameter while the previous one is written;
+never the whole model.  Source files are read with ``readinto`` (see :mod:`.safetensors_io`), not
+memory-mapped, so the page cache does not count as resident memory.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from convert_weights.safetensors_io import FLOAT_DTYPES, TensorEntry, read_heade
 __version__ = "1.0"
 
 DTYPES = ("keep", "bfloat16", "float32")
+# memory beyond the largest parameter that may hold the next parameter while the previous one is written
+OVERLAP_BYTES = 600 * 1000**2
 LORA_SUBFOLDER = "linear_spec_lora"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # buffers some older exports carry that are not parameters
@@ -295,11 +300,66 @@ def _copy(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
             np.copyto(dst[i:i + tile, j:j + tile], src[i:i + tile, j:j + tile], casting="unsafe")
 
 
+def working_bytes(group: Group, entries: dict[str, TensorEntry], dtype: np.dtype) -> int:
+    """Host memory :func:`build` needs for ``group``: the output plus its scratch buffer (if any)."""
+    out = math.prod(group.shape) * dtype.itemsize
+    scratch = max((entries[s.hf_key].nbytes for s in group.specs
+                   if s.transpose or FLOAT_DTYPES[entries[s.hf_key].dtype] != dtype), default=0)
+    return out + scratch
+
+
+def write_groups(writer, groups: list[Group], entries: dict[str, TensorEntry], dtype: np.dtype,
+                 advance: Callable[[int], None], *, overlap_bytes: int = 0) -> None:
+    """Builds each parameter and hands it to ``writer``, writing in a background thread.
+
+    The next parameter is built while earlier ones are still being written only while the memory of
+    everything alive stays within ``max(largest working set, largest output + overlap_bytes)``; with
+    ``overlap_bytes=0`` the largest parameter is always alone.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = [working_bytes(g, entries, dtype) for g in groups]
+    largest_out = max(math.prod(g.shape) for g in groups) * dtype.itemsize
+    budget = max(max(sizes), largest_out + overlap_bytes)
+    failed = threading.Event()
+
+    def write(path, array):
+        if failed.is_set():  # an earlier write failed: skip the rest
+            return
+        try:
+            writer.add(path, array)
+        except BaseException:
+            failed.set()
+            raise
+
+    inflight: list = []  # (future, bytes) in submission order
+    with ThreadPoolExecutor(1, thread_name_prefix="convert-write") as pool:
+        try:
+            for group, size in zip(groups, sizes):
+                while inflight and (failed.is_set() or inflight[0][0].done() or not overlap_bytes
+                                    or sum(n for _, n in inflight) + size > budget):
+                    inflight.pop(0)[0].result()  # re-raises a failed write
+                array = build(group, entries, dtype, advance)
+                # the writer keeps no reference once written; ``size`` is released when the future is done
+                inflight.append((pool.submit(write, group.path, array), math.prod(group.shape) * dtype.itemsize))
+                del array
+            while inflight:
+                inflight.pop(0)[0].result()
+            pool.submit(writer.flush).result()
+        except BaseException:
+            failed.set()
+            for future, _ in inflight:
+                future.cancel()
+            raise
+
+
 # ------------------------------------------------------------------------------------------- main entry
 
 
 def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool = False,
-            progress: bool | None = None, log: Callable[[str], None] | None = print) -> dict:
+            progress: bool | None = None, log: Callable[[str], None] | None = print,
+            overlap_bytes: int = OVERLAP_BYTES) -> dict:
     """Converts the Hugging Face checkpoint folder ``hf_dir`` into a jaxdlm checkpoint at ``out_dir``.
 
     Args:
@@ -308,6 +368,8 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
       overwrite: replace an existing jaxdlm checkpoint at ``out_dir``.
       progress: tqdm bar over bytes; ``None`` shows it when stderr is a terminal.
       log: receives one-line status messages (``None``: silent).
+      overlap_bytes: memory allowed beyond the largest parameter for building the next parameter
+        while the previous one is written (0: strictly one at a time).
 
     Returns the metadata written to ``jaxdlm.json`` plus ``seconds`` and ``bytes_read``.
     Raises :class:`ConversionError` (a ``ValueError``) on bad input; ``out_dir`` is then not created
@@ -344,9 +406,7 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
                  disable=not show, file=sys.stderr, dynamic_ncols=True) as bar:
         writer = CheckpointWriter(tmp)
-        for group in groups:
-            writer.add(group.path, build(group, entries, out_dtype, bar.update))
-        writer.flush()
+        write_groups(writer, groups, entries, out_dtype, bar.update, overlap_bytes=overlap_bytes)
         if lora_params is not None:
             writer.write_lora(lora_params)
         shutil.copyfile(hf / "config.json", tmp / "config.json")

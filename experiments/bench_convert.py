@@ -118,7 +118,7 @@ def largest_group_bytes(layers: int) -> tuple[str, int]:
     return name, sizes[name]
 
 
-def spot_check(src: Path, out: Path) -> dict:
+def spot_check(src: Path, out: Path, layer: int = 1) -> dict:
     """Restores a few arrays of the output with Orbax and compares them bit for bit with the source."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from convert_weights.safetensors_io import read_header, read_into
@@ -128,8 +128,8 @@ def spot_check(src: Path, out: Path) -> dict:
     for f in sorted(src.glob("model-*.safetensors")):
         headers.update(read_header(os.fspath(f)))
     checks = {"embed": ("encoder.embed_tokens.weight", None, False),
-              "layers/gate_proj": ("encoder.layers.{}.mlp.gate_proj.weight", 1, True),
-              "layers/attn_norm/weight": ("encoder.layers.{}.input_layernorm.weight", 1, False),
+              "layers/gate_proj": ("encoder.layers.{}.mlp.gate_proj.weight", layer, True),
+              "layers/attn_norm/weight": ("encoder.layers.{}.input_layernorm.weight", layer, False),
               "head": ("diffusion_head.weight", None, True)}
     results = {}
     for path, (key, layer, transpose) in checks.items():
@@ -175,9 +175,33 @@ def _hwm(path=sys.argv[1]):
     with open(path, 'w') as f:
         f.write(kb)
 atexit.register(_hwm)
+args = sys.argv[2:]
+if args[0].startswith('--overlap-bytes='):  # the same conversion with another overlap setting
+    from convert_weights.core import convert
+    convert(args[1], args[2], overlap_bytes=int(args[0].split('=')[1]), progress=False)
+    sys.exit(0)
 from convert_weights.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(args))
 """
+
+
+def run_conversion(src: Path, dst: Path, work: Path, env: dict, extra: list[str]) -> dict:
+    """One conversion in a child process: wall time, the child's VmHWM, polled VmRSS, output."""
+    shutil.rmtree(dst, ignore_errors=True)
+    hwm_file = work / "vmhwm_kb"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(hwm_file), *extra, str(src), str(dst)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    polled = [0]
+    poller = threading.Thread(target=_poll_rss, args=(proc.pid, polled), daemon=True)
+    poller.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    poller.join(timeout=1)
+    print(stdout.strip(), stderr.strip()[-2000:], sep="\n", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"conversion failed (exit {proc.returncode})")
+    return {"wall": wall, "peak": int(hwm_file.read_text()) * 1024, "polled": polled[0]}
 
 
 def _poll_rss(pid: int, out: list) -> None:
@@ -199,6 +223,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "convert_3b_cpu.json"))
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files")
+    ap.add_argument("--repeats", type=int, default=2, help="conversions per setting (alternating settings)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
@@ -208,25 +233,24 @@ def main() -> int:
         nbytes, gen_s = write_checkpoint(src, args.layers, args.seed)
         print(f"  {nbytes / 1e9:.2f} GB in {gen_s:.1f} s", flush=True)
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        hwm_file = work / "vmhwm_kb"
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(hwm_file), str(src), str(dst)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        polled = [0]
-        poller = threading.Thread(target=_poll_rss, args=(proc.pid, polled), daemon=True)
-        poller.start()
-        stdout, stderr = proc.communicate()
-        wall = time.perf_counter() - t0
-        poller.join(timeout=1)
-        print(stdout.strip(), stderr.strip()[-2000:], sep="\n", flush=True)
-        if proc.returncode != 0:
-            print(f"conversion failed (exit {proc.returncode})")
-            return 1
-        peak_rss = int(hwm_file.read_text()) * 1024
+        from convert_weights.core import OVERLAP_BYTES
+
+        settings = {"default": [], "overlap_0": ["--overlap-bytes=0"]}
+        runs: dict[str, list] = {k: [] for k in settings}
+        checks = None
+        for rep in range(args.repeats):
+            for name, extra in settings.items():
+                print(f"run {rep + 1}/{args.repeats}: {name}", flush=True)
+                runs[name].append(run_conversion(src, dst, work, env, extra))
+                if checks is None and name == "default":
+                    out_bytes = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+                    checks = spot_check(src, dst, layer=min(1, args.layers - 1))
+        best = min(runs["default"], key=lambda r: r["wall"])
+        wall = best["wall"]
+        peak_rss = max(r["peak"] for r in runs["default"])
+        polled = [max(r["polled"] for r in runs["default"])]
         group_name, group_bytes = largest_group_bytes(args.layers)
         target = group_bytes + 1.5e9
-        out_bytes = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
-        checks = spot_check(src, dst)
         result = {
             "benchmark": "convert_weights: synthetic 3B-shaped NLD checkpoint (bf16, sharded) -> jaxdlm/Orbax",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -248,8 +272,11 @@ def main() -> int:
             "target_bytes": int(target),
             "target_gb": round(target / 1e9, 3),
             "pass": bool(peak_rss <= target),
+            "overlap_bytes": OVERLAP_BYTES,
+            "runs": {name: [{"wall_seconds": round(r["wall"], 2), "gb_per_s": round(nbytes / 1e9 / r["wall"], 3),
+                             "peak_rss_gb": round(r["peak"] / 1e9, 3)} for r in rs] for name, rs in runs.items()},
             "bit_exact_spot_checks": checks,
-            "notes": ("peak_rss is the child's VmHWM (peak_rss_polled: VmRSS sampled every 50 ms); wall time includes interpreter start and imports; the source files were just written, "
+            "notes": ("default = convert-weights command as shipped (writes in a background thread while building the next parameter within the memory budget); overlap_0 = strictly one parameter at a time; wall_seconds / peak_rss are the best time / worst peak of the default runs; peak_rss is the child's VmHWM (peak_rss_polled: VmRSS sampled every 50 ms); wall time includes interpreter start and imports; the source files were just written, "
                       "so they were (at least partly) in the page cache; 2-core machine shared with other jobs"),
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
