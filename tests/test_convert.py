@@ -423,3 +423,25 @@ def test_command_line_subprocess(tiny, tmp_path):
     assert "converted" in good.stdout and good.stderr == ""  # no progress bar when stderr is not a terminal
     assert read_header(str(hf_dir / "model.safetensors"))  # input untouched and still valid
     assert jaxdlm.load(tmp_path / "out").config.num_layers == 2
+
+
+def test_reader_agrees_with_safetensors(tmp_path, rng):
+    """Our header parser + readinto gives the same tensors as safetensors' own (memory-mapping) reader."""
+    from safetensors import safe_open
+
+    from convert_weights.safetensors_io import read_into
+
+    tensors = {
+        "a.bf16": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
+        "b.f16": rng.standard_normal((7,)).astype(np.float16),
+        "c.f32": rng.standard_normal((2, 3, 4)).astype(np.float32),
+        "d.empty": np.zeros((0, 4), np.float32),
+    }
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    entries = read_header(str(tmp_path / "x.safetensors"))
+    assert set(entries) == set(tensors)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="np") as f:
+        for name, entry in entries.items():
+            ours, ref = read_into(entry), f.get_tensor(name)
+            assert ours.dtype == ref.dtype == tensors[name].dtype and ours.shape == ref.shape
+            np.testing.assert_array_equal(ours.view(np.uint8), ref.view(np.uint8))
