@@ -216,7 +216,7 @@ def read_lora(lora_dir: Path, config, dtype: np.dtype) -> dict:
         raise ConversionError(f"{cfg_path}: r={r} must be a positive rank")
     targets = ac.get("target_modules")
     targets = [targets] if isinstance(targets, str) else list(targets or [])
-    if not targets or any(t.split(".")[-1] != "o_proj" for t in targets):
+    if not targets or any(not t.endswith("o_proj") for t in targets):
         raise ConversionError(f"{cfg_path}: target_modules={targets} but jaxdlm's draft LoRA applies to o_proj only; "
                               "pass an adapter trained on o_proj (the linear_spec_lora of NLD instruct models)")
     for field in ("rank_pattern", "alpha_pattern"):
