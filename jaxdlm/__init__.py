@@ -7,12 +7,15 @@ Public API::
     model.logits(tokens, kind="causal")   # float32 [B, T, V]
     forward(module, tokens, kind=..., cache=...)   # pure forward for jitted code
     KVCache.init(config, batch, max_len)
+    load(path, dtype=None)                # a converted / saved checkpoint folder -> Model
+    save(model, path)                     # Model -> checkpoint folder (Orbax + config + tokenizer)
 """
 
 from jaxdlm.cache import KVCache
+from jaxdlm.checkpoint import load, save
 from jaxdlm.config import ModelConfig, RopeConfig
 from jaxdlm.model import Model, Transformer, forward
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "Model", "ModelConfig", "RopeConfig", "Transformer", "forward", "__version__"]
+__all__ = ["KVCache", "Model", "ModelConfig", "RopeConfig", "Transformer", "forward", "load", "save", "__version__"]

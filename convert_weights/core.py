@@ -1,0 +1,427 @@
+"""Hugging Face safetensors checkpoint -> jaxdlm checkpoint (Orbax), streamed one tensor at a time.
+
+Everything about the input is checked before anything is written: config, weight files (index,
+shards, headers), tensor names, shapes and dtypes, and the optional draft LoRA adapter.  Then each
+parameter of the jaxdlm tree (``jaxdlm.hf.tensor_specs`` gives the name map, transposes and layer
+stacking) is built on its own, from one tensor read at a time, and handed to the checkpoint writer,
+which writes it (in a background thread) and drops it.  Peak host memory is therefore about the
+largest stacked parameter (e.g. ``layers.gate_proj``: ``[L, H, I]``) plus one source tensor, plus
+at most :data:`OVERLAP_BYTES` for building the next parameter while the previous one is written;
+never the whole model.  Source files are read with ``readinto`` (see :mod:`.safetensors_io`), not
+memory-mapped, so the page cache does not count as resident memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from convert_weights.safetensors_io import FLOAT_DTYPES, TensorEntry, read_header, read_into
+
+__version__ = "1.0"
+
+DTYPES = ("keep", "bfloat16", "float32")
+# memory beyond the largest parameter that may hold the next parameter while the previous one is written
+OVERLAP_BYTES = 600 * 1000**2
+LORA_SUBFOLDER = "linear_spec_lora"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# buffers some older exports carry that are not parameters
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_LORA_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.o_proj\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+class ConversionError(ValueError):
+    """Bad input; the message names the problem and the fix (one line)."""
+
+
+@dataclasses.dataclass
+class Group:
+    """One leaf of the jaxdlm parameter tree and the source tensors it is built from."""
+
+    path: tuple[str, ...]
+    specs: list          # jaxdlm.hf.TensorSpec, ordered by layer
+    shape: tuple[int, ...]
+
+    @property
+    def stacked(self) -> bool:
+        return self.specs[0].layer is not None
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def _check_paths(hf: Path, out: Path, overwrite: bool) -> None:
+    if not hf.exists():
+        raise ConversionError(f"HF_DIR {hf} does not exist; pass the folder that holds config.json and *.safetensors")
+    if not hf.is_dir():
+        raise ConversionError(f"HF_DIR {hf} is not a folder; pass the folder that holds config.json and *.safetensors")
+    hf_real, out_real = hf.resolve(), Path(os.path.abspath(out)).resolve()
+    if out_real == hf_real or hf_real in out_real.parents:
+        raise ConversionError(f"OUT_DIR {out} is inside HF_DIR {hf} (or the same folder); choose an OUT_DIR outside it")
+    if out_real in hf_real.parents:
+        raise ConversionError(f"HF_DIR {hf} is inside OUT_DIR {out}; choose an OUT_DIR that does not contain the input")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ConversionError(f"OUT_DIR {out} already exists; pass --overwrite to replace it, or choose another path")
+
+
+def _load_config(hf: Path):
+    from jaxdlm.config import ModelConfig
+
+    path = hf / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"no config.json in HF_DIR {hf}; pass a Hugging Face model folder "
+                              "(config.json + *.safetensors)")
+    try:
+        return ModelConfig.from_hf(path)
+    except ValueError as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
+def _refuse_pickles(folder: Path, what: str) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ConversionError(
+            f"{what} {folder} holds only PyTorch pickle weights ({', '.join(pickles[:3])}) and no *.safetensors; "
+            "pickles can run arbitrary code, so they are never loaded: re-save them as safetensors "
+            "(save_pretrained(..., safe_serialization=True)) on a trusted machine")
+
+
+def find_tensors(hf: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint in ``hf`` (single file or sharded with an index), headers validated."""
+    index = hf / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise ConversionError(f"{index} is corrupted (no valid 'weight_map'); re-download it") from None
+        shards: dict[str, str] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, key)
+        for shard, key in shards.items():
+            if not (hf / shard).is_file():
+                raise ConversionError(f"{index.name} names shard {shard} (holding {key}) but HF_DIR {hf} has no such "
+                                      "file; download the missing shard")
+        files = sorted(shards)
+    elif (hf / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in hf.glob("*.safetensors"))
+        if not files:
+            _refuse_pickles(hf, "HF_DIR")
+            raise ConversionError(f"no *.safetensors weights in HF_DIR {hf}; expected model.safetensors or shards "
+                                  "listed in model.safetensors.index.json")
+    entries: dict[str, TensorEntry] = {}
+    for name in files:
+        for key, entry in read_header(os.fspath(hf / name)).items():
+            if key in entries:
+                raise ConversionError(f"tensor {key} appears in both {Path(entries[key].file).name} and {name}; "
+                                      "keep one copy of the checkpoint in HF_DIR")
+            entries[key] = entry
+    if index.is_file():
+        for key, shard in weight_map.items():
+            if key not in entries or Path(entries[key].file).name != shard:
+                raise ConversionError(f"{index.name} says tensor {key} is in {shard}, but that file does not hold it; "
+                                      "re-download the checkpoint")
+    return entries
+
+
+def plan(config, entries: dict[str, TensorEntry]) -> list[Group]:
+    """Checks names / shapes / dtypes against ``jaxdlm.hf.tensor_specs`` and groups tensors by parameter."""
+    from jaxdlm.hf import optional_keys, tensor_specs
+
+    specs = list(tensor_specs(config))
+    wanted = {s.hf_key for s in specs}
+    missing = [s.hf_key for s in specs if s.hf_key not in entries]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConversionError(f"missing tensor {missing[0]}{more} (model_type={config.model_type}, "
+                              f"{config.num_layers} layers); check that the checkpoint matches its config.json")
+    optional = optional_keys(config)
+    unexpected = sorted(k for k in entries if k not in wanted and k not in optional and not _IGNORED.search(k))
+    if unexpected:
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise ConversionError(f"unexpected tensor {unexpected[0]}{more} for model_type={config.model_type} "
+                              f"({'encoder.*' if config.is_nld else 'model.*'} layout); check that config.json "
+                              "matches the weights")
+    groups: dict[tuple[str, ...], Group] = {}
+    for s in specs:
+        e = entries[s.hf_key]
+        if e.shape != s.hf_shape:
+            raise ConversionError(f"tensor {s.hf_key} has shape {list(e.shape)}, expected {list(s.hf_shape)} from "
+                                  "config.json; check that the checkpoint matches its config")
+        if e.dtype not in FLOAT_DTYPES:
+            raise ConversionError(f"tensor {s.hf_key} has dtype {e.dtype}, expected BF16, F16 or F32 weights; "
+                                  "re-export the checkpoint in a floating dtype")
+        shape = s.hf_shape[::-1] if s.transpose else s.hf_shape
+        if s.layer is not None:
+            shape = (config.num_layers,) + shape
+        groups.setdefault(s.path, Group(s.path, [], shape)).specs.append(s)
+    return list(groups.values())
+
+
+def output_dtype(dtype: str, groups: list[Group], entries: dict[str, TensorEntry]) -> np.dtype:
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if dtype != "keep":
+        return np.dtype(FLOAT_DTYPES["BF16"] if dtype == "bfloat16" else np.float32)
+    found = sorted({entries[s.hf_key].dtype for g in groups for s in g.specs})
+    if len(found) > 1:
+        raise ConversionError(f"the checkpoint mixes dtypes {', '.join(found)}, so --dtype keep is ambiguous; "
+                              "pass --dtype bfloat16 or --dtype float32")
+    return np.dtype(FLOAT_DTYPES[found[0]])
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+
+
+def read_lora(lora_dir: Path, config, dtype: np.dtype) -> dict:
+    """PEFT draft adapter (o_proj only) -> ``{"a": [L, heads*head_dim, r], "b": [L, r, H], "scale": ()}``.
+
+    PEFT stores ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` (``delta W = scale * B @ A`` in the
+    PyTorch ``[out, in]`` layout); jaxdlm uses ``y = x @ W`` so ``a = A.T`` and ``b = B.T``.
+    ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+    """
+    if not lora_dir.is_dir():
+        raise ConversionError(f"LoRA folder {lora_dir} does not exist; pass a PEFT adapter folder "
+                              "(adapter_config.json + adapter_model.safetensors)")
+    cfg_path, weights = lora_dir / "adapter_config.json", lora_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        _refuse_pickles(lora_dir, "LoRA folder")
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise ConversionError(f"LoRA folder {lora_dir} has no {p.name}; a PEFT adapter needs adapter_config.json "
+                                  "and adapter_model.safetensors")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            ac = json.load(f)
+        r, alpha = int(ac["r"]), float(ac["lora_alpha"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
+        raise ConversionError(f"{cfg_path} is not a PEFT LoRA config (needs r and lora_alpha); re-export "
+                              "the adapter") from None
+    if r <= 0:
+        raise ConversionError(f"{cfg_path}: r={r} must be a positive rank")
+    targets = ac.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    if not targets or any(not t.endswith("o_proj") for t in targets):
+        raise ConversionError(f"{cfg_path}: target_modules={targets} but jaxdlm's draft LoRA applies to o_proj only; "
+                              "pass an adapter trained on o_proj (the linear_spec_lora of NLD instruct models)")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if ac.get(field):
+            raise ConversionError(f"{cfg_path}: {field}={ac[field]} (per-layer ranks) is not supported; use one "
+                                  "rank and alpha for every layer")
+    if ac.get("use_dora"):
+        raise ConversionError(f"{cfg_path}: use_dora=true is not supported; pass a plain LoRA adapter")
+    scale = alpha / math.sqrt(r) if ac.get("use_rslora") else alpha / r
+
+    entries = read_header(os.fspath(weights))
+    n_layers, h = config.num_layers, config.hidden_size
+    d_in = config.num_heads * config.head_dim
+    found: dict[tuple[int, str], TensorEntry] = {}
+    for key, e in entries.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise ConversionError(f"unexpected tensor {key} in {weights.name}; the draft LoRA must hold only "
+                                  "layers.N.self_attn.o_proj.lora_A / lora_B weights (target o_proj only)")
+        layer, which = int(m.group(1)), m.group(2)
+        if layer >= n_layers:
+            raise ConversionError(f"{weights.name} has a LoRA for layer {layer} but the model has {n_layers} layers "
+                                  f"(0..{n_layers - 1}); pass the adapter made for this model")
+        if e.dtype not in FLOAT_DTYPES:
+            raise ConversionError(f"tensor {key} has dtype {e.dtype}, expected BF16, F16 or F32; re-export the adapter")
+        want = (r, d_in) if which == "A" else (h, r)
+        if e.shape != want:
+            raise ConversionError(f"tensor {key} has shape {list(e.shape)}, expected {list(want)} (rank r={r} from "
+                                  f"adapter_config.json, o_proj {d_in} -> {h}); pass the adapter made for this model")
+        found[(layer, which)] = e
+    for layer in range(n_layers):
+        for which in "AB":
+            if (layer, which) not in found:
+                have = len({k[0] for k in found})
+                raise ConversionError(f"{weights.name} has no o_proj lora_{which} for layer {layer} (LoRA for {have} "
+                                      f"layers, the model has {n_layers}); pass the adapter made for this model")
+    a = np.empty((n_layers, d_in, r), dtype)
+    b = np.empty((n_layers, r, h), dtype)
+    for layer in range(n_layers):
+        np.copyto(a[layer], read_into(found[(layer, "A")]).T, casting="unsafe")
+        np.copyto(b[layer], read_into(found[(layer, "B")]).T, casting="unsafe")
+    return {"a": a, "b": b, "scale": np.asarray(scale, np.float32)}
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def build(group: Group, entries: dict[str, TensorEntry], dtype: np.dtype, advance: Callable[[int], None]) -> np.ndarray:
+    """The jaxdlm array of one parameter: source tensors read one at a time, transposed, cast, stacked."""
+    out = np.empty(group.shape, dtype)
+    scratch = None
+    for spec in group.specs:
+        e = entries[spec.hf_key]
+        dst = out[spec.layer] if group.stacked else out
+        if not spec.transpose and FLOAT_DTYPES[e.dtype] == dtype:
+            read_into(e, dst)  # straight into place
+        else:
+            if scratch is None or scratch.nbytes < e.nbytes:
+                scratch = np.empty(e.nbytes, np.uint8)
+            src = read_into(e, scratch)
+            _copy(dst, src.T if spec.transpose else src)
+        advance(e.nbytes)
+    return out
+
+
+def _copy(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
+    """``dst[...] = src`` (with cast) in square tiles, so a transposed source stays cache friendly.
+
+    Same dtype: copied as unsigned integers of the same width (numpy's fast path; bf16 is an
+    extension dtype).  A plain ``copyto`` of a transposed [131072, 3072] source is about 6x slower.
+    """
+    if dst.dtype == src.dtype:
+        bits = np.dtype(f"u{dst.dtype.itemsize}")
+        dst, src = dst.view(bits), src.view(bits)
+    if dst.ndim != 2:
+        np.copyto(dst, src, casting="unsafe")
+        return
+    rows, cols = dst.shape
+    for i in range(0, rows, tile):
+        for j in range(0, cols, tile):
+            np.copyto(dst[i:i + tile, j:j + tile], src[i:i + tile, j:j + tile], casting="unsafe")
+
+
+def working_bytes(group: Group, entries: dict[str, TensorEntry], dtype: np.dtype) -> int:
+    """Host memory :func:`build` needs for ``group``: the output plus its scratch buffer (if any)."""
+    out = math.prod(group.shape) * dtype.itemsize
+    scratch = max((entries[s.hf_key].nbytes for s in group.specs
+                   if s.transpose or FLOAT_DTYPES[entries[s.hf_key].dtype] != dtype), default=0)
+    return out + scratch
+
+
+def write_groups(writer, groups: list[Group], entries: dict[str, TensorEntry], dtype: np.dtype,
+                 advance: Callable[[int], None], *, overlap_bytes: int = 0) -> None:
+    """Builds each parameter and hands it to ``writer``, writing in a background thread.
+
+    The next parameter is built while earlier ones are still being written only while the memory of
+    everything alive stays within ``max(largest working set, largest output + overlap_bytes)``; with
+    ``overlap_bytes=0`` the largest parameter is always alone.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = [working_bytes(g, entries, dtype) for g in groups]
+    largest_out = max(math.prod(g.shape) for g in groups) * dtype.itemsize
+    budget = max(max(sizes), largest_out + overlap_bytes)
+    failed = threading.Event()
+
+    def write(path, array):
+        if failed.is_set():  # an earlier write failed: skip the rest
+            return
+        try:
+            writer.add(path, array)
+        except BaseException:
+            failed.set()
+            raise
+
+    inflight: list = []  # (future, bytes) in submission order
+    with ThreadPoolExecutor(1, thread_name_prefix="convert-write") as pool:
+        try:
+            for group, size in zip(groups, sizes):
+                while inflight and (failed.is_set() or inflight[0][0].done() or not overlap_bytes
+                                    or sum(n for _, n in inflight) + size > budget):
+                    inflight.pop(0)[0].result()  # re-raises a failed write
+                array = build(group, entries, dtype, advance)
+                # the writer keeps no reference once written; ``size`` is released when the future is done
+                inflight.append((pool.submit(write, group.path, array), math.prod(group.shape) * dtype.itemsize))
+                del array
+            while inflight:
+                inflight.pop(0)[0].result()
+            pool.submit(writer.flush).result()
+        except BaseException:
+            failed.set()
+            for future, _ in inflight:
+                future.cancel()
+            raise
+
+
+# ------------------------------------------------------------------------------------------- main entry
+
+
+def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool = False,
+            progress: bool | None = None, log: Callable[[str], None] | None = print,
+            overlap_bytes: int = OVERLAP_BYTES) -> dict:
+    """Converts the Hugging Face checkpoint folder ``hf_dir`` into a jaxdlm checkpoint at ``out_dir``.
+
+    Args:
+      dtype: ``"keep"`` (the checkpoint's dtype; refused when it mixes dtypes), ``"bfloat16"`` or ``"float32"``.
+      lora: a PEFT draft-LoRA folder; ``None`` uses ``hf_dir/linear_spec_lora`` when present.
+      overwrite: replace an existing jaxdlm checkpoint at ``out_dir``.
+      progress: tqdm bar over bytes; ``None`` shows it when stderr is a terminal.
+      log: receives one-line status messages (``None``: silent).
+      overlap_bytes: memory allowed beyond the largest parameter for building the next parameter
+        while the previous one is written (0: strictly one at a time).
+
+    Returns the metadata written to ``jaxdlm.json`` plus ``seconds`` and ``bytes_read``.
+    Raises :class:`ConversionError` (a ``ValueError``) on bad input; ``out_dir`` is then not created
+    (or left untouched with ``overwrite``).
+    """
+    from tqdm import tqdm
+
+    from jaxdlm.checkpoint import CheckpointWriter, atomic_output, copy_tokenizer_files
+
+    say = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    hf, out = Path(hf_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    _check_paths(hf, out, overwrite)
+    config = _load_config(hf)
+    entries = find_tensors(hf)
+    groups = plan(config, entries)
+    out_dtype = output_dtype(dtype, groups, entries)
+
+    lora_dir = None
+    if lora is not None:
+        lora_dir = Path(lora)
+    elif (hf / LORA_SUBFOLDER).is_dir():
+        lora_dir = hf / LORA_SUBFOLDER
+        say(f"found draft LoRA adapter {lora_dir} (auto-detected); converting it too")
+    lora_params = read_lora(lora_dir, config, out_dtype) if lora_dir is not None else None
+
+    total = sum(entries[s.hf_key].nbytes for g in groups for s in g.specs)
+    show = sys.stderr.isatty() if progress is None else progress
+    # small parameters first so that the writer batches them; each big one then forms its own group
+    groups.sort(key=lambda g: math.prod(g.shape))
+    with atomic_output(out, overwrite=overwrite) as tmp, \
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
+                 disable=not show, file=sys.stderr, dynamic_ncols=True) as bar:
+        writer = CheckpointWriter(tmp)
+        write_groups(writer, groups, entries, out_dtype, bar.update, overlap_bytes=overlap_bytes)
+        if lora_params is not None:
+            writer.write_lora(lora_params)
+        shutil.copyfile(hf / "config.json", tmp / "config.json")
+        copied = copy_tokenizer_files(hf, tmp)
+        meta = writer.finish(config, dtype=out_dtype.name, source=str(hf.resolve()), extra={
+            "converter": f"convert_weights {__version__}",
+            "lora_source": None if lora_dir is None else str(lora_dir.resolve()),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source_files": sorted({Path(e.file).name for e in entries.values()}),
+            "tokenizer_files": copied,
+        })
+    seconds = time.perf_counter() - t0
+    say(f"converted {sum(len(g.specs) for g in groups)} tensors ({total / 1e9:.2f} GB, {config.model_type}, "
+        f"{config.num_layers} layers) to {out} as {out_dtype.name} in {seconds:.1f} s"
+        + (f"; draft LoRA rank {lora_params['a'].shape[-1]}, scale {float(lora_params['scale']):g}"
+           if lora_params is not None else "")
+        + (f"; tokenizer files: {', '.join(copied)}" if copied else "; no tokenizer files"))
+    return {**meta, "seconds": seconds, "bytes_read": total}

@@ -1,0 +1,415 @@
+"""jaxdlm checkpoints: Orbax arrays + config + tokenizer files in one folder.
+
+Layout of a checkpoint folder::
+
+    jaxdlm.json        metadata: format version, ModelConfig, dtype, source, array manifest, LoRA flag
+    params/gNN/        Orbax PyTree checkpoints, each holding a few parameter arrays (a sub-tree of
+                       the pure-dict parameter tree, [in, out] layout, layers stacked on axis 0)
+    lora/              Orbax PyTree checkpoint of the draft LoRA {"a", "b", "scale"} (optional)
+    config.json        the original Hugging Face config (converted checkpoints only)
+    tokenizer.json ... tokenizer files (optional; loaded with transformers.AutoTokenizer)
+
+Parameters are written in groups of at most about :data:`GROUP_BYTES` (a larger array forms its own
+group), so writing never needs more host memory than one group: the converter builds one stacked
+parameter at a time and hands it to :class:`CheckpointWriter`.  :func:`load` restores every array
+straight into its target dtype (and optional sharding) through ``jax.ShapeDtypeStruct`` targets.
+
+Writes are atomic (:func:`atomic_output`): everything goes into a temporary sibling folder that is
+renamed at the end; on failure the target is untouched and the temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+FORMAT_NAME = "jaxdlm-checkpoint"
+FORMAT_VERSION = 1
+METADATA_FILE = "jaxdlm.json"
+GROUP_BYTES = 256 * 1024 * 1024
+
+# Files copied next to the weights so that ``transformers.AutoTokenizer`` can load them.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "tekken.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "generation_config.json",
+)
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _join(path: tuple[str, ...]) -> str:
+    return "/".join(path)
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """``(path, leaf)`` pairs of a nested dict, in sorted key order."""
+    for key in sorted(tree, key=str):
+        value = tree[key]
+        if isinstance(value, dict):
+            yield from _leaves(value, prefix + (str(key),))
+        else:
+            yield prefix + (str(key),), value
+
+
+def _supported_kwargs(fn, **kwargs) -> dict:
+    """The subset of ``kwargs`` that ``fn`` accepts (Orbax options differ across versions)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _quiet_absl():
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _orbax_save(directory: Path, tree: dict) -> None:
+    """Saves a nested dict of numpy arrays as one Orbax PyTree checkpoint, without copying them.
+
+    Orbax's default numpy handler deep-copies every host array before writing, and compression adds
+    another buffer; both would double the peak memory of a conversion, so both are off here.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    numpy_handler = th.NumpyHandler(**_supported_kwargs(th.NumpyHandler, deepcopy_host_arrays=False))
+    registry = th.create_type_handler_registry((np.ndarray, numpy_handler), (jax.Array, th.ArrayHandler()))
+    handler = ocp.PyTreeCheckpointHandler(**_supported_kwargs(
+        ocp.PyTreeCheckpointHandler, use_compression=False, type_handler_registry=registry))
+    checkpointer = ocp.Checkpointer(handler)
+    try:
+        checkpointer.save(os.fspath(directory), args=ocp.args.PyTreeSave(tree))
+    finally:
+        checkpointer.close()
+
+
+def _orbax_restore(directory: Path, target: dict) -> dict:
+    """Restores an Orbax PyTree checkpoint into ``target`` (nested dict of ``jax.ShapeDtypeStruct``)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=x.sharding, global_shape=x.shape), target)
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        return checkpointer.restore(os.fspath(directory),
+                                    args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    finally:
+        checkpointer.close()
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary sibling folder of ``out_dir``; renames it to ``out_dir`` on success.
+
+    On any exception (KeyboardInterrupt included) the temporary folder is removed and ``out_dir`` is
+    left as it was.  An existing ``out_dir`` is replaced only with ``overwrite=True`` and only when it
+    is empty or a jaxdlm checkpoint (so a mistyped path cannot wipe an unrelated folder).
+    """
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise ValueError(f"OUT_DIR {out} already exists; pass --overwrite (overwrite=True) to replace it, "
+                             "or choose another path")
+        if not out.is_dir():
+            raise ValueError(f"OUT_DIR {out} exists and is not a folder; remove it or choose another path")
+        if any(out.iterdir()) and not (out / METADATA_FILE).is_file():
+            raise ValueError(f"OUT_DIR {out} exists and is not a jaxdlm checkpoint (no {METADATA_FILE}); refusing "
+                             "to replace it even with --overwrite: remove it yourself or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class CheckpointWriter:
+    """Writes parameter arrays into ``root/params`` in bounded groups and the metadata at the end.
+
+    ``add(path, array)`` takes one leaf of the pure-dict parameter tree (a numpy array, any dtype);
+    arrays are buffered until about ``group_bytes`` are pending, then written as one Orbax checkpoint.
+    The writer keeps no reference to an array after its group is written.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, group_bytes: int | None = None,
+                 on_written: Callable[[int], None] | None = None):
+        self.root = Path(root)
+        self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
+        self.on_written = on_written
+        self.manifest: dict[str, dict] = {}
+        self._pending: list[tuple[tuple[str, ...], np.ndarray]] = []
+        self._pending_bytes = 0
+        self._groups = 0
+        _quiet_absl()
+
+    def add(self, path: tuple[str, ...], array: np.ndarray) -> None:
+        array = np.asarray(array)
+        if self._pending and self._pending_bytes + array.nbytes > self.group_bytes:
+            self.flush()
+        self._pending.append((tuple(path), array))
+        self._pending_bytes += array.nbytes
+        if self._pending_bytes >= self.group_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"g{self._groups:03d}"
+        tree: dict = {}
+        for path, array in self._pending:
+            _set(tree, path, np.ascontiguousarray(array))
+            self.manifest[_join(path)] = {"group": name, "shape": list(array.shape), "dtype": str(array.dtype)}
+        _orbax_save(self.root / "params" / name, tree)
+        self._groups += 1
+        if self.on_written is not None:
+            self.on_written(self._pending_bytes)
+        self._pending, self._pending_bytes = [], 0
+
+    def write_lora(self, lora: dict) -> None:
+        """The draft LoRA ``{"a": [L, heads*head_dim, r], "b": [L, r, H], "scale": ()}``."""
+        tree = {"a": np.asarray(lora["a"]), "b": np.asarray(lora["b"]),
+                "scale": np.asarray(lora["scale"], np.float32)}
+        _orbax_save(self.root / "lora", tree)
+        self.lora_manifest = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tree.items()}
+
+    def finish(self, config, *, dtype: str, source: str | None, extra: dict | None = None) -> dict:
+        """Flushes pending arrays and writes ``jaxdlm.json``; returns the metadata."""
+        self.flush()
+        lora = getattr(self, "lora_manifest", None)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "dtype": dtype,
+            "source": source,
+            "has_lora": lora is not None,
+            "arrays": self.manifest,
+            "lora": lora,
+            **(extra or {}),
+        }
+        with open(self.root / METADATA_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        return meta
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer / chat template / generation config files present in ``src``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = Path(src) / name
+        if path.is_file():
+            shutil.copyfile(path, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str | None = None) -> Path:
+    """Saves a :class:`~jaxdlm.model.Model` (params, LoRA, tokenizer) as a jaxdlm checkpoint folder.
+
+    Arrays are fetched to the host one group at a time.  Atomic: ``path`` appears only when complete.
+    ``overwrite=True`` replaces an existing jaxdlm checkpoint.  Returns the absolute path.
+    """
+    import jax
+    from flax import nnx
+
+    from jaxdlm import __version__
+
+    pure = nnx.to_pure_dict(model.params)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        writer = CheckpointWriter(tmp)
+        for leaf_path, leaf in _leaves(pure):
+            writer.add(leaf_path, np.asarray(jax.device_get(leaf)))
+        if model.lora is not None:
+            writer.write_lora(jax.device_get(model.lora))
+        if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+            model.tokenizer.save_pretrained(tmp)
+        writer.finish(model.config, dtype=str(np.dtype(model.dtype)), source=source,
+                      extra={"writer": f"jaxdlm.save {__version__}"})
+    return Path(os.path.abspath(path))
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``jaxdlm.json`` of a checkpoint folder; ``ValueError`` when ``path`` is not one."""
+    root = Path(path)
+    meta_path = root / METADATA_FILE
+    if not root.is_dir() or not meta_path.is_file():
+        raise ValueError(
+            f"{root} is not a jaxdlm checkpoint (no {METADATA_FILE}); convert a Hugging Face folder first: "
+            f"python -m convert_weights HF_DIR {root}")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}); re-create the checkpoint") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{meta_path} has format={meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format_version={version!r}; this jaxdlm reads versions <= "
+                         f"{FORMAT_VERSION}: upgrade jaxdlm")
+    return meta
+
+
+def _resolve_sharding(sharding, path: tuple[str, ...]):
+    import jax
+
+    if sharding is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
+        return sharding(path)
+    return sharding
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """``transformers.AutoTokenizer`` from the local folder, or ``None`` when it holds no tokenizer files."""
+    root = Path(path)
+    if not any((root / name).is_file() for name in _TOKENIZER_MARKERS):
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(os.fspath(root), local_files_only=True)
+    except Exception as first:  # noqa: BLE001 - e.g. a config.json with a model_type transformers lacks
+        if (root / "tokenizer.json").is_file():
+            try:
+                return transformers.PreTrainedTokenizerFast.from_pretrained(os.fspath(root), local_files_only=True)
+            except Exception:  # noqa: BLE001
+                pass
+        raise ValueError(f"cannot load the tokenizer files in {root} ({type(first).__name__}: {first}); "
+                         "fix or remove them, or pass tokenizer=False") from None
+
+
+def load_arrays(path: str | os.PathLike, names=None, *, dtype=None) -> dict:
+    """Restores raw parameter arrays by name (``"embed"``, ``"layers/q_proj"``...; ``None``: all).
+
+    Whole groups are read (a group is at most about :data:`GROUP_BYTES` unless one array is larger);
+    returns ``{name: jax.Array}`` on the first device, cast to ``dtype`` when given.
+    """
+    import jax
+
+    root = Path(path)
+    manifest = read_metadata(root)["arrays"]
+    names = sorted(manifest) if names is None else list(names)
+    unknown = [n for n in names if n not in manifest]
+    if unknown:
+        raise ValueError(f"{root} has no array {unknown[0]!r}; it has {sorted(manifest)}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    out = {}
+    for group in sorted({manifest[n]["group"] for n in names}):
+        target: dict = {}
+        for name, entry in manifest.items():
+            if entry["group"] == group:
+                _set(target, tuple(name.split("/")), jax.ShapeDtypeStruct(
+                    tuple(entry["shape"]), dtype if dtype is not None else entry["dtype"], sharding=device))
+        for leaf_path, value in _leaves(_orbax_restore(root / "params" / group, target)):
+            if _join(leaf_path) in names:
+                out[_join(leaf_path)] = value
+    return out
+
+
+def load(path: str | os.PathLike, *, dtype=None, sharding=None, tokenizer: bool = True):
+    """Loads a jaxdlm checkpoint folder (written by ``convert_weights`` or :func:`save`) as a Model.
+
+    Args:
+      path: the checkpoint folder.
+      dtype: restore every floating array as this dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the
+        stored dtype.  Orbax casts while reading (``jax.ShapeDtypeStruct`` targets).
+      sharding: ``None`` (first device), one ``jax.sharding.Sharding`` for every array, or a function
+        ``path tuple -> Sharding`` (e.g. ``("layers", "q_proj")``; the LoRA uses ``("lora", "a")``...).
+      tokenizer: load the tokenizer files when present (``transformers.AutoTokenizer``).
+
+    Returns a :class:`~jaxdlm.model.Model` (config, params, lora or None, tokenizer or None).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdlm.config import ModelConfig
+    from jaxdlm.model import Model
+
+    root = Path(path)
+    meta = read_metadata(root)
+    config = ModelConfig.from_dict(meta["config"])
+    target_dtype = jnp.dtype(dtype if dtype is not None else meta["dtype"])
+    abstract = Model.abstract(config, dtype=target_dtype)
+    expected = dict(_leaves(nnx.to_pure_dict(abstract.params)))
+    manifest = meta["arrays"]
+    missing = sorted(set(map(_join, expected)) - set(manifest))
+    if missing:
+        raise ValueError(f"{root} lacks parameter {missing[0]} ({len(missing)} missing); re-create the checkpoint")
+    extra = sorted(set(manifest) - set(map(_join, expected)))
+    if extra:
+        raise ValueError(f"{root} holds unexpected parameter {extra[0]}; re-create the checkpoint")
+
+    groups: dict[str, dict] = {}
+    for leaf_path, leaf in expected.items():
+        entry = manifest[_join(leaf_path)]
+        if tuple(entry["shape"]) != tuple(leaf.shape):
+            raise ValueError(f"{root}: parameter {_join(leaf_path)} has shape {tuple(entry['shape'])}, the config "
+                             f"needs {tuple(leaf.shape)}; re-create the checkpoint")
+        target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_resolve_sharding(sharding, leaf_path))
+        _set(groups.setdefault(entry["group"], {}), leaf_path, target)
+
+    pure: dict = {}
+    for name, target in groups.items():
+        restored = _orbax_restore(root / "params" / name, target)
+        for leaf_path, value in _leaves(restored):
+            _set(pure, leaf_path, value)
+    params = abstract.params
+    nnx.replace_by_pure_dict(params, pure)
+
+    lora = None
+    if meta.get("has_lora"):
+        lm = meta["lora"]
+        lora_dtype = {k: jnp.dtype(dtype if dtype is not None and k != "scale" else lm[k]["dtype"])
+                      for k in ("a", "b", "scale")}
+        target = {k: jax.ShapeDtypeStruct(tuple(lm[k]["shape"]), lora_dtype[k],
+                                          sharding=_resolve_sharding(sharding, ("lora", k)))
+                  for k in ("a", "b", "scale")}
+        lora = _orbax_restore(root / "lora", target)
+    tok = load_tokenizer(root) if tokenizer else None
+    return Model(config, abstract.graphdef, params, lora=lora, tokenizer=tok)
