@@ -7,7 +7,8 @@ Public API::
     model.logits(tokens, kind="causal")   # float32 [B, T, V]
     forward(module, tokens, kind=..., cache=...)   # pure forward for jitted code
     KVCache.init(config, batch, max_len)
-    load(path, dtype=None)                # a converted / saved checkpoint folder -> Model
+    load(path, dtype=None, mesh=None)     # a converted / saved checkpoint folder -> Model
+    make_mesh("tensor=2,fsdp=4")          # a (data, fsdp, tensor) mesh; see jaxdlm.sharding
     save(model, path)                     # Model -> checkpoint folder (Orbax + config + tokenizer)
 """
 
@@ -15,7 +16,9 @@ from jaxdlm.cache import KVCache
 from jaxdlm.checkpoint import load, save
 from jaxdlm.config import ModelConfig, RopeConfig
 from jaxdlm.model import Model, Transformer, forward
+from jaxdlm.sharding import make_mesh, shard_model
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "Model", "ModelConfig", "RopeConfig", "Transformer", "forward", "load", "save", "__version__"]
+__all__ = ["KVCache", "Model", "ModelConfig", "RopeConfig", "Transformer", "forward", "load", "make_mesh", "save",
+           "shard_model", "__version__"]

@@ -351,7 +351,7 @@ def load_arrays(path: str | os.PathLike, names=None, *, dtype=None) -> dict:
     return out
 
 
-def load(path: str | os.PathLike, *, dtype=None, sharding=None, tokenizer: bool = True):
+def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules=None, tokenizer: bool = True):
     """Loads a jaxdlm checkpoint folder (written by ``convert_weights`` or :func:`save`) as a Model.
 
     Args:
@@ -360,6 +360,9 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, tokenizer: bool 
         stored dtype.  Orbax casts while reading (``jax.ShapeDtypeStruct`` targets).
       sharding: ``None`` (first device), one ``jax.sharding.Sharding`` for every array, or a function
         ``path tuple -> Sharding`` (e.g. ``("layers", "q_proj")``; the LoRA uses ``("lora", "a")``...).
+      mesh: a mesh from :func:`jaxdlm.make_mesh`: restore every array straight into the shardings
+        that ``rules`` (default :data:`jaxdlm.sharding.DEFAULT_RULES`) give it - no gather onto one
+        device.  Exclusive with ``sharding``.  The model's jitted calls then run under that mesh.
       tokenizer: load the tokenizer files when present (``transformers.AutoTokenizer``).
 
     Returns a :class:`~jaxdlm.model.Model` (config, params, lora or None, tokenizer or None).
@@ -374,6 +377,14 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, tokenizer: bool 
     root = Path(path)
     meta = read_metadata(root)
     config = ModelConfig.from_dict(meta["config"])
+    if mesh is not None:
+        from jaxdlm import sharding as sh
+
+        if sharding is not None:
+            raise ValueError("pass either mesh= or sharding= to jaxdlm.load, not both")
+        rules = sh.DEFAULT_RULES if rules is None else rules
+        sh.check_divisible(config, mesh, rules)
+        sharding = sh.sharding_for_path(mesh, rules)
     target_dtype = jnp.dtype(dtype if dtype is not None else meta["dtype"])
     abstract = Model.abstract(config, dtype=target_dtype)
     expected = dict(_leaves(nnx.to_pure_dict(abstract.params)))
@@ -412,4 +423,4 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, tokenizer: bool 
                   for k in ("a", "b", "scale")}
         lora = _orbax_restore(root / "lora", target)
     tok = load_tokenizer(root) if tokenizer else None
-    return Model(config, abstract.graphdef, params, lora=lora, tokenizer=tok)
+    return Model(config, abstract.graphdef, params, lora=lora, tokenizer=tok, mesh=mesh)

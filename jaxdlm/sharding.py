@@ -191,6 +191,20 @@ def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES):
     return target
 
 
+def sharding_for_path(mesh: Mesh, rules=DEFAULT_RULES):
+    """A function ``parameter path tuple -> NamedSharding`` (LoRA leaves are ``("lora", "a")`` ...),
+    the form :func:`jaxdlm.load` takes to restore straight into the target shardings."""
+
+    def fn(path: tuple[str, ...]) -> NamedSharding:
+        if path and path[0] == "lora":
+            return NamedSharding(mesh, logical_spec(LORA_AXES[path[1]], rules, mesh))
+        if path not in PARAM_AXES:
+            raise ValueError(f"parameter {'/'.join(path)} has no logical axes in jaxdlm.sharding.PARAM_AXES")
+        return NamedSharding(mesh, logical_spec(PARAM_AXES[path], rules, mesh))
+
+    return fn
+
+
 def lora_shardings(mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     """NamedShardings for a LoRA pytree ``{"a", "b", "scale"}``."""
     return {k: NamedSharding(mesh, logical_spec(v, rules, mesh)) for k, v in LORA_AXES.items()}

@@ -110,3 +110,21 @@ def test_automatic_attention_backend_is_xla_under_a_multi_device_mesh(devices, m
     assert attention.default_impl() == "pallas"
     with jax.set_mesh(sh.make_mesh("tensor=8", devices=devices)):
         assert attention.default_impl() == "xla"
+
+
+def test_load_restores_straight_into_target_shardings(devices, seed, rng, tmp_path):
+    import jaxdlm
+
+    model = Model.init(config(), seed=seed)
+    jaxdlm.save(model, tmp_path / "ckpt")
+    mesh = sh.make_mesh("tensor=2,fsdp=4", devices=devices)
+    loaded = jaxdlm.load(tmp_path / "ckpt", mesh=mesh)
+    expected = sh.param_shardings(model, mesh)
+    for arr, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(expected)):
+        assert arr.sharding.is_equivalent_to(want, arr.ndim)
+    tokens = rng.integers(0, 128, size=(4, 10))
+    assert rel_err(loaded.logits(tokens), model.logits(tokens)) <= 1e-5
+    small = Model.init(config(num_kv_heads=4), seed=seed)
+    jaxdlm.save(small, tmp_path / "gqa")
+    with pytest.raises(ValueError, match=r"mesh axis tensor=8 \(size 8\) does not divide num_key_value_heads=4"):
+        jaxdlm.load(tmp_path / "gqa", mesh=sh.make_mesh("tensor=8", devices=devices))
