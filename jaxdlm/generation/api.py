@@ -59,7 +59,7 @@ class GenerationResult:
 
     Attributes:
       tokens: ``int32 [B, max_new_tokens]``; row ``i``'s output is ``tokens[i, :lengths[i]]`` (up to
-        and including its first EOS); later slots hold the pad id.
+        and including its first EOS); later slots hold ``config.pad_token_id`` (0 when unset).
       lengths: ``int32 [B]``.
       nfe: ``int32 [B]`` forward passes that row ``i`` took part in (SPEC.md section 5 accounting; equal
         to what the row gives when generated alone).
@@ -226,18 +226,24 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
         eos = (int(eos_token_id),)
     else:
         eos = tuple(int(e) for e in eos_token_id)
-    eos_arr = np.asarray(eos if eos else (-1,), np.int32)
-    pad_id = c.pad_token_id if c.pad_token_id is not None else (eos[0] if eos else 0)
+    # a fixed-size id list (padded with -1, never matches) so that other EOS ids do not recompile
+    eos_arr = np.full((max(4, 1 << max(0, math.ceil(math.log2(max(len(eos), 1))))),), -1, np.int32)
+    eos_arr[:len(eos)] = eos
+    pad_id = c.pad_token_id if c.pad_token_id is not None else 0  # fills tokens[i, lengths[i]:]
     if pad_id == c.mask_token_id:
         pad_id = 0 if c.mask_token_id != 0 else 1
 
     sampler = Sampler(greedy=float(temperature) == 0.0, use_top_k=top_k is not None and float(temperature) > 0,
                       use_top_p=top_p is not None and float(top_p) < 1 and float(temperature) > 0,
                       mask_id=c.mask_token_id)
+    if mode == "ar":  # the block length plays no role in AR: one program for every block_length
+        block_length = 1
+        if cache_length is None:
+            cache_len = -(-(p_len + max_new_tokens + 2) // 64) * 64
     plan = core.Plan(mode=mode, max_new=int(max_new_tokens), block=int(block_length), cache_len=cache_len,
                      sampler=sampler, mask_id=c.mask_token_id, pad_id=int(pad_id), fixed_steps=steps,
                      spec_sampling=spec_sampling, use_lora=bool(use_lora and model.lora is not None),
-                     max_thinking=max_thinking_tokens, end_think=end_think_token_id, stream=stream_callback,
+                     stream=stream_callback,
                      impl=impl)
     padded = np.zeros((batch, p_len), np.int32)
     for i, r in enumerate(rows):
@@ -245,7 +251,9 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
     lens = np.asarray([len(r) for r in rows], np.int32)
     knobs = dict(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k or 0),
                  top_p=jnp.float32(1.0 if top_p is None else top_p),
-                 threshold=jnp.float32(0.0 if threshold is None else threshold))
+                 threshold=jnp.float32(0.0 if threshold is None else threshold),
+                 max_thinking=jnp.int32(0 if max_thinking_tokens is None else max_thinking_tokens),
+                 end_think=jnp.int32(-1 if end_think_token_id is None else end_think_token_id))
     lora = model.lora if plan.use_lora else None
     out = _run(model.graphdef, plan, model.params, lora, jnp.asarray(padded), jnp.asarray(lens),
                jax.random.PRNGKey(seed), knobs, jnp.asarray(eos_arr))

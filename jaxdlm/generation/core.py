@@ -45,8 +45,6 @@ class Plan:
     fixed_steps: int | None = None      # diffusion with threshold=None: denoise steps per block
     spec_sampling: str = "exact"        # "exact" (reference) or "rejection" (distribution-preserving)
     use_lora: bool = False
-    max_thinking: int | None = None
-    end_think: int | None = None
     stream: Callable | None = None
     impl: str | None = None
 
@@ -126,12 +124,13 @@ def emit(state, plan: Plan, new, n, active):
     n = jnp.where(active, n, 0)
     valid = j < n[:, None]
     last = jnp.maximum(n - 1, 0)
-    if plan.max_thinking is not None and plan.end_think is not None:
-        end = jnp.int32(plan.end_think)
-        seen_before = state["think_done"] | jnp.any((new == end) & (j < last[:, None]) & valid, axis=1)
-        force = active & (n > 0) & ~seen_before & (state["count"] + last >= plan.max_thinking)
-        new = new.at[rows, last].set(jnp.where(force, end, new[rows, last]))
-        state["think_done"] = state["think_done"] | jnp.any((new == end) & valid, axis=1)
+    # thinking budget (always compiled in; traced budget and id, end_think < 0 = off)
+    end = state["knobs"]["end_think"]
+    seen_before = state["think_done"] | jnp.any((new == end) & (j < last[:, None]) & valid, axis=1)
+    force = (active & (n > 0) & ~seen_before & (end >= 0)
+             & (state["count"] + last >= state["knobs"]["max_thinking"]))
+    new = new.at[rows, last].set(jnp.where(force, end, new[rows, last]))
+    state["think_done"] = state["think_done"] | jnp.any((new == end) & valid, axis=1)
     pos = state["count"][:, None] + j
     dest = jnp.where(valid, pos, plan.width)  # out of range: dropped
     state["out"] = state["out"].at[rows[:, None], dest].set(new, mode="drop")
