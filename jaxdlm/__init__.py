@@ -8,17 +8,21 @@ Public API::
     forward(module, tokens, kind=..., cache=...)   # pure forward for jitted code
     KVCache.init(config, batch, max_len)
     load(path, dtype=None, mesh=None)     # a converted / saved checkpoint folder -> Model
-    make_mesh("tensor=2,fsdp=4")          # a (data, fsdp, tensor) mesh; see jaxdlm.sharding
     save(model, path)                     # Model -> checkpoint folder (Orbax + config + tokenizer)
+    generate(model, prompts, mode="ar" | "diffusion" | "linear_spec" | "quadratic_spec" | "auto", ...)
+    make_mesh("tensor=2,fsdp=4")          # a (data, fsdp, tensor) mesh; see jaxdlm.sharding
 """
 
 from jaxdlm.cache import KVCache
 from jaxdlm.checkpoint import load, save
 from jaxdlm.config import ModelConfig, RopeConfig
+from jaxdlm.generation import (GenerationResult, ar_generate, diffusion_generate, generate, linear_spec_generate,
+                               quadratic_spec_generate)
 from jaxdlm.model import Model, Transformer, forward
 from jaxdlm.sharding import make_mesh, shard_model
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "Model", "ModelConfig", "RopeConfig", "Transformer", "forward", "load", "make_mesh", "save",
-           "shard_model", "__version__"]
+__all__ = ["KVCache", "Model", "ModelConfig", "RopeConfig", "Transformer", "forward", "load", "save",
+           "make_mesh", "shard_model", "GenerationResult", "generate", "ar_generate", "diffusion_generate",
+           "linear_spec_generate", "quadratic_spec_generate", "__version__"]

@@ -1,7 +1,8 @@
 """The ``jaxdlm`` command line.
 
-``jaxdlm demo``   runs the embedded default model (a tiny random model until a trained one ships).
-``jaxdlm info``   prints the devices, versions and, with ``--config``, a parsed model config.
+``jaxdlm demo``       runs the embedded default model (a tiny random model until a trained one ships).
+``jaxdlm info``       prints the devices, versions and, with ``--config``, a parsed model config.
+``jaxdlm generate``   generates text from a checkpoint (its tokenizer and chat template) in any mode.
 """
 
 from __future__ import annotations
@@ -47,7 +48,89 @@ def cmd_demo(args) -> int:
         logits = model.logits(toks, kind=kind).block_until_ready()
         print(f"  {kind:>10}: logits {tuple(logits.shape)} in {time.perf_counter() - t0:.2f}s (incl. compile), "
               f"argmax of last position = {int(logits[0, -1].argmax())}")
+    _demo_generation(model, cfg, args.seed)
     print(f"  {_versions()}")
+    return 0
+
+
+GEN_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+
+
+def _demo_generation(model, cfg, seed: int, max_new_tokens: int = 48, block_length: int = 16):
+    """Every decoding mode on the demo model: tokens, nfe, TPF (the model is random: output is noise)."""
+    import numpy as np
+
+    from jaxdlm.generation import generate
+
+    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=12)
+    prompt = np.where(prompt == cfg.mask_token_id, 0, prompt)
+    print(f"  generation on the random model (prompt of {len(prompt)} ids, max_new_tokens={max_new_tokens}, "
+          f"block_length={block_length}, greedy):")
+    for mode in GEN_MODES:
+        t0 = time.perf_counter()
+        res = generate(model, [prompt], mode=mode, max_new_tokens=max_new_tokens, block_length=block_length,
+                       threshold=0.9)
+        dt = time.perf_counter() - t0
+        n, nfe = int(res.lengths[0]), int(res.nfe[0])
+        print(f"  {mode:>15}: {n} tokens, nfe {nfe}, TPF {n / max(nfe, 1):.2f}, {dt:.2f}s (incl. compile): "
+              f"{res.tokens[0, :min(n, 16)].tolist()}{' ...' if n > 16 else ''}")
+
+
+def _encode_prompt(tokenizer, text: str, chat: bool) -> list:
+    if chat:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=False)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
+def run_generate(model, tokenizer, args, out=None) -> dict:
+    """Encodes ``args.prompt`` (list of texts), generates, prints text and nfe / TPF / tokens per second.
+
+    Separate from :func:`cmd_generate` so that it runs on any model + tokenizer (tests build both).
+    Returns the figures printed (per row text, tokens, nfe, TPF, tokens/s).
+    """
+    from jaxdlm.generation import generate
+
+    out = out or sys.stdout
+    if tokenizer is None:
+        raise ValueError("the checkpoint has no tokenizer (tokenizer.json / tokenizer_config.json): "
+                         "jaxdlm generate needs one to encode --prompt")
+    prompts = [_encode_prompt(tokenizer, p, args.chat) for p in args.prompt]
+    eos = args.eos_token_id if args.eos_token_id else None
+    kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
+              threshold=None if args.threshold is not None and args.threshold < 0 else args.threshold,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+              spec_sampling=args.spec_sampling, eos_token_id=eos, max_thinking_tokens=args.max_thinking_tokens,
+              end_think_token_id=args.end_think_token_id)
+    if args.warmup:
+        generate(model, prompts, **kw)
+    t0 = time.perf_counter()
+    res = generate(model, prompts, **kw)
+    seconds = time.perf_counter() - t0
+    rows = []
+    for i, seq in enumerate(res.sequences()):
+        text = tokenizer.decode(seq.tolist(), skip_special_tokens=False)
+        rows.append(dict(text=text, tokens=int(res.lengths[i]), nfe=int(res.nfe[i]),
+                         tpf=float(res.lengths[i] / max(int(res.nfe[i]), 1))))
+        if len(prompts) > 1:
+            print(f"--- [{i}]", file=out)
+        print(text, file=out)
+    total = int(res.lengths.sum())
+    tps = total / seconds
+    print(f"[mode={res.mode} tokens={total} nfe={int(res.nfe.sum())} "
+          f"TPF={total / max(int(res.nfe.sum()), 1):.2f} tokens/s={tps:.1f} "
+          f"({seconds:.2f}s{'' if args.warmup else ', incl. compile: pass --warmup to exclude it'})]", file=out)
+    return dict(rows=rows, mode=res.mode, seconds=seconds, tokens_per_second=tps)
+
+
+def cmd_generate(args) -> int:
+    try:
+        from jaxdlm.checkpoint import load
+    except ImportError as e:  # the checkpoint module ships separately
+        raise ValueError(f"loading checkpoints needs jaxdlm.checkpoint, which is not available here ({e})") from e
+    model = load(args.checkpoint, dtype=args.dtype)
+    run_generate(model, getattr(model, "tokenizer", None), args)
     return 0
 
 
@@ -73,7 +156,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="devices, versions, and a parsed config.json")
     p.add_argument("--config", help="a Hugging Face config.json (file or folder)")
     p.set_defaults(func=cmd_info)
+    add_generate_parser(sub)
     return parser
+
+
+def add_generate_parser(sub):
+    p = sub.add_parser("generate", help="generate text from a checkpoint",
+                       description="Generate with a jaxdlm checkpoint (its tokenizer and chat template).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (jaxdlm.checkpoint.load)")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
+    p.add_argument("--mode", default="auto", choices=GEN_MODES + ("auto",))
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.9, help="diffusion threshold; negative = fixed schedule")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spec-sampling", default="exact", choices=("exact", "rejection"))
+    p.add_argument("--eos-token-id", type=int, action="append", help="default: the config's EOS ids")
+    p.add_argument("--max-thinking-tokens", type=int, default=None)
+    p.add_argument("--end-think-token-id", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="parameter dtype (e.g. bfloat16); default: as stored")
+    p.add_argument("--warmup", action="store_true", help="run once first so that tokens/s excludes compilation")
+    p.set_defaults(func=cmd_generate)
+    return p
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,255 @@
+"""Generation benchmark: per mode tokens/s, nfe, TPF; per-forward latency t1 (1 token) and t32 (a 32-token
+block) over a KV cache; on a GPU, t1 against the HBM floor and an AR peer (transformers PyTorch
+Ministral-3 greedy generate on the same device).
+
+    python experiments/bench_generate.py                    # small random model, any device (CPU: ratios only)
+    python experiments/bench_generate.py --preset gpu8b     # 8B-shaped random bf16 model, batch 1/4/16, peer
+    python experiments/bench_generate.py --preset gpu8b --tiny   # the same code path on a tiny model (dry run)
+
+On a GPU with a 10-minute limit per command, run the batches separately (``--batches 1`` ...): each mode
+compiles once per batch size.
+
+Weights are random, so the self-speculative TPF here says nothing about a trained model (drafts are
+almost never accepted); tokens/s, nfe per step and the latencies are what this measures.  Results go
+to ``experiments/results/bench_generate_<preset>_<backend>.json`` (device, versions, date, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+
+
+def model_config(preset: str, tiny: bool):
+    from jaxdlm.config import ModelConfig, RopeConfig
+
+    yarn = RopeConfig(rope_type="yarn", theta=1e6, factor=16.0, original_max_position_embeddings=16384,
+                      beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama4_scaling_beta=0.1)
+    common = dict(model_type="nemotron_labs_diffusion", mask_token_id=100, eos_token_ids=(11,), bos_token_id=1,
+                  block_size=32, rope=yarn, max_position_embeddings=262144)
+    if preset == "gpu8b" and not tiny:  # NLD-8B shape (SPEC.md section 1)
+        return ModelConfig(vocab_size=131072, hidden_size=4096, intermediate_size=14336, num_layers=34,
+                           num_heads=32, num_kv_heads=8, head_dim=128, **common)
+    if preset == "gpu8b":  # tiny dry run of the GPU code path
+        return ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=16, **common)
+    return ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
+                       num_kv_heads=2, head_dim=32, **common)
+
+
+def versions() -> dict:
+    import flax
+    import jax
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+            "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()]}
+
+
+def timed(fn, repeats: int):
+    """Median wall time of ``fn()`` (which must block until done) after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def forward_latency(model, batch: int, width: int, context: int, repeats: int) -> float:
+    """Seconds per causal forward of ``width`` new tokens per row over a cache holding ``context`` tokens."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdlm import KVCache, forward
+
+    cfg = model.config
+
+    @jax.jit
+    def step(params, tokens, cache):
+        out, new = forward(nnx.merge(model.graphdef, params), tokens, kind="causal", cache=cache)
+        return out[:, -1].argmax(-1), new.length
+
+    cache = KVCache.init(cfg, batch, context + 64, model.dtype).with_length(jnp.full((batch,), context, jnp.int32))
+    tokens = jnp.ones((batch, width), jnp.int32)
+    return timed(lambda: jax.block_until_ready(step(model.params, tokens, cache)), repeats)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write of an ``nbytes`` buffer)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + jnp.bfloat16(1))
+    t = timed(lambda: f(x).block_until_ready(), repeats)
+    return 2 * nbytes / t
+
+
+def bench_modes(model, batch: int, prompt_len: int, max_new: int, block: int, repeats: int,
+                quadratic_block: int | None = None, max_quadratic_tokens: int = 1 << 30) -> dict:
+    import jaxdlm
+
+    rng = np.random.default_rng(0)
+    cfg = model.config
+    prompts = [rng.integers(200, cfg.vocab_size, size=prompt_len) for _ in range(batch)]
+    out = {}
+    for mode in MODES:
+        b = quadratic_block if mode == "quadratic_spec" and quadratic_block else block
+        if mode == "quadratic_spec" and batch * b * (b + 1) > max_quadratic_tokens:
+            out[mode] = dict(skipped=f"batch {batch} x B(B+1) = {batch * b * (b + 1)} tokens per forward > "
+                                     f"--max-quadratic-tokens {max_quadratic_tokens}")
+            print(f"  batch {batch} {mode:>15}: skipped ({out[mode]['skipped']})", flush=True)
+            continue
+        kw = dict(mode=mode, max_new_tokens=max_new, block_length=b, threshold=0.9, eos_token_id=())
+        res = jaxdlm.generate(model, prompts, **kw)  # compile
+        seconds = timed(lambda: jaxdlm.generate(model, prompts, **kw), repeats)
+        tokens = int(res.lengths.sum())
+        out[mode] = dict(block_length=b, tokens=tokens, nfe_per_row=float(res.nfe.mean()), total_nfe=res.total_nfe,
+                         tpf=float(res.lengths.sum() / res.nfe.sum()), seconds=seconds,
+                         tokens_per_s=tokens / seconds, seconds_per_forward=seconds / res.total_nfe)
+        print(f"  batch {batch} {mode:>15}: {tokens / seconds:9.1f} tok/s  nfe/row {res.nfe.mean():.1f}  "
+              f"TPF {out[mode]['tpf']:.2f}  {1e3 * seconds / res.total_nfe:.2f} ms/forward", flush=True)
+    return out
+
+
+def torch_peer(args) -> dict:
+    """transformers PyTorch Ministral-3 (same shape, random bf16 weights) greedy generate, tokens/s."""
+    import torch
+    import transformers
+
+    cfg = model_config(args.preset, args.tiny)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_cfg = transformers.Ministral3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=262144, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16384,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "llama_4_scaling_beta": 0.1},
+        eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly (no float32 copy of 8B weights)
+    with torch.device(device):
+        model = transformers.Ministral3ForCausalLM(hf_cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    for batch in args.batches:
+        ids = torch.randint(200, cfg.vocab_size, (batch, args.prompt_len), device=device)
+
+        def run():
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=args.max_new, min_new_tokens=args.max_new, do_sample=False,
+                               attention_mask=torch.ones_like(ids))
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        seconds = timed(run, args.repeats)
+        out[f"batch{batch}"] = dict(seconds=seconds, tokens_per_s=batch * args.max_new / seconds)
+        print(f"  torch peer batch {batch}: {batch * args.max_new / seconds:.1f} tok/s", flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=("small", "gpu8b"), default="small")
+    p.add_argument("--tiny", action="store_true", help="gpu8b code path on a tiny model (dry run)")
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-new", type=int, default=None)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quadratic-block", type=int, default=None,
+                   help="block length for quadratic_spec (default --block; B(B+1) tokens per forward)")
+    p.add_argument("--max-quadratic-tokens", type=int, default=8192,
+                   help="skip quadratic_spec when batch * B(B+1) exceeds this (compute-bound, minutes per call)")
+    p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+    p.add_argument("--torch-peer-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.batches is None:
+        args.batches = [1, 4, 16] if args.preset == "gpu8b" else [1, 4]
+    if args.max_new is None:
+        args.max_new = 256 if args.preset == "gpu8b" and not args.tiny else 64
+    if args.torch_peer_only:  # child process: prints one JSON line
+        print("PEER_JSON " + json.dumps(torch_peer(args)))
+        return 0
+
+    peer = None
+    if args.preset == "gpu8b" and not args.no_peer:
+        # the peer runs first, in its own process, so that its GPU memory is gone before JAX starts
+        cmd = [sys.executable, os.path.abspath(__file__), "--torch-peer-only", "--preset", args.preset,
+               "--prompt-len", str(args.prompt_len), "--max-new", str(args.max_new), "--repeats", str(args.repeats),
+               "--batches", *map(str, args.batches)] + (["--tiny"] if args.tiny else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_JSON ")]
+        peer = json.loads(lines[-1][10:]) if lines else {"error": proc.stderr[-2000:]}
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdlm import Model
+
+    cfg = model_config(args.preset, args.tiny)
+    dtype = jnp.bfloat16 if args.preset == "gpu8b" else jnp.float32
+    print(f"model: {cfg.num_params() / 1e9:.3f} B params, {jnp.dtype(dtype).name}, backend {jax.default_backend()}",
+          flush=True)
+    model = Model.init(cfg, seed=0, dtype=dtype)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    result = dict(benchmark="bench_generate", preset=args.preset, tiny=args.tiny,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  versions=versions(), model=dict(dataclasses.asdict(cfg), num_params=cfg.num_params(),
+                                                  dtype=jnp.dtype(dtype).name, weight_bytes=weight_bytes),
+                  settings=dict(prompt_len=args.prompt_len, max_new=args.max_new, block=args.block,
+                                quadratic_block=args.quadratic_block or args.block,
+                                threshold=0.9, greedy=True, repeats=args.repeats, weights="random"),
+                  note=("random weights: self-speculative drafts are almost never accepted, so TPF here is not a "
+                        "trained model's; CPU figures are for ratios only"))
+    result["latency"] = {}
+    for batch in args.batches:
+        t1 = forward_latency(model, batch, 1, args.prompt_len, args.repeats * 3)
+        t32 = forward_latency(model, batch, 32, args.prompt_len, args.repeats * 3)
+        result["latency"][f"batch{batch}"] = dict(t1_s=t1, t32_s=t32, t32_over_t1=t32 / t1)
+        print(f"  batch {batch}: t1 {1e3 * t1:.3f} ms  t32 {1e3 * t32:.3f} ms  t32/t1 {t32 / t1:.2f}", flush=True)
+    if jax.default_backend() == "gpu":
+        bw = copy_bandwidth()
+        floor = weight_bytes / bw
+        embed_bytes = model.params["embed"][...].nbytes  # a forward gathers only a few embedding rows
+        result["hbm"] = dict(copy_bandwidth_bytes_per_s=bw, floor_s=floor, floor_excluding_embed_s=(
+            weight_bytes - embed_bytes) / bw, t1_over_floor={k: v["t1_s"] / floor for k, v in result["latency"].items()})
+        print(f"  copy bandwidth {bw / 1e12:.2f} TB/s, HBM floor {1e3 * floor:.2f} ms", flush=True)
+    result["modes"] = {}
+    for batch in args.batches:
+        result["modes"][f"batch{batch}"] = bench_modes(model, batch, args.prompt_len, args.max_new, args.block,
+                                                       args.repeats, args.quadratic_block, args.max_quadratic_tokens)
+    if peer is not None:
+        result["torch_peer"] = peer
+        result["ar_over_peer"] = {k: result["modes"][k]["ar"]["tokens_per_s"] / v["tokens_per_s"]
+                                  for k, v in peer.items() if k.startswith("batch") and k in result["modes"]}
+    out = args.out or os.path.join(HERE, "results", f"bench_generate_{args.preset}{'_tiny' if args.tiny else ''}_"
+                                                    f"{jax.default_backend()}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Token choice from logits: argmax, Gumbel-max with temperature / top-k / top-p, confidences, and the
+distribution-preserving speculative acceptance rule.
+
+Every function takes logits ``float32 [..., V]``.  The MASK id is never chosen: it is removed from the
+choice (argmax, sampling, the sampling distribution) but kept in the softmax denominator of the
+*confidence* (SPEC.md section 5), so a confidence is ``softmax(logits)[chosen]`` at temperature 1.
+
+:class:`Sampler` holds the static part (greedy or not, whether top-k / top-p filters are on, the MASK
+id); the numeric knobs (temperature, top_k, top_p) are traced values so that changing them does not
+recompile a generation program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Static sampling settings (hashable: part of a jitted program's static key).
+
+    Attributes:
+      greedy: temperature 0 (argmax) when True.
+      use_top_k / use_top_p: whether the (traced) top-k / top-p filters are applied.
+      mask_id: the MASK token id excluded from every choice (None: nothing excluded).
+    """
+
+    greedy: bool = True
+    use_top_k: bool = False
+    use_top_p: bool = False
+    mask_id: int | None = None
+
+
+def _exclude_mask(logits, mask_id):
+    if mask_id is None:
+        return logits
+    return logits.at[..., mask_id].set(NEG_INF)
+
+
+def filtered_logits(logits, sampler: Sampler, knobs):
+    """Logits of the sampling distribution: ``logits / T`` with MASK and filtered tokens at ``-inf``.
+
+    ``knobs``: dict of traced scalars ``temperature``, ``top_k`` (int, ``<= 0`` = off), ``top_p``.
+    Top-k keeps the ``k`` largest (ties at the k-th value are all kept); top-p keeps the smallest
+    prefix of the sorted distribution whose mass reaches ``top_p`` (the top token always survives).
+    """
+    x = _exclude_mask(logits.astype(jnp.float32), sampler.mask_id)
+    if sampler.greedy:
+        return x
+    x = x / jnp.maximum(knobs["temperature"], 1e-6)
+    v = x.shape[-1]
+    if sampler.use_top_k or sampler.use_top_p:
+        sorted_x = -jnp.sort(-x, axis=-1)  # descending
+    if sampler.use_top_k:
+        k = jnp.clip(knobs["top_k"], 1, v)
+        kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(k - 1, x.shape[:-1] + (1,)).astype(jnp.int32), -1)
+        keep = jnp.where(knobs["top_k"] > 0, x >= kth, True)
+        x = jnp.where(keep, x, NEG_INF)
+        sorted_x = jnp.where(jnp.arange(v) < jnp.where(knobs["top_k"] > 0, k, v), sorted_x, NEG_INF)
+    if sampler.use_top_p:
+        p_sorted = jax.nn.softmax(sorted_x, axis=-1)
+        mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
+        # number of sorted tokens kept: those whose preceding mass is < top_p (at least one)
+        n_keep = jnp.maximum(jnp.sum(mass_before < knobs["top_p"], axis=-1, keepdims=True), 1)
+        cutoff = jnp.take_along_axis(sorted_x, n_keep - 1, -1)
+        x = jnp.where(x >= cutoff, x, NEG_INF)
+    return x
+
+
+def choose(logits, key, sampler: Sampler, knobs):
+    """Chosen tokens ``int32 [...]``: argmax (greedy) or Gumbel-max over :func:`filtered_logits`."""
+    x = filtered_logits(logits, sampler, knobs)
+    if not sampler.greedy:
+        x = x + jax.random.gumbel(key, x.shape, jnp.float32)
+    return jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+
+def confidence(logits, tokens):
+    """``softmax(logits)[tokens]`` at temperature 1 over the full vocabulary (MASK included)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.exp(jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0])
+
+
+def probs(logits, sampler: Sampler, knobs):
+    """The sampling distribution ``float32 [..., V]`` (one-hot argmax when greedy)."""
+    x = filtered_logits(logits, sampler, knobs)
+    if sampler.greedy:
+        return jax.nn.one_hot(jnp.argmax(x, -1), x.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(x, axis=-1)
+
+
+def speculative_accept(draft, p, q, key):
+    """Speculative rejection sampling (Leviathan et al. / Chen et al.) over a block of drafts.
+
+    Args:
+      draft: ``int32 [R, N]`` draft tokens, ``draft[:, i]`` sampled from ``q[:, i]``.
+      p: ``float32 [R, N+1, V]`` target (AR) distributions; ``p[:, i]`` is the distribution of the token
+        that ``draft[:, i]`` proposes; ``p[:, N]`` the one after the whole draft.
+      q: ``float32 [R, N, V]`` draft distributions.
+      key: PRNG key.
+
+    Returns ``(a [R], bonus [R])``: the number of accepted drafts and the token emitted after them
+    (from the residual ``max(p - q, 0)`` at the first rejection, or from ``p[:, N]`` when all are
+    accepted).  The emitted sequence ``draft[:, :a] + [bonus]`` is distributed exactly as sampling
+    token by token from ``p``.
+    """
+    r, n = draft.shape
+    k_u, k_s = jax.random.split(key)
+    p_d = jnp.take_along_axis(p[:, :n], draft[..., None], -1)[..., 0]
+    q_d = jnp.take_along_axis(q, draft[..., None], -1)[..., 0]
+    u = jax.random.uniform(k_u, (r, n), jnp.float32)
+    ok = u * q_d < p_d  # accept with probability min(1, p/q)
+    a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    p_a = jnp.take_along_axis(p, a[:, None, None], 1)[:, 0]
+    q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
+    q_a = jnp.take_along_axis(q_pad, a[:, None, None], 1)[:, 0]
+    resid = jnp.maximum(p_a - q_a, 0.0)
+    resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, p_a)
+    logr = jnp.where(resid > 0, jnp.log(jnp.maximum(resid, 1e-38)), NEG_INF)
+    bonus = jnp.argmax(logr + jax.random.gumbel(k_s, logr.shape, jnp.float32), -1).astype(jnp.int32)
+    return a, bonus
+
+
+def exact_match_accept(draft, ar):
+    """Accept the longest prefix with ``ar[:, i] == draft[:, i]``; returns ``(a [R], bonus = ar[:, a])``.
+
+    ``draft [R, N]``, ``ar [R, N+1]`` (the verifier's own choices).
+    """
+    ok = (ar[:, :-1] == draft).astype(jnp.int32)
+    a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
+    return a, jnp.take_along_axis(ar, a[:, None], 1)[:, 0]

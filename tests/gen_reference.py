@@ -1,0 +1,172 @@
+"""Deliberately plain reference decoders for the generation tests (SPEC.md section 5, T = 0).
+
+One row at a time, Python loops, and a FULL UNCACHED forward over the whole sequence at every step,
+with the mask metadata written here from SPEC.md section 3 (clean tokens: causal; a noisy block: its
+own tokens bidirectionally plus clean tokens of strictly earlier blocks).  Nothing here uses
+``jaxdlm.generation``; the only shared pieces are the model itself and its mask predicate.
+The sequence is padded to a multiple of 64 (padding keys invalid) so that one compiled forward serves
+many steps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdlm.attention.masks import CLEAN, NOISY, TokenInfo
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _dense_forward(graphdef, params, lora, tokens, pos, block, stream, valid):
+    module = nnx.merge(graphdef, params)
+    info = TokenInfo(pos, block, stream, valid)
+    logits, _ = module(tokens, pos, info, info, lora=lora)
+    return logits
+
+
+class Reference:
+    """Reference decoders for one model (``mask_id``: the MASK token, never chosen)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.mask = model.config.mask_token_id
+
+    def run(self, toks, pos, block, stream, lora=None, lora_from=0):
+        """Logits ``[N, V]`` (float64) of one uncached forward over tokens with explicit metadata.
+
+        ``lora`` acts on tokens ``lora_from..`` only (a per-token LoRA scale): in a draft pass the
+        context K/V are the base model's (they come from LoRA-free passes), only the block is drafted.
+        """
+        n = len(toks)
+        size = -(-n // 64) * 64
+        pad = size - n
+        arr = lambda x, fill: np.asarray(list(x) + [fill] * pad, np.int32)[None]  # noqa: E731
+        valid = np.asarray([True] * n + [False] * pad)[None]
+        if lora is not None:
+            on = (np.arange(size) >= lora_from) & (np.arange(size) < n)
+            lora = dict(lora, scale=lora["scale"] * jnp.asarray(on, jnp.float32)[None, :, None])
+        out = _dense_forward(self.model.graphdef, self.model.params, lora, arr(toks, 0), arr(pos, 10**6),
+                             arr(block, 0), arr(stream, CLEAN), valid)
+        return np.asarray(out[0, :n], np.float64)
+
+    def causal(self, seq):
+        n = len(seq)
+        return self.run(seq, range(n), [0] * n, [CLEAN] * n)
+
+    def denoise(self, ctx, blk, lora=None):
+        """Logits of ``blk`` (NOISY block 1 after the CLEAN context ``ctx`` in block 0)."""
+        c, b = len(ctx), len(blk)
+        return self.run(list(ctx) + list(blk), range(c + b), [0] * c + [1] * b, [CLEAN] * c + [NOISY] * b,
+                        lora=lora, lora_from=c)[c:]
+
+    def pick(self, logits):
+        """Argmax with the MASK id excluded; confidence = softmax (MASK included) of the pick."""
+        x = np.array(logits, np.float64)
+        x[..., self.mask] = -np.inf
+        tok = np.argmax(x, axis=-1)
+        z = logits - logits.max(-1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        return tok, np.take_along_axis(p, tok[..., None], -1)[..., 0]
+
+
+def finished(out, max_new, eos):
+    return any(t in eos for t in out[:max_new]) or len(out) >= max_new
+
+
+def final(out, max_new, eos):
+    out = list(out[:max_new])
+    for i, t in enumerate(out):
+        if t in eos:
+            return out[:i + 1]
+    return out
+
+
+def ref_ar(R: Reference, prompt, max_new, eos):
+    seq, out, nfe = list(prompt), [], 0
+    while True:
+        tok, _ = R.pick(R.causal(seq)[-1])
+        nfe += 1
+        out.append(int(tok))
+        seq.append(int(tok))
+        if finished(out, max_new, eos):
+            return final(out, max_new, eos), nfe
+
+
+def ref_diffusion(R: Reference, prompt, max_new, eos, block, threshold, steps=None):
+    ctx, nfe = list(prompt), 0
+    seed = int(R.pick(R.causal(ctx)[-1])[0])
+    out = [seed]
+    while not finished(out, max_new, eos):
+        blk = [seed] + [R.mask] * (block - 1)
+        masked = [False] + [True] * (block - 1)
+        step = 0
+        while any(masked):
+            x0, conf = R.pick(R.denoise(ctx, blk))
+            nfe += 1
+            cand = [i for i in range(block) if masked[i]]
+            if threshold is not None:
+                best = max(cand, key=lambda i: conf[i])  # first maximum
+                commit = {best} | {i for i in cand if conf[i] >= threshold}
+            else:
+                base, rem = divmod(block - 1, steps)
+                commit = sorted(cand, key=lambda i: -conf[i])[:base + (step < rem)]
+            for i in commit:
+                blk[i], masked[i] = int(x0[i]), False
+            step += 1
+            first_mask = masked.index(True) if any(masked) else block
+            if any(blk[i] in eos for i in range(first_mask)):
+                break
+        seed = int(R.pick(R.causal(ctx + blk)[-1])[0])  # commit pass
+        nfe += 1
+        ctx += blk
+        out += blk[1:] + [seed]
+    return final(out, max_new, eos), nfe
+
+
+def ref_linear(R: Reference, prompt, max_new, eos, block, lora=None):
+    ctx, nfe = list(prompt), 1
+    seed = int(R.pick(R.causal(ctx)[-1])[0])
+    out = [seed]
+    while not finished(out, max_new, eos):
+        draft = [int(t) for t in R.pick(R.denoise(ctx, [seed] + [R.mask] * (block - 1), lora=lora)[1:])[0]]
+        nfe += 1
+        blk = [seed] + draft
+        ar = [int(t) for t in R.pick(R.causal(ctx + blk)[len(ctx):])[0]]
+        nfe += 1
+        a = 0
+        while a < block - 1 and ar[a] == draft[a]:
+            a += 1
+        out += draft[:a] + [ar[a]]
+        ctx += blk[:a + 1]
+        seed = ar[a]
+    return final(out, max_new, eos), nfe
+
+
+def ref_quadratic(R: Reference, prompt, max_new, eos, block):
+    ctx, nfe = list(prompt), 1
+    seed = int(R.pick(R.causal(ctx)[-1])[0])
+    out, draft = [seed], [R.mask] * (block - 1)
+    while not finished(out, max_new, eos):
+        c = len(ctx)
+        toks, pos, blk, stream = list(ctx), list(range(c)), [0] * c, [CLEAN] * c
+        for j, d in enumerate([seed] + draft):          # d_j: clean, position c+j, block j+1
+            toks.append(d), pos.append(c + j), blk.append(j + 1), stream.append(CLEAN)
+        for j in range(block):                          # group j: B masks at c+j+1.., noisy block j+2
+            for i in range(block):
+                toks.append(R.mask), pos.append(c + j + 1 + i), blk.append(j + 2), stream.append(NOISY)
+        logits = R.run(toks, pos, blk, stream)
+        nfe += 1
+        ar = [int(t) for t in R.pick(logits[c:c + block])[0]]
+        a = 0
+        while a < block - 1 and ar[a] == draft[a]:
+            a += 1
+        group = logits[c + block + a * block: c + block + (a + 1) * block]
+        new_draft = [int(t) for t in R.pick(group[1:])[0]]
+        out += draft[:a] + [ar[a]]
+        ctx += ([seed] + draft)[:a + 1]
+        seed, draft = ar[a], new_draft
+    return final(out, max_new, eos), nfe
