@@ -223,6 +223,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedShard
     return NamedSharding(mesh, logical_spec(("batch",) + ("seq",) * (ndim - 1), rules, mesh))
 
 
+def batch_size_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    """How many ways the ``batch`` logical axis is split on ``mesh`` (batch sizes must be multiples)."""
+    entry = logical_spec(("batch",), rules, mesh)[0]
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def shard_model(model, mesh: Mesh, rules=DEFAULT_RULES):
     """A copy of ``model`` with parameters (and LoRA) placed on ``mesh`` by ``rules``."""
     from jaxdlm.model import Model

@@ -128,3 +128,22 @@ def test_load_restores_straight_into_target_shardings(devices, seed, rng, tmp_pa
     jaxdlm.save(small, tmp_path / "gqa")
     with pytest.raises(ValueError, match=r"mesh axis tensor=8 \(size 8\) does not divide num_key_value_heads=4"):
         jaxdlm.load(tmp_path / "gqa", mesh=sh.make_mesh("tensor=8", devices=devices))
+
+
+@pytest.mark.parametrize("spec,modes", [
+    ("tensor=2,fsdp=4", ("ar", "diffusion", "linear_spec", "quadratic_spec")),
+    ("tensor=8", ("diffusion", "quadratic_spec")),   # (compiles cost ~4 s each: the
+    ("data=2,fsdp=4", ("ar", "linear_spec")),        #  other meshes run two modes each)
+])
+def test_sharded_generate_equals_single_device(spec, modes, devices, seed, rng):
+    import jaxdlm
+
+    model = Model.init(config(), seed=seed)
+    sharded = sh.shard_model(model, sh.make_mesh(spec, devices=devices))
+    prompts = [rng.integers(0, 128, size=int(n)) for n in rng.integers(3, 12, size=8)]
+    for mode in modes:
+        kw = dict(mode=mode, max_new_tokens=10, block_length=4, threshold=0.5, eos_token_id=())
+        ref = jaxdlm.generate(model, prompts, **kw)
+        out = jaxdlm.generate(sharded, prompts, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=f"{mode} on {spec}")
+        np.testing.assert_array_equal(out.nfe, ref.nfe)

@@ -255,8 +255,16 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
                  max_thinking=jnp.int32(0 if max_thinking_tokens is None else max_thinking_tokens),
                  end_think=jnp.int32(-1 if end_think_token_id is None else end_think_token_id))
     lora = model.lora if plan.use_lora else None
-    out = _run(model.graphdef, plan, model.params, lora, jnp.asarray(padded), jnp.asarray(lens),
-               jax.random.PRNGKey(seed), knobs, jnp.asarray(eos_arr))
+    prompts_arr, lens_arr = jnp.asarray(padded), jnp.asarray(lens)
+    if model.mesh is not None:  # sharded model: batch rows over the mesh's batch axes where they divide
+        from jaxdlm import sharding as sh
+
+        if batch % sh.batch_size_divisor(model.mesh) == 0:
+            prompts_arr = jax.device_put(prompts_arr, sh.batch_sharding(model.mesh, 2))
+            lens_arr = jax.device_put(lens_arr, sh.batch_sharding(model.mesh, 1))
+    with model.mesh_context():
+        out = _run(model.graphdef, plan, model.params, lora, prompts_arr, lens_arr,
+                   jax.random.PRNGKey(seed), knobs, jnp.asarray(eos_arr))
     tokens, lengths, nfe, total = jax.device_get(out)
     return GenerationResult(tokens=np.asarray(tokens), lengths=np.asarray(lengths), nfe=np.asarray(nfe),
                             total_nfe=int(total), mode=mode)
