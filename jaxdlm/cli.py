@@ -2,6 +2,7 @@
 
 ``jaxdlm demo``   runs the embedded default model (a tiny random model until a trained one ships).
 ``jaxdlm info``   prints the devices, versions and, with ``--config``, a parsed model config.
+``jaxdlm train``  trains / fine-tunes from a TOML or JSON experiment config (``jaxdlm.training``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="devices, versions, and a parsed config.json")
     p.add_argument("--config", help="a Hugging Face config.json (file or folder)")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("train", help="train / fine-tune from a TOML or JSON experiment config")
+    from jaxdlm.training.run import add_arguments as _train_arguments
+
+    _train_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
+
+
+def cmd_train(args) -> int:
+    from jaxdlm.training.run import run_command
+
+    return run_command(args)
 
 
 def main(argv=None) -> int:
