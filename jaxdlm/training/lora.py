@@ -15,8 +15,8 @@ Training reproduces that layout for every block of a sequence at once, without t
    see their own block bidirectionally and the cached clean keys of strictly earlier blocks
    (the denoise mask of :mod:`jaxdlm.attention.masks`), i.e. exactly a draft pass at ``c = j n``.
 
-Loss (``target="soft"``, default): cross-entropy of the draft distribution at position ``p`` (every
-non-seed position of every block) against the AR model's softmax at ``p - 1`` (= KL(AR || draft) + const);
+Loss (``target="soft"``, default): ``KL(AR || draft)`` between the AR model's softmax at ``p - 1`` and
+the draft distribution at position ``p``, for every non-seed position ``p`` of every block;
 ``target="hard"``: cross-entropy against the AR argmax at ``p - 1`` (what verification accepts).  With
 ``x_0`` the AR model's own greedy text the teacher-forced targets equal the tokens the verifier accepts.
 Reported metric ``match``: the fraction of draft argmaxes equal to the AR argmax; ``accept``: the mean
@@ -112,7 +112,8 @@ def draft_loss(module: Transformer, tokens, lora: dict, *, target: str = "soft",
     logp = jax.nn.log_softmax(draft, axis=-1)
     ar_arg = jnp.argmax(teacher, axis=-1)
     if target == "soft":
-        ce = -jnp.sum(jax.nn.softmax(teacher, axis=-1) * logp, axis=-1)
+        t_logp = jax.nn.log_softmax(teacher, axis=-1)
+        ce = jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1)
     else:
         ce = -jnp.take_along_axis(logp, ar_arg[..., None], axis=-1)[..., 0]
     n_valid = jnp.maximum(jnp.sum(valid), 1)

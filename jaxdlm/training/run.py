@@ -72,6 +72,8 @@ def load_trained(run_dir: str, step: int | None = None):
         mcfg = ModelConfig.from_dict(json.load(f))
     ck = Checkpointer(os.path.join(run_dir, "checkpoints"))
     step = ck.latest_step() if step is None else step
+    if step is None or step not in ck.all_steps():
+        raise ValueError(f"{run_dir}: no checkpoint at step {step}; available: {ck.all_steps()}")
     meta = ck.restore_meta(step)
     abstract = Model.abstract(mcfg)
     if meta.get("kind") == "lora":

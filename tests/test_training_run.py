@@ -1,0 +1,115 @@
+"""Config-driven runs: resume determinism, periodic eval / checkpoints, config validation by field name."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdlm import cli
+from jaxdlm.training import checkpointing
+from jaxdlm.training.config import load_config, parse_config
+from jaxdlm.training.run import load_trained, train
+from training_utils import counting_data, tiny_config
+
+
+def _write_setup(tmp_path, rng, out="run", **sections):
+    cfg = tiny_config(block_size=4)
+    (tmp_path / "model.json").write_text(json.dumps(cfg.to_dict()))
+    np.save(tmp_path / "train.npy", counting_data(rng, 40, 16, cfg.vocab_size).reshape(-1))
+    np.save(tmp_path / "eval.npy", counting_data(rng, 8, 16, cfg.vocab_size))
+    conf = {
+        "model": {"config": "model.json", "seed": 1},
+        "data": {"train": "train.npy", "eval": "eval.npy", "seq_len": 16, "seed": 2},
+        "objective": {"objective": "joint", "schedule": "uniform"},
+        "optim": {"lr": 3e-3, "total_steps": 6, "warmup_steps": 2, "decay_steps": 2, "batch_size": 4, "accum": 2},
+        "run": {"out_dir": out, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2, "log_every": 1, "keep": 10,
+                "seed": 3},
+    }
+    for k, v in sections.items():
+        conf[k] = {**conf.get(k, {}), **v}
+    return conf
+
+
+def _dump(tmp_path, conf, name="exp.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(conf))
+    return str(path)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, rng):
+    conf = _write_setup(tmp_path, rng, out="straight")
+    straight = load_config(_dump(tmp_path, conf, "a.json"))
+    final = train(straight, progress=False, log=lambda *_: None)
+    assert final["step"] == 6 and np.isfinite(final["loss"]) and "eval_loss" in final
+
+    conf_b = dict(conf, run=dict(conf["run"], out_dir="resumed"))
+    resumed = load_config(_dump(tmp_path, conf_b, "b.json"))
+    train(resumed, max_steps=3, progress=False, log=lambda *_: None)  # interrupted after 3 of 6 steps
+    ck = checkpointing.Checkpointer(tmp_path / "resumed" / "checkpoints")
+    assert ck.latest_step() == 3
+    ck.close()
+    msgs = []
+    train(load_config(_dump(tmp_path, conf_b, "b.json")), progress=False, log=msgs.append)  # fresh objects
+    assert any("resumed from step 3" in m for m in msgs)
+
+    a = load_trained(str(tmp_path / "straight"))
+    b = load_trained(str(tmp_path / "resumed"))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # and training did change the params (guard)
+    init = load_trained(str(tmp_path / "straight"), step=2)
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y))
+                   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(init.params)))
+    # periodic eval and logging
+    recs = [json.loads(l) for l in open(tmp_path / "straight" / "log.jsonl")]
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [3, 6]
+    assert sorted(r["step"] for r in recs if r["kind"] == "train") == [1, 2, 3, 4, 5, 6]
+    assert a.logits(np.zeros((1, 8), np.int32)).shape == (1, 8, a.config.vocab_size)
+
+
+BAD = [
+    ({"objective": {"alpha": -1.0}}, "alpha=-1.0"),
+    ({"objective": {"schedule": "gauss"}}, "schedule='gauss'"),
+    ({"objective": {"normalisation": "sft"}}, "objective.normalisation is not a known field"),
+    ({"optim": {"lr": "fast"}}, "optim.lr='fast'"),
+    ({"optim": {"batch_size": 0}}, "optim.batch_size=0"),
+    ({"optim": {"compute_dtype": "float16"}}, "optim.compute_dtype='float16'"),
+    ({"optim": {"warmup_steps": 5, "decay_steps": 5}}, "warmup_steps=5 and decay_steps=5"),
+    ({"data": {"seq_len": 18}}, "data.seq_len=18 must be a multiple of the model's block_size=4"),
+    ({"data": {"train": "missing.npy"}}, "data.train='missing.npy': file not found"),
+    ({"data": {"format": "parquet"}}, "data.format='parquet'"),
+    ({"lora": {"enabled": True}}, "lora.enabled=true needs model.init"),
+    ({"run": {"eval_every": -1}}, "run.eval_every=-1"),
+    ({"model": {"overrides": {"mask_token_id": None}}}, "mask_token_id is None"),
+    ({"model": {"overrides": {"block_sz": 8}}}, "model.overrides has unknown fields ['block_sz']"),
+    ({"trainer": {}}, "unknown config sections ['trainer']"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m for _, m in BAD])
+def test_invalid_config_rejected_by_name_before_compute(tmp_path, rng, change, message):
+    conf = _write_setup(tmp_path, rng, **{k: v for k, v in change.items() if k != "trainer"})
+    if "trainer" in change:
+        conf["trainer"] = {}
+    with pytest.raises(ValueError) as e:
+        parse_config(conf, base_dir=str(tmp_path))
+    assert message in str(e.value)
+    # the CLI reports the same error by name, exit status 2, and starts nothing
+    path = _dump(tmp_path, conf)
+    assert cli.main(["train", path]) == 2
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_valid_config_check_and_toml(tmp_path, rng, capsys):
+    conf = _write_setup(tmp_path, rng)
+    toml = "\n".join(
+        [f"[{sec}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in vals.items()) for sec, vals in conf.items()])
+    path = tmp_path / "exp.toml"
+    path.write_text(toml)
+    cfg = load_config(str(path))
+    assert cfg.optim.total_steps == 6 and cfg.accum == 2 and cfg.data.seq_len == 16
+    assert cli.main(["train", str(path), "--check"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "run")
