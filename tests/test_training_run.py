@@ -17,14 +17,15 @@ from training_utils import counting_data, tiny_config
 def _write_setup(tmp_path, rng, out="run", **sections):
     cfg = tiny_config(block_size=4)
     (tmp_path / "model.json").write_text(json.dumps(cfg.to_dict()))
-    np.save(tmp_path / "train.npy", counting_data(rng, 40, 16, cfg.vocab_size).reshape(-1))
+    np.save(tmp_path / "train.npy", counting_data(rng, 64, 16, cfg.vocab_size).reshape(-1))
     np.save(tmp_path / "eval.npy", counting_data(rng, 8, 16, cfg.vocab_size))
     conf = {
         "model": {"config": "model.json", "seed": 1},
         "data": {"train": "train.npy", "eval": "eval.npy", "seq_len": 16, "seed": 2},
-        "objective": {"objective": "joint", "schedule": "uniform"},
-        "optim": {"lr": 3e-3, "total_steps": 6, "warmup_steps": 2, "decay_steps": 2, "batch_size": 4, "accum": 2},
-        "run": {"out_dir": out, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2, "log_every": 1, "keep": 10,
+        "optim": {"lr": 3e-3, "total_steps": 50, "warmup_steps": 5, "decay_steps": 10, "weight_decay": 0.0,
+                  "batch_size": 8, "accum": 2},
+        "objective": {"objective": "joint", "schedule": "position"},
+        "run": {"out_dir": out, "eval_every": 25, "eval_batches": 2, "checkpoint_every": 25, "log_every": 1, "keep": 10,
                 "seed": 3},
     }
     for k, v in sections.items():
@@ -38,34 +39,49 @@ def _dump(tmp_path, conf, name="exp.json"):
     return str(path)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, rng):
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """One uninterrupted 50-step joint-objective run (shared: its compiled steps are reused below)."""
+    tmp_path = tmp_path_factory.mktemp("runs")
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
     conf = _write_setup(tmp_path, rng, out="straight")
-    straight = load_config(_dump(tmp_path, conf, "a.json"))
-    final = train(straight, progress=False, log=lambda *_: None)
-    assert final["step"] == 6 and np.isfinite(final["loss"]) and "eval_loss" in final
+    final = train(load_config(_dump(tmp_path, conf, "a.json")), progress=False, log=lambda *_: None)
+    return tmp_path, conf, final
 
+
+def test_tiny_model_loss_falls_over_50_steps(straight_run):
+    tmp_path, conf, final = straight_run
+    assert final["step"] == 50 and np.isfinite(final["loss"])
+    recs = [json.loads(l) for l in open(tmp_path / "straight" / "log.jsonl")]
+    evals = {r["step"]: r for r in recs if r["kind"] == "eval"}
+    assert sorted(evals) == [0, 25, 50]  # baseline, periodic, final
+    assert sorted(r["step"] for r in recs if r["kind"] == "train") == list(range(1, 51))
+    before, after = evals[0], evals[50]
+    assert after["ar_loss"] < 0.6 * before["ar_loss"], (before, after)
+    assert after["diff_loss"] < 0.8 * before["diff_loss"], (before, after)
+    assert after["loss"] < 0.7 * before["loss"]
+
+
+def test_resumed_run_equals_uninterrupted_run(straight_run):
+    tmp_path, conf, _ = straight_run
     conf_b = dict(conf, run=dict(conf["run"], out_dir="resumed"))
     resumed = load_config(_dump(tmp_path, conf_b, "b.json"))
-    train(resumed, max_steps=3, progress=False, log=lambda *_: None)  # interrupted after 3 of 6 steps
+    train(resumed, max_steps=25, progress=False, log=lambda *_: None)  # interrupted after 25 of 50 steps
     ck = checkpointing.Checkpointer(tmp_path / "resumed" / "checkpoints")
-    assert ck.latest_step() == 3
+    assert ck.latest_step() == 25
     ck.close()
     msgs = []
     train(load_config(_dump(tmp_path, conf_b, "b.json")), progress=False, log=msgs.append)  # fresh objects
-    assert any("resumed from step 3" in m for m in msgs)
+    assert any("resumed from step 25" in m for m in msgs)
 
     a = load_trained(str(tmp_path / "straight"))
     b = load_trained(str(tmp_path / "resumed"))
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    # and training did change the params (guard)
-    init = load_trained(str(tmp_path / "straight"), step=2)
+    # guard: training changed the params between checkpoints
+    mid = load_trained(str(tmp_path / "straight"), step=25)
     assert not all(np.array_equal(np.asarray(x), np.asarray(y))
-                   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(init.params)))
-    # periodic eval and logging
-    recs = [json.loads(l) for l in open(tmp_path / "straight" / "log.jsonl")]
-    assert [r["step"] for r in recs if r["kind"] == "eval"] == [3, 6]
-    assert sorted(r["step"] for r in recs if r["kind"] == "train") == [1, 2, 3, 4, 5, 6]
+                   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(mid.params)))
     assert a.logits(np.zeros((1, 8), np.int32)).shape == (1, 8, a.config.vocab_size)
 
 
@@ -76,7 +92,7 @@ BAD = [
     ({"optim": {"lr": "fast"}}, "optim.lr='fast'"),
     ({"optim": {"batch_size": 0}}, "optim.batch_size=0"),
     ({"optim": {"compute_dtype": "float16"}}, "optim.compute_dtype='float16'"),
-    ({"optim": {"warmup_steps": 5, "decay_steps": 5}}, "warmup_steps=5 and decay_steps=5"),
+    ({"optim": {"warmup_steps": 30, "decay_steps": 30}}, "warmup_steps=30 and decay_steps=30"),
     ({"data": {"seq_len": 18}}, "data.seq_len=18 must be a multiple of the model's block_size=4"),
     ({"data": {"train": "missing.npy"}}, "data.train='missing.npy': file not found"),
     ({"data": {"format": "parquet"}}, "data.format='parquet'"),
@@ -109,7 +125,7 @@ def test_valid_config_check_and_toml(tmp_path, rng, capsys):
     path = tmp_path / "exp.toml"
     path.write_text(toml)
     cfg = load_config(str(path))
-    assert cfg.optim.total_steps == 6 and cfg.accum == 2 and cfg.data.seq_len == 16
+    assert cfg.optim.total_steps == 50 and cfg.accum == 2 and cfg.data.seq_len == 16
     assert cli.main(["train", str(path), "--check"]) == 0
     assert "OK" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "run")

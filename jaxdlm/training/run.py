@@ -10,6 +10,7 @@ folder into a :class:`~jaxdlm.model.Model` (with its LoRA when the run trained o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -139,8 +140,7 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
     with open(os.path.join(out, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=1, default=str)
 
-    tx = step_lib.make_optimizer(cfg.optim)
-    schedule = step_lib.wsd_schedule(cfg.optim)
+    tx, schedule, run_step, eval_step = _steps(model.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)
     compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
     if cfg.lora.enabled:
         lora0 = lora_lib.init_lora(mcfg, cfg.lora.rank, cfg.lora.alpha, jax.random.PRNGKey(cfg.run.seed))
@@ -163,9 +163,6 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
         meta_extra = {"kind": "lora", "base_run": base_run, "base_step": base_step, "lora_rank": cfg.lora.rank}
     else:
         state = step_lib.init_state(model.params, tx, cfg.run.seed)
-        run_step = step_lib.make_train_step(model.graphdef, tx, cfg.objective, compute_dtype=compute,
-                                            schedule=schedule)
-        eval_step = step_lib.make_eval_step(model.graphdef, cfg.objective, compute_dtype=compute)
         eval_key = jax.random.PRNGKey(12345)
 
         def evaluate(state):
@@ -196,6 +193,10 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
         ck.save(step, state, json.loads(json.dumps(meta, default=str)))
 
     last = {}
+    if start == 0 and eval_ds is not None and stop > 0:
+        ev = record("eval", 0, evaluate(state))  # the baseline (e.g. AR loss before conversion)
+        log("step 0: eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()
+                                       if k in ("loss", "ar_loss", "diff_loss", "match", "accept")))
     bar = tqdm(range(start, stop), initial=start, total=total, disable=not progress, desc="train",
                dynamic_ncols=True)
     for s in bar:
@@ -216,6 +217,22 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
     logf.close()
     ck.close()
     return last
+
+
+@functools.lru_cache(maxsize=8)
+def _steps(graphdef, optim_cfg, loss_cfg, compute_dtype: str):
+    """``(tx, schedule, train_step, eval_step)``, cached so that resuming in the same process reuses the
+    compiled steps (everything here is hashable configuration)."""
+    import jax.numpy as jnp
+
+    from jaxdlm.training import step as step_lib
+
+    compute = jnp.bfloat16 if compute_dtype == "bfloat16" else None
+    tx = step_lib.make_optimizer(optim_cfg)
+    schedule = step_lib.wsd_schedule(optim_cfg)
+    train_step = step_lib.make_train_step(graphdef, tx, loss_cfg, compute_dtype=compute, schedule=schedule)
+    eval_step = step_lib.make_eval_step(graphdef, loss_cfg, compute_dtype=compute)
+    return tx, schedule, train_step, eval_step
 
 
 def _merge(graphdef, params):
