@@ -140,8 +140,7 @@ def _numpy_joint(logp_d, logp_a, tokens, masked, weight, loss_mask, alpha, norma
     return sum_a / n_a + alpha * sum_d / n_m
 
 
-@pytest.mark.parametrize("normalization", ["pretrain", "sft"])
-@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("normalization,bidirectional", [("pretrain", False), ("sft", True)])
 def test_joint_loss_matches_numpy(normalization, bidirectional, seed, rng):
     cfg = tiny_config(block_size=4)
     model = Model.init(cfg, seed=seed)
@@ -167,17 +166,6 @@ def test_joint_loss_matches_numpy(normalization, bidirectional, seed, rng):
         assert abs(float(loss) - expect) <= 1e-5 * abs(expect), (chunk, float(loss), expect)
         assert int(metrics["n_masked"]) == int((masked & loss_mask).sum())
         assert int(metrics["n_ar"]) == int(loss_mask[:, 1:].sum())
-
-
-def test_block_causal_and_bidirectional_losses_differ(seed, rng):
-    """Guard for the test above: the two conversions give different diffusion logits."""
-    cfg = tiny_config(block_size=4)
-    model = Model.init(cfg, seed=seed)
-    tokens = rng.integers(4, cfg.vocab_size, size=(2, 12)).astype(np.int32)
-    noised = masking.uniform_mask(jax.random.PRNGKey(seed), tokens, MASK_ID)
-    a = losses.joint_loss(model.module, tokens, noised, bidirectional=False)[1]["diff_sum"]
-    b = losses.joint_loss(model.module, tokens, noised, bidirectional=True)[1]["diff_sum"]
-    assert abs(float(a) - float(b)) > 1e-4
 
 
 def test_ar_loss_matches_numpy(seed, rng):

@@ -85,6 +85,22 @@ def test_resumed_run_equals_uninterrupted_run(straight_run):
     assert a.logits(np.zeros((1, 8), np.int32)).shape == (1, 8, a.config.vocab_size)
 
 
+def test_lora_run_from_a_trained_base(straight_run):
+    tmp_path, conf, _ = straight_run
+    conf_l = dict(conf, model=dict(conf["model"], init="straight"),
+                  optim=dict(conf["optim"], total_steps=4, warmup_steps=0, decay_steps=0, lr=3e-2),
+                  lora={"enabled": True, "rank": 4, "alpha": 8.0},
+                  run=dict(conf["run"], out_dir="lora", eval_every=0, checkpoint_every=0))
+    final = train(load_config(_dump(tmp_path, conf_l, "l.json")), progress=False, log=lambda *_: None)
+    assert final["step"] == 4 and {"eval_match", "eval_accept"} <= set(final)
+    base = load_trained(str(tmp_path / "straight"))
+    drafted = load_trained(str(tmp_path / "lora"))
+    assert drafted.lora["a"].shape == (base.config.num_layers, base.config.num_heads * base.config.head_dim, 4)
+    assert float(np.abs(drafted.lora["b"]).max()) > 0
+    for x, y in zip(jax.tree.leaves(base.params), jax.tree.leaves(drafted.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the base stayed frozen
+
+
 BAD = [
     ({"objective": {"alpha": -1.0}}, "alpha=-1.0"),
     ({"objective": {"schedule": "gauss"}}, "schedule='gauss'"),
