@@ -73,6 +73,10 @@ def test_resumed_run_equals_uninterrupted_run(straight_run):
     msgs = []
     train(load_config(_dump(tmp_path, conf_b, "b.json")), progress=False, log=msgs.append)  # fresh objects
     assert any("resumed from step 25" in m for m in msgs)
+    # resuming with a changed config is refused, naming the changed field
+    conf_c = dict(conf_b, optim=dict(conf_b["optim"], lr=1e-2))
+    with pytest.raises(ValueError, match="optim.lr changed"):
+        train(load_config(_dump(tmp_path, conf_c, "c.json")), progress=False, log=lambda *_: None)
 
     a = load_trained(str(tmp_path / "straight"))
     b = load_trained(str(tmp_path / "resumed"))

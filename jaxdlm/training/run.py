@@ -135,10 +135,6 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
             raise ValueError(f"model.init={cfg.model.init!r} has a different architecture than model.config")
         model = Model(mcfg, model.graphdef, model.params)
 
-    with open(os.path.join(out, "model_config.json"), "w", encoding="utf-8") as f:
-        json.dump(mcfg.to_dict(), f, indent=1)
-    with open(os.path.join(out, "train_config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg.to_dict(), f, indent=1, default=str)
 
     tx, schedule, run_step, eval_step = _steps(model.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)
     compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
@@ -174,9 +170,23 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
     ck = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.run.keep)
     start = 0
     if ck.latest_step() is not None:
+        meta = ck.restore_meta()
+        saved = meta.get("train_config") or {}
+        now = json.loads(json.dumps(cfg.to_dict(), default=str))
+        changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora")
+                   for k in sorted(set(saved.get(sec, {})) | set(now.get(sec, {})))
+                   if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k)]
+        if saved and changed:
+            ck.close()
+            raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
+                             "use a new run.out_dir or restore the original values")
         state, meta = ck.restore(state)
         start = int(state["step"])
         log(f"resumed from step {start} ({meta.get('samples_seen')} samples seen)")
+    with open(os.path.join(out, "model_config.json"), "w", encoding="utf-8") as f:
+        json.dump(mcfg.to_dict(), f, indent=1)
+    with open(os.path.join(out, "train_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg.to_dict(), f, indent=1, default=str)
     total = cfg.optim.total_steps
     stop = total if max_steps is None else min(total, start + max_steps)
     logf = open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8")

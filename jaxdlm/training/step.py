@@ -107,7 +107,8 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> dict:
     """A fresh train state around float32 ``params`` (an ``nnx.State`` or any pytree)."""
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+    # a copy: the jitted step donates the state, which must not delete the caller's model params
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
                           params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": jax.random.PRNGKey(seed)}
