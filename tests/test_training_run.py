@@ -10,7 +10,7 @@ import pytest
 from jaxdlm import cli
 from jaxdlm.training import checkpointing
 from jaxdlm.training.config import load_config, parse_config
-from jaxdlm.training.run import load_trained, train
+from jaxdlm.training.run import load_dataset, load_trained, train
 from training_utils import counting_data, tiny_config
 
 
@@ -149,3 +149,27 @@ def test_valid_config_check_and_toml(tmp_path, rng, capsys):
     assert cli.main(["train", str(path), "--check"]) == 0
     assert "OK" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_chat_dataset_from_jsonl(tmp_path, rng):
+    """SFT data through the runner: a tokenizer.json without chat template (ChatML text), answer-only mask."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<bos>", "<eos>", "<mask>", "<|im_start|>", "<|im_end|>", "user", "assistant", "\n",
+             "hi", "hello", "bye"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "\n"])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    lines = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello bye"}]},
+             {"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "bye"}]}]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
+    conf = _write_setup(tmp_path, rng, data={"train": "sft.jsonl", "eval": None, "format": "chat",
+                                             "tokenizer": "tokenizer.json", "seq_len": 16},
+                        objective={"normalization": "sft"})
+    cfg = parse_config(conf, base_dir=str(tmp_path))
+    ds = load_dataset(cfg, cfg.data.train, tiny_config(block_size=4), 0)
+    assert ds.tokens.shape == (2, 16)
+    answers = [[words[t] for t, m in zip(row, mask) if m] for row, mask in zip(ds.tokens, ds.loss_mask)]
+    assert answers[0][:2] == ["hello", "bye"] and answers[1][0] == "bye"
+    assert all("user" not in a and "hi" not in a for a in answers)

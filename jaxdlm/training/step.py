@@ -145,7 +145,7 @@ def _accumulate(loss_fn, params, batch, key):
         return (g_acc, m_acc), None
 
     zeros_g = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
-    m_shape = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], batch), key)[0][1])
+    m_shape = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], batch), key)[1])
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), m_shape)
     (g_sum, m_sum), _ = jax.lax.scan(micro, (zeros_g, zeros_m), (jnp.arange(a), batch))
     return jax.tree.map(lambda g: g / a, g_sum), jax.tree.map(lambda m: m / a, m_sum)
