@@ -69,23 +69,29 @@ def load_trained(run_dir: str, step: int | None = None):
     from jaxdlm.model import Model
     from jaxdlm.training.checkpointing import Checkpointer
 
-    with open(os.path.join(run_dir, "model_config.json"), encoding="utf-8") as f:
+    cfg_path = os.path.join(run_dir, "model_config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{run_dir} is not a training run folder (no model_config.json)")
+    with open(cfg_path, encoding="utf-8") as f:
         mcfg = ModelConfig.from_dict(json.load(f))
     ck = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    step = ck.latest_step() if step is None else step
-    if step is None or step not in ck.all_steps():
-        raise ValueError(f"{run_dir}: no checkpoint at step {step}; available: {ck.all_steps()}")
-    meta = ck.restore_meta(step)
-    abstract = Model.abstract(mcfg)
-    if meta.get("kind") == "lora":
-        base = load_trained(meta["base_run"], meta.get("base_step"))
-        target = {"step": jax.ShapeDtypeStruct((), np.int32), "lora": meta_lora_shapes(mcfg, meta),
-                  "opt_state": None, "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+    try:
+        step = ck.latest_step() if step is None else step
+        if step is None or step not in ck.all_steps():
+            raise ValueError(f"{run_dir}: no checkpoint at step {step}; available: {ck.all_steps()}")
+        meta = ck.restore_meta(step)
+        abstract = Model.abstract(mcfg)
+        if meta.get("kind") == "lora":
+            base = load_trained(meta["base_run"], meta.get("base_step"))
+            target = {"step": jax.ShapeDtypeStruct((), np.int32), "lora": meta_lora_shapes(mcfg, meta),
+                      "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+            state = _restore_partial(ck, step, target)
+            return Model(mcfg, base.graphdef, base.params, lora=state["lora"], tokenizer=base.tokenizer)
+        target = {"step": jax.ShapeDtypeStruct((), np.int32), "params": abstract.params}
         state = _restore_partial(ck, step, target)
-        return Model(mcfg, base.graphdef, base.params, lora=state["lora"], tokenizer=base.tokenizer)
-    target = {"step": jax.ShapeDtypeStruct((), np.int32), "params": abstract.params}
-    state = _restore_partial(ck, step, target)
-    return Model(mcfg, abstract.graphdef, state["params"])
+        return Model(mcfg, abstract.graphdef, state["params"])
+    finally:
+        ck.close()
 
 
 def meta_lora_shapes(mcfg, meta):
@@ -130,11 +136,12 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
     else:
         base_run = cfg.path(cfg.model.init)
         model = load_trained(base_run)
-        base_step = Checkpointer(os.path.join(base_run, "checkpoints")).latest_step()
+        base_ck = Checkpointer(os.path.join(base_run, "checkpoints"))
+        base_step = base_ck.latest_step()
+        base_ck.close()
         if model.config.num_params() != mcfg.num_params() or model.config.vocab_size != mcfg.vocab_size:
             raise ValueError(f"model.init={cfg.model.init!r} has a different architecture than model.config")
         model = Model(mcfg, model.graphdef, model.params)
-
 
     tx, schedule, run_step, eval_step = _steps(model.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)
     compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
