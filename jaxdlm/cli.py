@@ -3,6 +3,7 @@
 ``jaxdlm demo``       runs the embedded default model (a tiny random model until a trained one ships).
 ``jaxdlm info``       prints the devices, versions and, with ``--config``, a parsed model config.
 ``jaxdlm generate``   generates text from a checkpoint (its tokenizer and chat template) in any mode.
+``jaxdlm train``      trains / fine-tunes from a TOML or JSON experiment config (``jaxdlm.training``).
 """
 
 from __future__ import annotations
@@ -157,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a Hugging Face config.json (file or folder)")
     p.set_defaults(func=cmd_info)
     add_generate_parser(sub)
+    p = sub.add_parser("train", help="train / fine-tune from a TOML or JSON experiment config")
+    from jaxdlm.training.run import add_arguments as _train_arguments
+
+    _train_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -182,6 +188,12 @@ def add_generate_parser(sub):
     p.add_argument("--warmup", action="store_true", help="run once first so that tokens/s excludes compilation")
     p.set_defaults(func=cmd_generate)
     return p
+
+
+def cmd_train(args) -> int:
+    from jaxdlm.training.run import run_command
+
+    return run_command(args)
 
 
 def main(argv=None) -> int:

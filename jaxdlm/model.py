@@ -12,6 +12,9 @@ kind                queries attend to                        cache
 ``two_stream``      ``[x_t | x_0]`` training layout          -
 ==================  =======================================  ============================
 
+``two_stream_bidirectional`` is ``two_stream`` with a fully bidirectional noisy half that sees no clean
+keys (the comparison baseline of AR-to-diffusion conversion studies).
+
 Shapes: ``B`` batch, ``T`` new tokens, ``S`` cache slots, ``H`` hidden, ``V`` vocabulary.
 
 Parameters use the ``[in, out]`` layout (``y = x @ W``).  Optional LoRA on ``o_proj`` for draft
@@ -40,7 +43,7 @@ from jaxdlm.sharding import CACHE_AXES, constrain
 _INIT_STD = 0.02
 
 CACHED_KINDS = ("causal", "denoise")
-UNCACHED_KINDS = ("causal", "bidirectional", "two_stream")
+UNCACHED_KINDS = ("causal", "bidirectional", "two_stream", "two_stream_bidirectional")
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=_INIT_STD):
@@ -231,10 +234,10 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
     b, t = tokens.shape
     c = model.config
     if cache is None:
-        if kind == "two_stream":
+        if kind in ("two_stream", "two_stream_bidirectional"):
             if t % 2:
-                raise ValueError(f"two_stream needs an even number of tokens [x_t | x_0], got T={t}")
-            q_info = masks.two_stream_info(b, t // 2, c.block_size)
+                raise ValueError(f"{kind} needs an even number of tokens [x_t | x_0], got T={t}")
+            q_info = masks.two_stream_info(b, t // 2, c.block_size, bidirectional=kind == "two_stream_bidirectional")
         elif kind in ("causal", "bidirectional"):
             pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             q_info = masks.sequence_info(pos, kind)

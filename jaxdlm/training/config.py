@@ -1,0 +1,295 @@
+"""Experiment configuration files (TOML or JSON) for ``jaxdlm train CONFIG``.
+
+Every value is checked before any compute starts; a bad one raises ``ValueError`` naming the field
+(``section.field``), the value, and what is allowed.  Layout (every section but ``data`` is optional)::
+
+    [model]
+    config = "tiny.json"      # ModelConfig.to_dict() JSON, or a Hugging Face config.json (file or folder)
+    init = "random"           # "random", or a finished/partial run folder to start from (its latest params)
+    seed = 0                  # init seed for "random"
+    overrides = {mask_token_id = 3, block_size = 16}   # dataclasses.replace on the ModelConfig
+
+    [data]
+    train = "train.npy"       # tokens: 1-D stream (packed here) or 2-D [N, L] rows; chat: a .jsonl file
+    eval = "eval.npy"         # optional, same format
+    format = "tokens"         # "tokens" or "chat" (SFT: {"messages": [...]} per line; needs tokenizer)
+    tokenizer = "tok_dir"     # transformers folder or tokenizer.json (chat format only)
+    seq_len = 256             # multiple of the model's block_size
+    seed = 0                  # shuffling seed
+
+    [objective]               # jaxdlm.training.losses.LossConfig fields
+    objective = "joint"       # "joint" or "ar"
+    alpha = 0.3
+    normalization = "pretrain"    # or "sft"
+    schedule = "uniform"          # or "position"
+    bidirectional = false
+
+    [optim]                   # jaxdlm.training.step.OptimConfig fields, plus:
+    batch_size = 8            # sequences per micro-batch
+    accum = 1                 # micro-batches per optimizer step
+    compute_dtype = "float32" # or "bfloat16" (float32 master params either way)
+
+    [lora]                    # draft-adapter training (base frozen), off by default
+    enabled = false
+    rank = 16
+    alpha = 32.0
+    target = "soft"           # or "hard"
+
+    [run]
+    out_dir = "runs/x"
+    eval_every = 100          # 0: only at the end
+    eval_batches = 8
+    checkpoint_every = 100    # 0: only at the end
+    keep = 2
+    log_every = 10
+    seed = 0                  # noise RNG seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from typing import Any, Mapping
+
+from jaxdlm.training.losses import LossConfig
+from jaxdlm.training.step import OptimConfig
+
+FORMATS = ("tokens", "chat")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    config: Any = None
+    init: str = "random"
+    seed: int = 0
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str = ""
+    eval: str | None = None
+    format: str = "tokens"
+    tokenizer: str | None = None
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    target: str = "soft"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    out_dir: str = "runs/default"
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection
+    data: DataSection
+    objective: LossConfig
+    optim: OptimConfig
+    batch_size: int
+    accum: int
+    compute_dtype: str
+    lora: LoraSection
+    run: RunSection
+    base_dir: str = "."
+
+    def path(self, p: str | None) -> str | None:
+        """``p`` resolved relative to the config file's folder."""
+        if p is None:
+            return None
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(self.base_dir, p))
+
+    def to_dict(self) -> dict:
+        d = {}
+        for name in ("model", "data", "objective", "lora", "run"):
+            d[name] = dataclasses.asdict(getattr(self, name))
+        d["model"]["overrides"] = dict(self.model.overrides)
+        d["optim"] = dict(dataclasses.asdict(self.optim), batch_size=self.batch_size, accum=self.accum,
+                          compute_dtype=self.compute_dtype)
+        return d
+
+
+_SECTIONS = ("model", "data", "objective", "optim", "lora", "run")
+_OPTIM_EXTRA = {"batch_size": int, "accum": int, "compute_dtype": str}
+
+
+def _expected_type(field: dataclasses.Field):
+    t = field.type if not isinstance(field.type, str) else field.type
+    s = str(t)
+    if s.startswith("int") or s == "<class 'int'>":
+        return (int,)
+    if s.startswith("float"):
+        return (int, float)
+    if s.startswith("bool"):
+        return (bool,)
+    if s.startswith("str"):
+        return (str,)
+    return None
+
+
+def _build(cls, section: str, values: Mapping[str, Any], extra: Mapping[str, type] | None = None):
+    if not isinstance(values, Mapping):
+        raise ValueError(f"[{section}] must be a table/object, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra = extra or {}
+    kwargs, rest = {}, {}
+    for key, value in values.items():
+        if key in extra:
+            rest[key] = value
+            continue
+        if key not in fields:
+            allowed = sorted(set(fields) | set(extra))
+            raise ValueError(f"{section}.{key} is not a known field; allowed fields: {allowed}")
+        types = _expected_type(fields[key])
+        optional = "None" in str(fields[key].type)
+        if types is not None and not (value is None and optional):
+            ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+            if not ok:
+                names = "/".join(t.__name__ for t in types) + (" or null" if optional else "")
+                raise ValueError(f"{section}.{key}={value!r} has the wrong type; expected {names}")
+        kwargs[key] = value
+    try:
+        obj = cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"[{section}] {e}") from None
+    return obj, rest
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Reads a ``.toml`` or ``.json`` config file and validates it (see :func:`parse_config`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(raw)
+        else:
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path} could not be parsed: {e}") from None
+    return parse_config(data, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def parse_config(data: Mapping[str, Any], base_dir: str = ".") -> TrainConfig:
+    """Validates a config dict: every field by name, type and range (no file is read except existence checks)."""
+    if not isinstance(data, Mapping):
+        raise ValueError("the config must be a table/object of sections")
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; allowed sections: {list(_SECTIONS)}")
+    model, _ = _build(ModelSection, "model", data.get("model", {}))
+    dsec, _ = _build(DataSection, "data", data.get("data", {}))
+    objective, _ = _build(LossConfig, "objective", data.get("objective", {}))
+    optim, extra = _build(OptimConfig, "optim", data.get("optim", {}), _OPTIM_EXTRA)
+    lora, _ = _build(LoraSection, "lora", data.get("lora", {}))
+    run, _ = _build(RunSection, "run", data.get("run", {}))
+
+    batch_size = extra.get("batch_size", 8)
+    accum = extra.get("accum", 1)
+    compute_dtype = extra.get("compute_dtype", "float32")
+    for name, v in (("batch_size", batch_size), ("accum", accum)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"optim.{name}={v!r} must be a positive integer")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"optim.compute_dtype={compute_dtype!r} is not supported; allowed: {list(COMPUTE_DTYPES)}")
+
+    if dsec.format not in FORMATS:
+        raise ValueError(f"data.format={dsec.format!r} is not supported; allowed: {list(FORMATS)}")
+    if not dsec.train:
+        raise ValueError("data.train is required (a .npy token file or a .jsonl chat file)")
+    if not isinstance(dsec.seq_len, int) or dsec.seq_len < 1:
+        raise ValueError(f"data.seq_len={dsec.seq_len!r} must be a positive integer")
+    if dsec.format == "chat" and not dsec.tokenizer:
+        raise ValueError("data.tokenizer is required when data.format='chat'")
+    if lora.target not in ("soft", "hard"):
+        raise ValueError(f"lora.target={lora.target!r} is not supported; allowed: ['soft', 'hard']")
+    if lora.rank < 1:
+        raise ValueError(f"lora.rank={lora.rank} must be a positive integer")
+    if not lora.alpha > 0:
+        raise ValueError(f"lora.alpha={lora.alpha} must be > 0")
+    for name in ("eval_every", "checkpoint_every", "log_every"):
+        v = getattr(run, name)
+        if v < 0:
+            raise ValueError(f"run.{name}={v} must be >= 0 (0 disables the periodic action)")
+    if run.eval_batches < 1:
+        raise ValueError(f"run.eval_batches={run.eval_batches} must be >= 1")
+    if run.keep < 1:
+        raise ValueError(f"run.keep={run.keep} must be >= 1")
+    if model.config is None:
+        raise ValueError("model.config is required (a ModelConfig JSON / HF config.json path, or an inline table)")
+    if not isinstance(model.overrides, Mapping):
+        raise ValueError(f"model.overrides={model.overrides!r} must be a table")
+
+    cfg = TrainConfig(model=model, data=dsec, objective=objective, optim=optim, batch_size=batch_size,
+                      accum=accum, compute_dtype=compute_dtype, lora=lora, run=run, base_dir=base_dir)
+    # files that must exist
+    for name, p in (("data.train", dsec.train), ("data.eval", dsec.eval), ("data.tokenizer", dsec.tokenizer)):
+        if p is not None and not os.path.exists(cfg.path(p)):
+            raise ValueError(f"{name}={p!r}: file not found ({cfg.path(p)})")
+    if isinstance(model.config, str) and not os.path.exists(cfg.path(model.config)):
+        raise ValueError(f"model.config={model.config!r}: file not found ({cfg.path(model.config)})")
+    if lora.enabled and model.init == "random":
+        raise ValueError("lora.enabled=true needs model.init = a trained run folder (the frozen base model), "
+                         "not 'random'")
+    if model.init != "random" and not os.path.isdir(cfg.path(model.init)):
+        raise ValueError(f"model.init={model.init!r} must be 'random' or an existing run folder")
+    # the model config itself (cheap: no arrays)
+    mcfg = model_config(cfg)
+    if dsec.seq_len % mcfg.block_size:
+        raise ValueError(f"data.seq_len={dsec.seq_len} must be a multiple of the model's block_size="
+                         f"{mcfg.block_size}")
+    if (objective.objective == "joint" or lora.enabled) and mcfg.mask_token_id is None:
+        raise ValueError("model mask_token_id is None but the joint objective / draft LoRA needs one; "
+                         "set model.overrides.mask_token_id")
+    return cfg
+
+
+def model_config(cfg: TrainConfig):
+    """The run's :class:`~jaxdlm.config.ModelConfig` (file or inline table, then ``model.overrides``)."""
+    from jaxdlm.config import ModelConfig
+
+    src = cfg.model.config
+    if isinstance(src, str):
+        p = cfg.path(src)
+        f = os.path.join(p, "config.json") if os.path.isdir(p) else p
+        with open(f, encoding="utf-8") as fh:
+            try:
+                src = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"model.config={cfg.model.config!r} is not valid JSON: {e}") from None
+    if not isinstance(src, Mapping):
+        raise ValueError(f"model.config must be a path or a table, got {type(src).__name__}")
+    try:
+        mc = ModelConfig.from_dict(src) if "num_layers" in src else ModelConfig.from_hf(src)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.config: {e}") from None
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = sorted(set(cfg.model.overrides) - fields)
+    if bad:
+        raise ValueError(f"model.overrides has unknown fields {bad}; allowed: {sorted(fields)}")
+    try:
+        over = dict(cfg.model.overrides)
+        if "eos_token_ids" in over:
+            over["eos_token_ids"] = tuple(over["eos_token_ids"])
+        return dataclasses.replace(mc, **over)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.overrides: {e}") from None
