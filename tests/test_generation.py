@@ -75,12 +75,15 @@ def eos_from_output(res, rng):
     return [int(row[rng.integers(1, max(2, len(row) // 2))])]
 
 
-# (mode, block, threshold, batch): 4 modes x blocks 4..32 x thresholds 0.3..1.0 and None; each case
+# (mode, block, threshold, batch): 4 modes x blocks 4..32 x thresholds 0.3..0.99 and None; each case
 # runs twice (no EOS, then an EOS taken from the first output), comparing every row with the reference.
+# (Not threshold 1.0: with these peaked heads float32 confidences saturate to exactly 1.0 in one
+# implementation and to 1 - 6e-8 in the other, so "conf >= 1.0" is a coin flip between two correct
+# implementations - seen with JAXDLM_TEST_SEED=75519486.)
 CASES = [
     ("ar", 4, None, 3), ("ar", 32, None, 1),
     ("diffusion", 4, 0.3, 3), ("diffusion", 4, None, 3), ("diffusion", 8, 0.5, 3), ("diffusion", 8, 0.9, 3),
-    ("diffusion", 8, None, 3), ("diffusion", 32, 0.7, 3), ("diffusion", 32, 1.0, 3), ("diffusion", 4, 0.95, 1),
+    ("diffusion", 8, None, 3), ("diffusion", 32, 0.7, 3), ("diffusion", 32, 0.99, 3), ("diffusion", 4, 0.95, 1),
     ("linear_spec", 4, None, 3), ("linear_spec", 8, None, 3), ("linear_spec", 32, None, 3),
     ("quadratic_spec", 4, None, 3), ("quadratic_spec", 8, None, 3), ("quadratic_spec", 16, None, 1),
 ]
