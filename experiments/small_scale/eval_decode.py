@@ -142,6 +142,31 @@ def plot(results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def summary(out: dict) -> str:
+    """One row per run: AR, diffusion at the sweep's ends and 0.9, the self-speculative TPFs."""
+    ths = out["thresholds"]
+    show = sorted({ths[0], 0.5 if 0.5 in ths else ths[len(ths) // 2], 0.9 if 0.9 in ths else ths[-1], ths[-1]})
+    head = ["run", "AR agree w/ truth"] + [f"diffusion t={t:g}: TPF / agree AR / agree truth" for t in show] + [
+        "linear_spec TPF", "linear_spec + LoRA TPF", "quadratic_spec TPF", "spec rows = AR"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in out["results"]:
+        by = {}
+        for m in res["modes"]:
+            key = (m["mode"], m.get("threshold"), m.get("lora"))
+            by[key] = m
+        cells = [res["run"], f"{by[('ar', None, None)]['agree_true']:.3f}"]
+        for t in show:
+            m = by[("diffusion", t, None)]
+            cells.append(f"{m['tpf']:.2f} / {m['agree_ar']:.3f} / {m['agree_true']:.3f}")
+        lin, lin_l, quad = by[("linear_spec", None, False)], by.get(("linear_spec", None, True)), by[
+            ("quadratic_spec", None, None)]
+        cells += [f"{lin['tpf']:.3f}", f"{lin_l['tpf']:.3f}" if lin_l else "-", f"{quad['tpf']:.3f}"]
+        spec = [lin, quad] + ([lin_l] if lin_l else [])
+        cells.append(f"{sum(m['equal_ar_rows'] for m in spec)}/{len(spec) * out['prompts']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(out: dict) -> str:
     lines = [f"{out['prompts']} held-out prompts x {out['prompt_len']} tokens, {out['max_new_tokens']} new tokens, "
              f"greedy float32, no EOS, block {out['results'][0]['block_length']}. TPF = generated tokens / "
@@ -156,7 +181,7 @@ def markdown(out: dict) -> str:
                 name += " + LoRA" if m.get("lora") else (" (LoRA off)" if res["has_lora"] else "")
             lines.append(f"| {res['run']} | {name} | {m['tpf']:.3f} | {m['agree_ar']:.3f} | {m['agree_true']:.3f} "
                          f"| {m['equal_ar_rows']}/{out['prompts']} |")
-    return "\n".join(lines) + "\n"
+    return lines[0] + "\n\n" + summary(out) + "\nAll modes:\n\n" + "\n".join(lines[2:]) + "\n"
 
 
 def main(argv=None) -> int:
