@@ -195,11 +195,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", default=os.path.join(HERE, "data", "eval.npy"))
     ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "small_scale_decode.json"))
     ap.add_argument("--plot", default=os.path.join(HERE, "..", "results", "small_scale_threshold_sweep.png"))
-    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the existing --out JSON")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the .md table and --plot from the existing --out JSON")
     args = ap.parse_args(argv)
     if args.replot:
         with open(args.out, encoding="utf-8") as f:
-            plot(json.load(f)["results"], args.plot)
+            out = json.load(f)
+        with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
+            f.write(markdown(out))
+        plot(out["results"], args.plot)
         return 0
     if not args.runs:
         ap.error("give at least one RUN_DIR (or --replot)")
