@@ -14,3 +14,5 @@ $PY $D/summarize.py
 R=$D/runs
 $PY $D/eval_draft.py $R/ar_pretrain $R/convert_block_uniform $R/convert_block_position \
   $R/convert_bidir_uniform $R/convert_bidir_position $R/lora_draft
+$PY $D/eval_decode.py $R/ar_pretrain $R/convert_block_uniform $R/convert_block_position \
+  $R/convert_bidir_uniform $R/convert_bidir_position $R/lora_draft --thresholds 0.1 0.3 0.5 0.7 0.9 0.99

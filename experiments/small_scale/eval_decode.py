@@ -1,0 +1,250 @@
+"""Decoding-mode study of the trained runs on held-out prompts (issue 6, part 3).
+
+For each run folder, ``jaxdlm.generate`` (greedy, float32, no EOS) on the same held-out prompts in the modes
+``ar``, ``diffusion`` (confidence-threshold sweep), ``linear_spec`` (with and without the draft LoRA when the
+run has one) and ``quadratic_spec``, all at the study's block size. Per mode:
+
+* ``tpf``: generated tokens / forward passes (``sum(lengths) / sum(nfe)``, nfe as in SPEC.md section 5);
+* ``agree_ar``: fraction of output positions equal to the same model's AR greedy output;
+* ``agree_true``: fraction of output positions equal to the true continuation of the held-out text;
+* ``equal_ar_rows``: rows whose whole output equals AR's (the self-speculative modes must reach all rows).
+
+Prompts: ``--prompts`` windows of ``--prompt-len + --new`` tokens cut at evenly spaced offsets of the held-out
+token stream (``data/eval.npy``), skipping windows that contain a special id (pad/bos/eos/mask), so every
+prompt and its continuation lie inside one held-out file.
+
+    python experiments/small_scale/eval_decode.py RUN_DIR [RUN_DIR ...] [--prompts 32] [--prompt-len 64]
+      [--new 64] [--thresholds 0.5 0.7 0.9 0.99] [--out experiments/results/small_scale_decode.json]
+      [--plot experiments/results/small_scale_threshold_sweep.png] [--replot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPECIAL = (0, 1, 2, 3)  # <pad> <bos> <eos> <mask> (prepare_data.py)
+
+
+def held_out_windows(stream: np.ndarray, count: int, prompt_len: int, new: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` prompts ``[count, prompt_len]`` and true continuations ``[count, new]`` from ``stream``."""
+    win = prompt_len + new
+    starts = np.linspace(0, len(stream) - win, count * 8).astype(np.int64)
+    rows = []
+    for s in starts:
+        w = stream[s:s + win]
+        if not np.isin(w, SPECIAL).any():
+            rows.append(w)
+    if len(rows) < count:
+        raise ValueError(f"only {len(rows)} clean held-out windows of {win} tokens; ask for fewer --prompts")
+    pick = np.linspace(0, len(rows) - 1, count).astype(np.int64)  # spread over the whole held-out split
+    rows = np.stack([rows[i] for i in pick]).astype(np.int32)
+    return rows[:, :prompt_len], rows[:, prompt_len:]
+
+
+def _row(name, res, ar_tokens, truth, seconds):
+    new = truth.shape[1]
+    toks = res.tokens[:, :new]
+    gen = int(res.lengths.sum())
+    nfe = int(res.nfe.sum())
+    row = {"mode": name, "tokens": gen, "nfe": nfe, "tpf": gen / nfe,
+           "agree_true": float(np.mean(toks == truth)), "seconds": round(seconds, 2)}
+    if ar_tokens is not None:
+        row["agree_ar"] = float(np.mean(toks == ar_tokens))
+        row["equal_ar_rows"] = int(np.all(toks == ar_tokens, axis=1).sum())
+    return row
+
+
+def evaluate(run_dir: str, prompts: np.ndarray, truth: np.ndarray, thresholds, block: int | None) -> dict:
+    import jaxdlm
+    from jaxdlm.training.run import load_trained
+
+    model = load_trained(run_dir)
+    n = block or model.config.block_size
+    new = truth.shape[1]
+    common = dict(max_new_tokens=new, block_length=n, eos_token_id=(), temperature=0.0, seed=0)
+
+    def gen(**kw):
+        t0 = time.perf_counter()
+        r = jaxdlm.generate(model, prompts, **{**common, **kw})
+        if not np.all(r.lengths == new):
+            raise RuntimeError(f"{run_dir}: {kw} produced lengths {r.lengths} (expected {new} without EOS)")
+        return r, time.perf_counter() - t0
+
+    rows = []
+    ar, dt = gen(mode="ar")
+    ar_tokens = ar.tokens[:, :new]
+    rows.append(_row("ar", ar, ar_tokens, truth, dt))
+    for th in thresholds:
+        r, dt = gen(mode="diffusion", threshold=float(th))
+        rows.append({**_row("diffusion", r, ar_tokens, truth, dt), "threshold": float(th)})
+    if model.lora is not None:
+        r, dt = gen(mode="linear_spec", use_lora=True)
+        rows.append({**_row("linear_spec", r, ar_tokens, truth, dt), "lora": True})
+    r, dt = gen(mode="linear_spec", use_lora=False)
+    rows.append({**_row("linear_spec", r, ar_tokens, truth, dt), "lora": False})
+    r, dt = gen(mode="quadratic_spec")
+    rows.append(_row("quadratic_spec", r, ar_tokens, truth, dt))
+    mismatches = [f"{x['mode']}{'+lora' if x.get('lora') else ''}: {len(prompts) - x['equal_ar_rows']} rows"
+                  for x in rows if x["mode"] in ("linear_spec", "quadratic_spec")
+                  and x["equal_ar_rows"] != len(prompts)]
+    return {"run": os.path.basename(os.path.normpath(run_dir)), "block_length": n,
+            "has_lora": model.lora is not None, "spec_mismatches": mismatches, "modes": rows}
+
+
+def plot(results: list[dict], path: str) -> None:
+    """One panel per run: TPF vs agreement of the diffusion threshold sweep (solid: with the AR greedy
+    output, dashed: with the true continuation; labels = thresholds) and the self-speculative modes as marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(results))
+    nrows = -(-len(results) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False, sharey=True)
+    for ax, res in zip(axes.flat, results):
+        d = [m for m in res["modes"] if m["mode"] == "diffusion"]
+        for key, style, color, label in (("agree_ar", "o-", "C0", "diffusion vs AR output"),
+                                         ("agree_true", "o--", "C1", "diffusion vs true text")):
+            ax.plot([m[key] for m in d], [m["tpf"] for m in d], style, color=color, label=label)
+            for j, m in enumerate(d):
+                ax.annotate(f"{m['threshold']:g}", (m[key], m["tpf"]), textcoords="offset points",
+                            xytext=(5, 6 if j % 2 else -10), fontsize=7, color=color)
+        for m in res["modes"]:
+            if m["mode"] == "linear_spec":
+                ax.plot(m["agree_ar"], m["tpf"], "D" if m.get("lora") else "s", color="C2" if m.get("lora") else "C3",
+                        mfc="none", ms=8, label="linear_spec + LoRA" if m.get("lora") else "linear_spec")
+            elif m["mode"] == "quadratic_spec":
+                ax.plot(m["agree_ar"], m["tpf"], "^", color="C4", mfc="none", ms=8, label="quadratic_spec")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xlim(-0.02, 1.05)
+        ax.set_title(res["run"], fontsize=10)
+        ax.set_xlabel("agreement (fraction of positions)")
+        ax.set_ylabel("tokens per forward (TPF)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center")
+    for ax in list(axes.flat)[len(results):]:
+        ax.axis("off")
+    fig.suptitle("Held-out decoding: diffusion threshold sweep (labels = threshold)\n"
+                 "and self-speculative modes "
+                 "(equal to AR, agreement 1)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(out: dict) -> str:
+    """One row per run: AR, diffusion at the sweep's ends and 0.9, the self-speculative TPFs."""
+    ths = out["thresholds"]
+    show = sorted({ths[0], 0.5 if 0.5 in ths else ths[len(ths) // 2], 0.9 if 0.9 in ths else ths[-1], ths[-1]})
+    head = ["run", "AR agree w/ truth"] + [f"diffusion t={t:g}: TPF / agree AR / agree truth" for t in show] + [
+        "linear_spec TPF", "linear_spec + LoRA TPF", "quadratic_spec TPF", "spec rows = AR"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in out["results"]:
+        by = {}
+        for m in res["modes"]:
+            key = (m["mode"], m.get("threshold"), m.get("lora"))
+            by[key] = m
+        cells = [res["run"], f"{by[('ar', None, None)]['agree_true']:.3f}"]
+        for t in show:
+            m = by[("diffusion", t, None)]
+            cells.append(f"{m['tpf']:.2f} / {m['agree_ar']:.3f} / {m['agree_true']:.3f}")
+        lin, lin_l, quad = by[("linear_spec", None, False)], by.get(("linear_spec", None, True)), by[
+            ("quadratic_spec", None, None)]
+        cells += [f"{lin['tpf']:.3f}", f"{lin_l['tpf']:.3f}" if lin_l else "-", f"{quad['tpf']:.3f}"]
+        spec = [lin, quad] + ([lin_l] if lin_l else [])
+        cells.append(f"{sum(m['equal_ar_rows'] for m in spec)}/{len(spec) * out['prompts']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(out: dict) -> str:
+    lines = [f"{out['prompts']} held-out prompts x {out['prompt_len']} tokens, {out['max_new_tokens']} new tokens, "
+             f"greedy float32, no EOS, block {out['results'][0]['block_length']}. TPF = generated tokens / "
+             f"forward passes (SPEC.md section 5 counting).", "",
+             "| run | mode | TPF | agree with AR | agree with truth | rows equal to AR |", "|---|---|---|---|---|---|"]
+    for res in out["results"]:
+        for m in res["modes"]:
+            name = m["mode"]
+            if name == "diffusion":
+                name += f" t={m['threshold']:g}"
+            if name == "linear_spec":
+                name += " + LoRA" if m.get("lora") else (" (LoRA off)" if res["has_lora"] else "")
+            lines.append(f"| {res['run']} | {name} | {m['tpf']:.3f} | {m['agree_ar']:.3f} | {m['agree_true']:.3f} "
+                         f"| {m['equal_ar_rows']}/{out['prompts']} |")
+    return lines[0] + "\n\n" + summary(out) + "\nAll modes:\n\n" + "\n".join(lines[2:]) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="*")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--block", type=int, default=None, help="default: the model config's block_size")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.99])
+    ap.add_argument("--eval", default=os.path.join(HERE, "data", "eval.npy"))
+    ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "small_scale_decode.json"))
+    ap.add_argument("--plot", default=os.path.join(HERE, "..", "results", "small_scale_threshold_sweep.png"))
+    ap.add_argument("--replot", action="store_true", help="only rewrite the .md table and --plot from the existing --out JSON")
+    args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.out, encoding="utf-8") as f:
+            out = json.load(f)
+        with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
+            f.write(markdown(out))
+        plot(out["results"], args.plot)
+        return 0
+    if not args.runs:
+        ap.error("give at least one RUN_DIR (or --replot)")
+    for t in args.thresholds:
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"--thresholds value {t} must lie in [0, 1]")
+    import flax
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    stream = np.load(args.eval).astype(np.int32)
+    prompts, truth = held_out_windows(stream, args.prompts, args.prompt_len, args.new)
+    from tqdm import tqdm
+
+    results = []
+    for r in tqdm(args.runs, desc="runs"):
+        results.append(evaluate(r, prompts, truth, args.thresholds, args.block))
+        print(json.dumps(results[-1]), flush=True)
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": str(jax.devices()[0]), "platform": platform.platform(), "python": platform.python_version(),
+           "jax": jax.__version__, "flax": flax.__version__, "dtype": "float32", "matmul_precision": "highest",
+           "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+           "seeds": {"generate": 0, "sampling": "greedy (temperature 0)",
+                     "prompts": "deterministic: evenly spaced clean windows of data/eval.npy"},
+           "prompts": args.prompts, "prompt_len": args.prompt_len, "max_new_tokens": args.new,
+           "thresholds": args.thresholds, "results": results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.out)
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md, "w", encoding="utf-8") as f:
+        f.write(markdown(out))
+    print(markdown(out))
+    if args.plot:
+        try:
+            plot(results, args.plot)
+        except ImportError:
+            print("matplotlib is not installed (pip install '.[experiments]'): no plot written", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
