@@ -137,6 +137,10 @@ class Transformer(nnx.Module):
             return self.embed[...].T
         return self.head[...]
 
+    def project(self, hidden):
+        """Output-head logits ``float32 [..., V]`` of final normed hidden states ``[..., H]``."""
+        return jnp.matmul(hidden, self.head_weight().astype(hidden.dtype), preferred_element_type=jnp.float32)
+
     def __call__(self, tokens, positions, q_info: TokenInfo, k_info: TokenInfo, *, cache: KVCache | None = None,
                  num_write: int | None = None, lora: dict | None = None, impl: str | None = None,
                  return_hidden: bool = False):
@@ -211,8 +215,7 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         if return_hidden:
             return x, new_cache
-        logits = jnp.matmul(x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "vocab")), new_cache
+        return constrain(self.project(x), ("batch", "seq", "vocab")), new_cache
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,8 +56,7 @@ class Plan:
 
 def head(module, hidden):
     """Output-head logits ``float32 [..., V]`` of final normed hidden states ``[..., H]``."""
-    w = module.head_weight()
-    return jnp.matmul(hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return module.project(hidden)
 
 
 def step_key(state, salt: int = 0):
