@@ -1,6 +1,6 @@
 """The ``jaxdlm`` command line.
 
-``jaxdlm demo``       runs the embedded default model (a tiny random model until a trained one ships).
+``jaxdlm demo``       runs every decoding mode of the embedded default model (``jaxdlm.load_default()``).
 ``jaxdlm info``       prints the devices, versions and, with ``--config``, a parsed model config.
 ``jaxdlm generate``   generates text from a checkpoint (its tokenizer and chat template) in any mode.
 ``jaxdlm train``      trains / fine-tunes from a TOML or JSON experiment config (``jaxdlm.training``).
@@ -35,46 +35,47 @@ def tiny_demo_config():
 
 
 def cmd_demo(args) -> int:
+    """Every decoding mode on the embedded default model (held-out prompts), with nfe / TPF / agreement."""
     import numpy as np
 
-    from jaxdlm.model import Model
+    from jaxdlm.default import card, heldout_prompts, load_default
+    from jaxdlm.generation import generate
 
-    cfg = tiny_demo_config()
-    print("jaxdlm demo: no trained default model ships yet, so this runs a TINY RANDOM model "
-          f"({cfg.num_params() / 1e6:.2f}M params) - its outputs are meaningless.")
-    model = Model.init(cfg, seed=args.seed)
-    tokens = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, size=(1, 48))
-    for kind, toks in (("causal", tokens), ("two_stream", np.concatenate([tokens, tokens], axis=1))):
+    t0 = time.perf_counter()
+    model = load_default()
+    info = card()
+    rec = info["recommended"]
+    print(f"jaxdlm demo: the embedded default model ({info['name']}; {model.config.num_params() / 1e6:.1f}M params, "
+          f"loaded in {time.perf_counter() - t0:.1f}s)")
+    texts = heldout_prompts()[args.prompt_index:args.prompt_index + args.num_prompts]
+    if not texts:
+        raise ValueError(f"--prompt-index={args.prompt_index} is past the {len(heldout_prompts())} held-out prompts")
+    tok = model.tokenizer
+    prompts = [tok(t)["input_ids"] for t in texts]
+    common = dict(max_new_tokens=args.max_new_tokens, block_length=rec["block_length"], eos_token_id=(),
+                  temperature=0.0, seed=args.seed)
+    print(f"prompt (held-out stdlib code, {len(prompts[0])} bytes):\n{texts[0]}\n" + "-" * 72)
+    ar_tokens = None
+    for mode, kw in (("ar", {}), ("diffusion", {"threshold": rec["threshold"]}), ("linear_spec", {}),
+                     ("quadratic_spec", {})):
         t0 = time.perf_counter()
-        logits = model.logits(toks, kind=kind).block_until_ready()
-        print(f"  {kind:>10}: logits {tuple(logits.shape)} in {time.perf_counter() - t0:.2f}s (incl. compile), "
-              f"argmax of last position = {int(logits[0, -1].argmax())}")
-    _demo_generation(model, cfg, args.seed)
+        res = generate(model, prompts, mode=mode, **common, **kw)
+        dt = time.perf_counter() - t0
+        toks = np.asarray(res.tokens)
+        n, nfe = int(res.lengths.sum()), int(res.nfe.sum())
+        if ar_tokens is None:
+            ar_tokens = toks
+        same = "identical to AR" if np.array_equal(toks, ar_tokens) else \
+            f"{np.mean(toks == ar_tokens):.0%} of positions equal to AR"
+        label = mode + (f" (threshold {kw['threshold']})" if "threshold" in kw else "")
+        print(f"[{label}] {n} tokens, nfe {nfe}, TPF {n / max(nfe, 1):.2f}, {dt:.1f}s incl. compile, {same}")
+        print(texts[0] + "\u2502" + tok.decode(toks[0].tolist()))
+        print("-" * 72)
     print(f"  {_versions()}")
     return 0
 
 
 GEN_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
-
-
-def _demo_generation(model, cfg, seed: int, max_new_tokens: int = 48, block_length: int = 16):
-    """Every decoding mode on the demo model: tokens, nfe, TPF (the model is random: output is noise)."""
-    import numpy as np
-
-    from jaxdlm.generation import generate
-
-    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=12)
-    prompt = np.where(prompt == cfg.mask_token_id, 0, prompt)
-    print(f"  generation on the random model (prompt of {len(prompt)} ids, max_new_tokens={max_new_tokens}, "
-          f"block_length={block_length}, greedy):")
-    for mode in GEN_MODES:
-        t0 = time.perf_counter()
-        res = generate(model, [prompt], mode=mode, max_new_tokens=max_new_tokens, block_length=block_length,
-                       threshold=0.9)
-        dt = time.perf_counter() - t0
-        n, nfe = int(res.lengths[0]), int(res.nfe[0])
-        print(f"  {mode:>15}: {n} tokens, nfe {nfe}, TPF {n / max(nfe, 1):.2f}, {dt:.2f}s (incl. compile): "
-              f"{res.tokens[0, :min(n, 16)].tolist()}{' ...' if n > 16 else ''}")
 
 
 def _encode_prompt(tokenizer, text: str, chat: bool) -> list:
@@ -130,6 +131,10 @@ def cmd_generate(args) -> int:
         from jaxdlm.checkpoint import load
     except ImportError as e:  # the checkpoint module ships separately
         raise ValueError(f"loading checkpoints needs jaxdlm.checkpoint, which is not available here ({e})") from e
+    if args.checkpoint is None:
+        from jaxdlm.default import default_model_path
+
+        args.checkpoint = default_model_path()
     model = load(args.checkpoint, dtype=args.dtype)
     run_generate(model, getattr(model, "tokenizer", None), args)
     return 0
@@ -151,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the embedded default model")
+    p = sub.add_parser("demo", help="run every decoding mode of the embedded default model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=1, help="held-out prompts decoded as one batch")
+    p.add_argument("--prompt-index", type=int, default=0, help="first held-out prompt to use")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("info", help="devices, versions, and a parsed config.json")
     p.add_argument("--config", help="a Hugging Face config.json (file or folder)")
@@ -169,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_generate_parser(sub):
     p = sub.add_parser("generate", help="generate text from a checkpoint",
                        description="Generate with a jaxdlm checkpoint (its tokenizer and chat template).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (jaxdlm.checkpoint.load)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder (jaxdlm.checkpoint.load); default: the embedded default model")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
     p.add_argument("--mode", default="auto", choices=GEN_MODES + ("auto",))

@@ -11,7 +11,9 @@ Writes into OUT (default ``experiments/small_scale/data``): ``tokenizer.json``, 
 (1-D uint16 token streams), ``eval_files.txt``, ``model_config.json`` (the tiny NLD-shaped model) and
 ``data_stats.json``.
 
-    python experiments/small_scale/prepare_data.py [--out DIR] [--vocab 4096]
+    python experiments/small_scale/prepare_data.py [--out DIR] [--vocab 4096] [--block-size 16] [--layers 4]
+
+``--vocab 260`` (256 byte symbols + 4 specials) gives a pure byte-level tokenizer with no merges.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=768)
     args = ap.parse_args(argv)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -93,8 +98,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "eval_files.txt"), "w") as f:
         f.write("\n".join(os.path.relpath(p, root) for p in eval_paths) + "\n")
 
-    model = dict(model_type="nemotron_labs_diffusion", vocab_size=tok.get_vocab_size(), hidden_size=256,
-                 intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+    model = dict(model_type="nemotron_labs_diffusion", vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
+                 intermediate_size=args.intermediate, num_layers=args.layers, num_heads=4, num_kv_heads=2, head_dim=64,
                  rms_norm_eps=1e-5, tie_word_embeddings=False, qk_norm=False,
                  rope=dict(rope_type="default", theta=10000.0), max_position_embeddings=4096,
                  mask_token_id=3, eos_token_ids=[2], bos_token_id=1, pad_token_id=0, block_size=args.block_size)
