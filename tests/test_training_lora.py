@@ -50,7 +50,7 @@ def test_lora_training_moves_only_the_adapter_and_pulls_draft_to_ar(seed, rng):
     # a random base is enough for the mechanics: its AR prediction is the verify target either way
     tokens = jnp.asarray(counting_data(rng, 8, 16, cfg.vocab_size))
     lora = lora_lib.init_lora(cfg, 8, 16.0, jax.random.PRNGKey(seed))
-    tx = optax.adam(1e-1)
+    tx = optax.adam(3e-2)  # 1e-1 oscillated on some seeds (loss up, match down at step 25)
     state = lora_lib.init_lora_state(lora, tx)
     step = lora_lib.make_lora_step(model.graphdef, tx, target="hard", donate=False)
     base_before = jax.tree.map(np.array, model.params)

@@ -12,9 +12,9 @@ test -f $D/data_bytes/train.npy || $PY $D/prepare_data.py --out $D/data_bytes --
 $PY -m jaxdlm.training.run $D/configs_bytes/ar_pretrain.toml --no-progress
 # 2. conversion (block-causal, uniform masking): 120 steps x 16 x 512 = 0.98 M tokens (13.6 s per step here)
 $PY -m jaxdlm.training.run $D/configs_bytes/convert_block_uniform.toml --no-progress
-# 3. self-distillation data (the converted model's greedy AR continuations of 1024 training prompts)
+# 3. self-distillation data (the converted model's greedy AR continuations of 512 training prompts)
 test -f $R/greedy_train.npy || $PY $D/gen_greedy.py $R/convert_block_uniform $R/greedy_train.npy \
-  --rows 1024 --prompt-len 128 --new 384 --seed 0
+  --rows 512 --prompt-len 128 --new 384 --seed 0
 # 4. draft LoRA (rank 32, hard target) on that data: 100 steps x 16 x 512
 $PY -m jaxdlm.training.run $D/configs_bytes/lora_draft.toml --no-progress
 # 5. decoding modes on held-out prompts, threshold sweep, plot
