@@ -47,9 +47,11 @@ def cmd_demo(args) -> int:
     rec = info["recommended"]
     print(f"jaxdlm demo: the embedded default model ({info['name']}; {model.config.num_params() / 1e6:.1f}M params, "
           f"loaded in {time.perf_counter() - t0:.1f}s)")
-    texts = heldout_prompts()[args.prompt_index:args.prompt_index + args.num_prompts]
-    if not texts:
-        raise ValueError(f"--prompt-index={args.prompt_index} is past the {len(heldout_prompts())} held-out prompts")
+    every = heldout_prompts()
+    if not 0 <= args.prompt_index < len(every) or args.num_prompts < 1:
+        raise ValueError(f"--prompt-index={args.prompt_index} / --num-prompts={args.num_prompts}: the index must "
+                         f"lie in [0, {len(every) - 1}] and the count be at least 1")
+    texts = every[args.prompt_index:args.prompt_index + args.num_prompts]
     tok = model.tokenizer
     prompts = [tok(t)["input_ids"] for t in texts]
     common = dict(max_new_tokens=args.max_new_tokens, block_length=rec["block_length"], eos_token_id=(),
@@ -160,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=1, help="held-out prompts decoded as one batch")
-    p.add_argument("--prompt-index", type=int, default=0, help="first held-out prompt to use")
+    p.add_argument("--prompt-index", type=int, default=6,
+                   help="first held-out prompt to use (0-15; default 6: a typical one, TPF near the median)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("info", help="devices, versions, and a parsed config.json")
     p.add_argument("--config", help="a Hugging Face config.json (file or folder)")
