@@ -244,11 +244,13 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     return copied
 
 
-def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str | None = None) -> Path:
+def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str | None = None,
+         extra_files: dict[str, str] | None = None) -> Path:
     """Saves a :class:`~jaxdlm.model.Model` (params, LoRA, tokenizer) as a jaxdlm checkpoint folder.
 
     Arrays are fetched to the host one group at a time.  Atomic: ``path`` appears only when complete.
-    ``overwrite=True`` replaces an existing jaxdlm checkpoint.  Returns the absolute path.
+    ``overwrite=True`` replaces an existing jaxdlm checkpoint.  ``extra_files`` maps file names to text
+    written into the folder with the rest (e.g. a model card).  Returns the absolute path.
     """
     import jax
     from flax import nnx
@@ -264,6 +266,11 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
             writer.write_lora(jax.device_get(model.lora))
         if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
             model.tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            if os.path.basename(name) != name or name in (METADATA_FILE, "params", "lora"):
+                raise ValueError(f"extra_files name {name!r} must be a plain file name other than "
+                                 f"{METADATA_FILE}, params and lora")
+            (tmp / name).write_text(text, encoding="utf-8")
         writer.finish(model.config, dtype=str(np.dtype(model.dtype)), source=source,
                       extra={"writer": f"jaxdlm.save {__version__}"})
     return Path(os.path.abspath(path))

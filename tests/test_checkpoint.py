@@ -81,6 +81,17 @@ def test_save_is_atomic_and_overwrite_guarded(tmp_path, seed, rng, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
 
 
+def test_save_writes_extra_files_inside_the_atomic_folder(tmp_path, seed, rng):
+    model = _model_with_lora(seed, rng)
+    path = jaxdlm.save(model, tmp_path / "ckpt", extra_files={"card.json": '{"name": "x"}'})
+    assert json.loads((path / "card.json").read_text()) == {"name": "x"}
+    assert jaxdlm.load(path).lora is not None  # the extra file does not disturb loading
+    for bad in ("../escape.json", "jaxdlm.json", "params"):
+        with pytest.raises(ValueError, match="extra_files name"):
+            jaxdlm.save(model, tmp_path / "other", extra_files={bad: "{}"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing half-written
+
+
 def test_load_rejects_non_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="is not a jaxdlm checkpoint"):
         jaxdlm.load(tmp_path / "missing")

@@ -7,6 +7,7 @@ token per denoise pass.  (Issue 6 asks for diffusion TPF > 1.5; this model reach
 see experiments/results/small_scale_bytes.md, so that bar is not claimed here.)
 """
 
+import json
 import math
 
 import numpy as np
@@ -45,7 +46,8 @@ def test_default_model_loads_with_tokenizer_lora_and_held_out_prompts(model):
     assert c.block_size == info["recommended"]["block_length"]
     assert model.dtype == np.float32
     # the prompts come from held-out modules only
-    meta = __import__("json").load(open(DEFAULT_MODEL_DIR / "heldout_prompts.json"))
+    with open(DEFAULT_MODEL_DIR / "heldout_prompts.json", encoding="utf-8") as f:
+        meta = json.load(f)
     eval_modules = set(info["data"]["eval_modules"])
     for rel in meta["files"]:
         top = rel.split("/")[0].removesuffix(".py")

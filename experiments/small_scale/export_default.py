@@ -106,12 +106,10 @@ def main(argv=None) -> int:
         card["measured"] = {"source": rel(args.decode_json), "prompts": dec["prompts"],
                             "prompt_len": dec["prompt_len"], "max_new_tokens": dec["max_new_tokens"],
                             "modes": next(r["modes"] for r in dec["results"] if r["run"] == run_name)}
-    path = jaxdlm.save(model, args.out, overwrite=True, source=rel(args.run))
-    with open(path / "heldout_prompts.json", "w", encoding="utf-8") as f:
-        json.dump({"source": "held-out stdlib modules of the study (never trained on)", "files": files,
-                   "prompts": prompts}, f, indent=1)
-    with open(path / "card.json", "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1)
+    held = {"source": "held-out stdlib modules of the study (never trained on)", "files": files, "prompts": prompts}
+    path = jaxdlm.save(model, args.out, overwrite=True, source=rel(args.run),
+                       extra_files={"heldout_prompts.json": json.dumps(held, indent=1),
+                                    "card.json": json.dumps(card, indent=1)})
     total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     print(f"wrote {path} ({total / 1e6:.1f} MB)")
     return 0

@@ -19,8 +19,9 @@ import sys
 
 import numpy as np
 
+from eval_decode import SPECIAL  # <pad> <bos> <eos> <mask> ids (prepare_data.py)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPECIAL = (0, 1, 2, 3)  # <pad> <bos> <eos> <mask> (prepare_data.py)
 
 
 def train_prompts(stream: np.ndarray, rows: int, prompt_len: int, seed: int) -> np.ndarray:
