@@ -50,13 +50,21 @@ def held_out_windows(stream: np.ndarray, count: int, prompt_len: int, new: int) 
     return rows[:, :prompt_len], rows[:, prompt_len:]
 
 
+def repeat_frac(tokens: np.ndarray) -> float:
+    """Fraction of positions ``1..T-1`` of ``tokens [B, T]`` that repeat the previous token: a degeneracy
+    measure (runs of one token, e.g. a collapse into spaces); compare it with the true text's value."""
+    tokens = np.asarray(tokens)
+    return float(np.mean(tokens[:, 1:] == tokens[:, :-1]))
+
+
 def _row(name, res, ar_tokens, truth, seconds):
     new = truth.shape[1]
     toks = res.tokens[:, :new]
     gen = int(res.lengths.sum())
     nfe = int(res.nfe.sum())
     row = {"mode": name, "tokens": gen, "nfe": nfe, "tpf": gen / nfe,
-           "agree_true": float(np.mean(toks == truth)), "seconds": round(seconds, 2)}
+           "agree_true": float(np.mean(toks == truth)), "repeat_frac": repeat_frac(toks),
+           "seconds": round(seconds, 2)}
     if ar_tokens is not None:
         row["agree_ar"] = float(np.mean(toks == ar_tokens))
         row["equal_ar_rows"] = int(np.all(toks == ar_tokens, axis=1).sum())
@@ -171,7 +179,8 @@ def markdown(out: dict) -> str:
     lines = [f"{out['prompts']} held-out prompts x {out['prompt_len']} tokens, {out['max_new_tokens']} new tokens, "
              f"greedy float32, no EOS, block {out['results'][0]['block_length']}. TPF = generated tokens / "
              f"forward passes (SPEC.md section 5 counting).", "",
-             "| run | mode | TPF | agree with AR | agree with truth | rows equal to AR |", "|---|---|---|---|---|---|"]
+             "| run | mode | TPF | agree with AR | agree with truth | repeat frac | rows equal to AR |",
+             "|---|---|---|---|---|---|---|"]
     for res in out["results"]:
         for m in res["modes"]:
             name = m["mode"]
@@ -179,9 +188,14 @@ def markdown(out: dict) -> str:
                 name += f" t={m['threshold']:g}"
             if name == "linear_spec":
                 name += " + LoRA" if m.get("lora") else (" (LoRA off)" if res["has_lora"] else "")
+            rep = f"{m['repeat_frac']:.3f}" if "repeat_frac" in m else "-"
             lines.append(f"| {res['run']} | {name} | {m['tpf']:.3f} | {m['agree_ar']:.3f} | {m['agree_true']:.3f} "
-                         f"| {m['equal_ar_rows']}/{out['prompts']} |")
-    return lines[0] + "\n\n" + summary(out) + "\nAll modes:\n\n" + "\n".join(lines[2:]) + "\n"
+                         f"| {rep} | {m['equal_ar_rows']}/{out['prompts']} |")
+    rep_note = ""
+    if "truth_repeat_frac" in out:
+        rep_note = (f"\n\"repeat frac\" = fraction of output positions repeating the previous token (a degeneracy "
+                    f"measure); the true continuations have {out['truth_repeat_frac']:.3f}.\n")
+    return lines[0] + "\n\n" + summary(out) + "\nAll modes:\n" + rep_note + "\n" + "\n".join(lines[2:]) + "\n"
 
 
 def main(argv=None) -> int:
@@ -228,7 +242,7 @@ def main(argv=None) -> int:
            "seeds": {"generate": 0, "sampling": "greedy (temperature 0)",
                      "prompts": "deterministic: evenly spaced clean windows of data/eval.npy"},
            "prompts": args.prompts, "prompt_len": args.prompt_len, "max_new_tokens": args.new,
-           "thresholds": args.thresholds, "results": results}
+           "thresholds": args.thresholds, "truth_repeat_frac": repeat_frac(truth), "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -1,0 +1,128 @@
+"""Why block diffusion collapses on a weak model: a step-by-step trace of threshold decoding (issue 6 study).
+
+Decodes with the deliberately plain reference decoder of the tests (``tests/gen_reference.py``: one full
+uncached forward per step, masks written from SPEC.md section 3), so every denoise pass can be printed:
+which masked positions it commits, their bytes and confidences, and the confidence at the leftmost masked
+position (what an AR model would have to predict next).
+
+``--rule spec`` is SPEC.md section 5 (commit the most confident masked position and every one at or above
+the threshold); ``--rule leftmost`` is an experiment, not a jaxdlm decoding mode: it commits the LEFTMOST
+masked position instead of the most confident one when nothing reaches the threshold.
+
+    python experiments/small_scale/trace_diffusion.py [--run RUN_DIR] [--prompt-index 6] [--blocks 2]
+        [--threshold 0.9] [--rule spec|leftmost]                    # trace one prompt
+    python experiments/small_scale/trace_diffusion.py --measure [--rule ...] [--threshold ...]
+                                                                  # TPF / agreement over the 16 package prompts
+
+Without ``--run`` the embedded default model (``jaxdlm.load_default()``) is used; prompts are the package's
+held-out snippets (``jaxdlm.default.heldout_prompts()``), byte-tokenized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))  # gen_reference: the tests' plain decoder
+
+
+def decode_block(R, ctx, seed, block, threshold, rule, log=None, tok=None):
+    """One block from ``[seed, MASK * (block - 1)]``: returns ``(block tokens, denoise passes)``."""
+    blk = [seed] + [R.mask] * (block - 1)
+    masked = [False] + [True] * (block - 1)
+    passes = 0
+    while any(masked):
+        x0, conf = R.pick(R.denoise(ctx, blk))
+        passes += 1
+        cand = [i for i in range(block) if masked[i]]
+        fallback = max(cand, key=lambda i: conf[i]) if rule == "spec" else cand[0]
+        commit = sorted({fallback} | {i for i in cand if conf[i] >= threshold})
+        left = cand[0]
+        for i in commit:
+            blk[i], masked[i] = int(x0[i]), False
+        if log is not None:
+            shown = "".join("·" if mk else tok.decode([t]) for t, mk in zip(blk, masked)).replace("\n", "⏎")
+            picks = ", ".join(f"{i}:{tok.decode([int(x0[i])])!r}@{conf[i]:.2f}" for i in commit)
+            log(f"  pass {passes:2d} commit [{picks}]  leftmost masked {left}:{tok.decode([int(x0[left])])!r}"
+                f"@{conf[left]:.2f}  | {shown}")
+    return blk, passes
+
+
+def decode(R, prompt, new, block, threshold, rule, log=None, tok=None, blocks=None):
+    """Whole continuation (no EOS): returns ``(tokens [new], nfe)`` counted as in SPEC.md section 5."""
+    ctx, nfe = list(prompt), 0
+    seed = int(R.pick(R.causal(ctx)[-1])[0])
+    out, b = [seed], 0
+    while len(out) < new and (blocks is None or b < blocks):
+        if log is not None:
+            log(f"block {b} (seed {tok.decode([seed])!r})")
+        blk, passes = decode_block(R, ctx, seed, block, threshold, rule, log, tok)
+        seed = int(R.pick(R.causal(ctx + blk)[-1])[0])  # commit pass
+        nfe += passes + 1
+        ctx += blk
+        out += blk[1:] + [seed]
+        b += 1
+    return out[:new], nfe
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default=None, help="a training run folder (default: the embedded default model)")
+    ap.add_argument("--prompt-index", type=int, default=6)
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--rule", choices=("spec", "leftmost"), default="spec")
+    ap.add_argument("--measure", action="store_true", help="TPF / agreement with AR over all 16 prompts")
+    ap.add_argument("--new", type=int, default=128)
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold={args.threshold} must lie in [0, 1]")
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import jaxdlm
+    from gen_reference import Reference
+    from jaxdlm.default import heldout_prompts, load_default
+
+    from eval_decode import repeat_frac
+
+    if args.run:
+        from jaxdlm.training.run import load_trained
+
+        model = load_trained(args.run)
+    else:
+        model = load_default()
+    tok = load_default().tokenizer
+    prompts = [tok(t)["input_ids"] for t in heldout_prompts()]
+    if not 0 <= args.prompt_index < len(prompts):
+        raise ValueError(f"--prompt-index={args.prompt_index} must lie in [0, {len(prompts) - 1}]")
+    R = Reference(model)
+    if not args.measure:
+        p = prompts[args.prompt_index]
+        print(f"prompt {args.prompt_index}: ...{tok.decode(p[-60:])!r}")
+        out, nfe = decode(R, p, args.new, args.block, args.threshold, args.rule, print, tok, args.blocks)
+        print(f"output {tok.decode(out)!r}  ({len(out)} bytes, nfe {nfe})")
+        return 0
+    ar = np.asarray(jaxdlm.generate(model, prompts, mode="ar", max_new_tokens=args.new, eos_token_id=(),
+                                    temperature=0.0).tokens)
+    outs, nfe = [], 0
+    for p in prompts:
+        o, n = decode(R, p, args.new, args.block, args.threshold, args.rule)
+        outs.append(o)
+        nfe += n
+    outs = np.asarray(outs)
+    print(json.dumps({"run": args.run or "default", "rule": args.rule, "threshold": args.threshold,
+                      "tpf": round(outs.size / nfe, 3), "agree_ar": round(float(np.mean(outs == ar)), 3),
+                      "rows_equal_ar": int(np.all(outs == ar, axis=1).sum()),
+                      "repeat_frac": round(repeat_frac(outs), 3), "ar_repeat_frac": round(repeat_frac(ar), 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
