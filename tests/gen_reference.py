@@ -96,30 +96,43 @@ def ref_ar(R: Reference, prompt, max_new, eos):
             return final(out, max_new, eos), nfe
 
 
+def diffusion_block(R: Reference, ctx, seed, block, threshold, eos=(), steps=None, leftmost=False,
+                    on_pass=None):
+    """Denoise one block ``[seed, MASK * (block-1)]`` after ``ctx``: ``(block tokens, denoise passes)``.
+
+    ``leftmost=True`` (an experiment, not SPEC.md) makes the fallback commit the leftmost masked position
+    instead of the most confident one; ``on_pass(blk, masked, x0, conf, commit)`` sees every pass.
+    """
+    blk = [seed] + [R.mask] * (block - 1)
+    masked = [False] + [True] * (block - 1)
+    step = 0
+    while any(masked):
+        x0, conf = R.pick(R.denoise(ctx, blk))
+        cand = [i for i in range(block) if masked[i]]
+        if threshold is not None:
+            best = cand[0] if leftmost else max(cand, key=lambda i: conf[i])  # first maximum
+            commit = {best} | {i for i in cand if conf[i] >= threshold}
+        else:
+            base, rem = divmod(block - 1, steps)
+            commit = sorted(cand, key=lambda i: -conf[i])[:base + (step < rem)]
+        for i in commit:
+            blk[i], masked[i] = int(x0[i]), False
+        step += 1
+        if on_pass is not None:
+            on_pass(blk, masked, x0, conf, sorted(commit))
+        first_mask = masked.index(True) if any(masked) else block
+        if any(blk[i] in eos for i in range(first_mask)):
+            break
+    return blk, step
+
+
 def ref_diffusion(R: Reference, prompt, max_new, eos, block, threshold, steps=None):
     ctx, nfe = list(prompt), 0
     seed = int(R.pick(R.causal(ctx)[-1])[0])
     out = [seed]
     while not finished(out, max_new, eos):
-        blk = [seed] + [R.mask] * (block - 1)
-        masked = [False] + [True] * (block - 1)
-        step = 0
-        while any(masked):
-            x0, conf = R.pick(R.denoise(ctx, blk))
-            nfe += 1
-            cand = [i for i in range(block) if masked[i]]
-            if threshold is not None:
-                best = max(cand, key=lambda i: conf[i])  # first maximum
-                commit = {best} | {i for i in cand if conf[i] >= threshold}
-            else:
-                base, rem = divmod(block - 1, steps)
-                commit = sorted(cand, key=lambda i: -conf[i])[:base + (step < rem)]
-            for i in commit:
-                blk[i], masked[i] = int(x0[i]), False
-            step += 1
-            first_mask = masked.index(True) if any(masked) else block
-            if any(blk[i] in eos for i in range(first_mask)):
-                break
+        blk, passes = diffusion_block(R, ctx, seed, block, threshold, eos, steps)
+        nfe += passes
         seed = int(R.pick(R.causal(ctx + blk)[-1])[0])  # commit pass
         nfe += 1
         ctx += blk

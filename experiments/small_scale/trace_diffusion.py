@@ -12,7 +12,8 @@ masked position instead of the most confident one when nothing reaches the thres
     python experiments/small_scale/trace_diffusion.py [--run RUN_DIR] [--prompt-index 6] [--blocks 2]
         [--threshold 0.9] [--rule spec|leftmost]                    # trace one prompt
     python experiments/small_scale/trace_diffusion.py --measure [--rule ...] [--threshold ...]
-                                                                  # TPF / agreement over the 16 package prompts
+                                                                  # TPF / agreement over the 16 package prompts,
+                                                                  # plus linear-spec TPF
 
 Without ``--run`` the embedded default model (``jaxdlm.load_default()``) is used; prompts are the package's
 held-out snippets (``jaxdlm.default.heldout_prompts()``), byte-tokenized.
@@ -33,24 +34,19 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))  # gen_reference: th
 
 def decode_block(R, ctx, seed, block, threshold, rule, log=None, tok=None):
     """One block from ``[seed, MASK * (block - 1)]``: returns ``(block tokens, denoise passes)``."""
-    blk = [seed] + [R.mask] * (block - 1)
-    masked = [False] + [True] * (block - 1)
-    passes = 0
-    while any(masked):
-        x0, conf = R.pick(R.denoise(ctx, blk))
-        passes += 1
-        cand = [i for i in range(block) if masked[i]]
-        fallback = max(cand, key=lambda i: conf[i]) if rule == "spec" else cand[0]
-        commit = sorted({fallback} | {i for i in cand if conf[i] >= threshold})
-        left = cand[0]
-        for i in commit:
-            blk[i], masked[i] = int(x0[i]), False
-        if log is not None:
-            shown = "".join("·" if mk else tok.decode([t]) for t, mk in zip(blk, masked)).replace("\n", "⏎")
-            picks = ", ".join(f"{i}:{tok.decode([int(x0[i])])!r}@{conf[i]:.2f}" for i in commit)
-            log(f"  pass {passes:2d} commit [{picks}]  leftmost masked {left}:{tok.decode([int(x0[left])])!r}"
-                f"@{conf[left]:.2f}  | {shown}")
-    return blk, passes
+    from gen_reference import diffusion_block
+
+    passes = [0]
+
+    def show(blk, masked, x0, conf, commit):
+        passes[0] += 1
+        left = min(commit + [i for i in range(block) if masked[i]])  # the leftmost position masked before
+        text = "".join("·" if mk else tok.decode([t]) for t, mk in zip(blk, masked)).replace("\n", "⏎")
+        picks = ", ".join(f"{i}:{tok.decode([int(x0[i])])!r}@{conf[i]:.2f}" for i in commit)
+        log(f"  pass {passes[0]:2d} commit [{picks}]  leftmost masked {left}:{tok.decode([int(x0[left])])!r}@{conf[left]:.2f}  | {text}")
+
+    return diffusion_block(R, ctx, seed, block, threshold, leftmost=rule == "leftmost",
+                           on_pass=show if log is not None else None)
 
 
 def decode(R, prompt, new, block, threshold, rule, log=None, tok=None, blocks=None):
@@ -117,10 +113,15 @@ def main(argv=None) -> int:
         outs.append(o)
         nfe += n
     outs = np.asarray(outs)
+    spec = {}  # linear self-speculation on the same prompts (jaxdlm.generate), for comparison
+    for lora in ((True, False) if model.lora is not None else (False,)):
+        r = jaxdlm.generate(model, prompts, mode="linear_spec", use_lora=lora, max_new_tokens=args.new,
+                            eos_token_id=(), temperature=0.0)
+        spec["linear_spec_tpf" + ("_lora" if lora else "")] = round(float(r.lengths.sum() / r.nfe.sum()), 3)
     print(json.dumps({"run": args.run or "default", "rule": args.rule, "threshold": args.threshold,
                       "tpf": round(outs.size / nfe, 3), "agree_ar": round(float(np.mean(outs == ar)), 3),
                       "rows_equal_ar": int(np.all(outs == ar, axis=1).sum()),
-                      "repeat_frac": round(repeat_frac(outs), 3), "ar_repeat_frac": round(repeat_frac(ar), 3)}))
+                      "repeat_frac": round(repeat_frac(outs), 3), "ar_repeat_frac": round(repeat_frac(ar), 3), **spec}))
     return 0
 
 
