@@ -22,18 +22,6 @@ def _versions() -> dict:
             "devices": [str(d) for d in jax.devices()]}
 
 
-def tiny_demo_config():
-    """The configuration of the tiny random demo model (NLD-shaped, untied head, YaRN)."""
-    from jaxdlm.config import ModelConfig, RopeConfig
-
-    return ModelConfig(
-        model_type="nemotron_labs_diffusion", vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, mask_token_id=100, eos_token_ids=(11,),
-        bos_token_id=1, block_size=32,
-        rope=RopeConfig(rope_type="yarn", theta=1e6, factor=16.0, original_max_position_embeddings=16384,
-                        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama4_scaling_beta=0.1))
-
-
 def cmd_demo(args) -> int:
     """Every decoding mode on the embedded default model (held-out prompts), with nfe / TPF / agreement."""
     import numpy as np

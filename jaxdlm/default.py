@@ -1,7 +1,7 @@
 """The embedded default model: a small byte-level Python-code model trained by the small-scale study.
 
 It ships inside the package (``jaxdlm/default_model/``, a regular jaxdlm checkpoint folder stored in
-bfloat16, with its draft LoRA and tokenizer), so ``jaxdlm.load_default()`` and ``jaxdlm demo`` work offline
+float32, 13 MB, with its draft LoRA and tokenizer), so ``jaxdlm.load_default()`` and ``jaxdlm demo`` work offline
 on a fresh machine.  Its provenance (training runs, token budgets, measured TPF) is in
 ``default_model/card.json``; the study is ``experiments/results/small_scale_bytes.md``.
 
@@ -44,7 +44,7 @@ def load_default(*, dtype="float32", **kwargs):
     """Loads the embedded default model.
 
     Args:
-      dtype: compute dtype the bfloat16-stored weights are cast to on restore (default float32, so
+      dtype: dtype the float32-stored weights are cast to on restore (default float32, so
         self-speculative outputs equal AR outputs token for token at temperature 0; ``"bfloat16"`` halves
         memory).
       **kwargs: passed to :func:`jaxdlm.load` (``mesh=``, ``sharding=``, ``tokenizer=``).
