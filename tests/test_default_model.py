@@ -2,9 +2,11 @@
 
 What is shown here: it loads offline; on held-out prompts (stdlib modules never trained on) linear
 self-speculation with the draft LoRA decodes more than 1.5 tokens per forward with output equal to AR's
-token for token (quadratic self-speculation equal to AR: the demo test); block diffusion at threshold 0.9 commits more than one
-token per denoise pass.  (Issue 6 asks for diffusion TPF > 1.5; this model reaches 1.2 at threshold 0.9,
-see experiments/results/small_scale_bytes.md, so that bar is not claimed here.)
+token for token (quadratic self-speculation equal to AR: the demo test); block diffusion at threshold 0.9 commits more than 1.5
+tokens per denoise pass.  That diffusion figure is guarded here as measured, NOT claimed as issue 6's bar:
+this model's diffusion output collapses into runs of whitespace and repeated fragments (repeat fraction
+0.70 against AR's 0.24 on these prompts; experiments/results/small_scale_bytes.md, round 4), so its
+parallel commits are cheap, not good.
 """
 
 import json
@@ -84,7 +86,7 @@ def test_default_model_decodes_faster_than_one_token_per_forward(model, prompt_i
         np.testing.assert_array_equal(np.asarray(r.tokens), np.asarray(ar.tokens))
     assert _tpf(lin) > 1.5, f"linear_spec TPF {_tpf(lin):.2f}"
     assert _tpf(lin) > _tpf(lin_off), "the draft LoRA should raise linear_spec acceptance"
-    assert _tpf(diff) > 1.0, f"diffusion TPF {_tpf(diff):.2f} at threshold {threshold}"
+    assert _tpf(diff) > 1.5, f"diffusion TPF {_tpf(diff):.2f} at threshold {threshold}"
     # diffusion's first token is the prefill's prediction, i.e. AR's first token
     np.testing.assert_array_equal(np.asarray(diff.tokens)[:, 0], np.asarray(ar.tokens)[:, 0])
 
