@@ -1,13 +1,15 @@
-"""Generation benchmark: per mode tokens/s, nfe, TPF; per-forward latency t1 (1 token) and t32 (a 32-token
-block) over a KV cache; on a GPU, t1 against the HBM floor and an AR peer (transformers PyTorch
-Ministral-3 greedy generate on the same device).
+"""Generation benchmark: per mode tokens/s, nfe, TPF and compile seconds; per-forward latency t1 (1 token) and
+t32 (a 32-token block) over a KV cache at several contexts and batches; on a GPU, t1 against the HBM floor, an
+AR peer (transformers PyTorch Ministral-3 greedy generate on the same device) and a projection of NLD-8B's
+tokens/s from its published tokens per forward.
 
     python experiments/bench_generate.py                    # small random model, any device (CPU: ratios only)
-    python experiments/bench_generate.py --preset gpu8b     # 8B-shaped random bf16 model, batch 1/4/16, peer
+    python experiments/bench_generate.py --preset gpu8b     # 8B-shaped random bf16 model, the whole table
     python experiments/bench_generate.py --preset gpu8b --tiny   # the same code path on a tiny model (dry run)
 
-On a GPU with a 10-minute limit per command, run the batches separately (``--batches 1`` ...): each mode
-compiles once per batch size.
+The HBM floor of a forward is (weight bytes except the embedding table, of which a forward gathers a few rows,
++ the K/V bytes it reads) / the best of 12 timed reads of a 4 GiB buffer.  The results JSON is rewritten after
+every phase, so a run cut short by a time limit keeps what it measured.
 
 Weights are random, so the self-speculative TPF here says nothing about a trained model (drafts are
 almost never accepted); tokens/s, nfe per step and the latencies are what this measures.  Results go
@@ -29,7 +31,6 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 
@@ -70,7 +71,7 @@ def timed(fn, repeats: int):
     return float(np.median(times))
 
 
-def forward_latency(model, batch: int, width: int, context: int, repeats: int) -> float:
+def forward_latency(model, batch: int, width: int, context: int, repeats: int, layers: str = "unrolled") -> float:
     """Seconds per causal forward of ``width`` new tokens per row over a cache holding ``context`` tokens."""
     import jax
     import jax.numpy as jnp
@@ -82,12 +83,18 @@ def forward_latency(model, batch: int, width: int, context: int, repeats: int) -
 
     @jax.jit
     def step(params, tokens, cache):
-        out, new = forward(nnx.merge(model.graphdef, params), tokens, kind="causal", cache=cache)
+        out, new = forward(nnx.merge(model.graphdef, params), tokens, kind="causal", cache=cache, layers=layers)
         return out[:, -1].argmax(-1), new.length
 
-    cache = KVCache.init(cfg, batch, context + 64, model.dtype).with_length(jnp.full((batch,), context, jnp.int32))
+    slots = -(-(context + width + 64) // 64) * 64
+    cache = KVCache.init(cfg, batch, slots, model.dtype).with_length(jnp.full((batch,), context, jnp.int32))
     tokens = jnp.ones((batch, width), jnp.int32)
     return timed(lambda: jax.block_until_ready(step(model.params, tokens, cache)), repeats)
+
+
+def kv_bytes(cfg, batch: int, context: int, itemsize: int) -> int:
+    """Bytes of K and V a forward reads over ``context`` cached tokens (all layers, all rows)."""
+    return 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -101,15 +108,74 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     return 2 * nbytes / t
 
 
+def read_bandwidth(nbytes: int = 4 << 30, trials: int = 12) -> dict:
+    """HBM read bandwidth: the best of ``trials`` timed reductions of an ``nbytes`` bf16 buffer (a read-only
+    stream, as a batch-1 forward's weight reads), each call timed alone.  Best, not median: the floor is what the
+    memory can do."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return dict(bytes=nbytes, trials=trials, best_s=min(times), median_s=float(np.median(times)),
+                bytes_per_s=nbytes / min(times), median_bytes_per_s=nbytes / float(np.median(times)))
+
+
+def quadratic_forward_latency(model, batch: int, block: int, context: int, repeats: int) -> float:
+    """Seconds per quadratic self-speculation forward (``B + B*B`` tokens over a cache of ``context`` tokens)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdlm import KVCache
+    from jaxdlm.generation.speculative import quadratic_infos
+
+    n = block + block * block
+    slots = -(-(context + n + 64) // 64) * 64
+
+    @jax.jit
+    def step(params, tokens, cache):
+        q, k = quadratic_infos(cache.length, block, cache.max_len)
+        hidden, new = nnx.merge(model.graphdef, params)(tokens, q.pos, q, k, cache=cache, return_hidden=True)
+        return hidden[:, :block].sum(), new.length
+
+    cache = KVCache.init(model.config, batch, slots, model.dtype).with_length(jnp.full((batch,), context, jnp.int32))
+    tokens = jnp.ones((batch, n), jnp.int32)
+    return timed(lambda: jax.block_until_ready(step(model.params, tokens, cache)), repeats)
+
+
+# published tokens per forward of NLD-8B instruct (10-task average) and the pass each mode's forwards run
+PUBLISHED_TPF = {"ar": (1.0, "t1"), "diffusion": (2.57, "t32"), "linear_spec": (5.99, "t32"),
+                 "quadratic_spec": (6.38, "t_quadratic")}
+
+
+def projection(latency: dict) -> dict:
+    """Projected NLD-8B tokens/s at batch 1: the published TPF / the measured time of the forward it runs
+    (linear self-speculation's TPF counts its draft and verify passes, both 32-token forwards)."""
+    out = {}
+    for mode, (tpf, key) in PUBLISHED_TPF.items():
+        if latency.get(key):
+            out[mode] = dict(published_tpf=tpf, forward=key, forward_s=latency[key], tokens_per_s=tpf / latency[key])
+    return out
+
+
 def bench_modes(model, batch: int, prompt_len: int, max_new: int, block: int, repeats: int,
-                quadratic_block: int | None = None, max_quadratic_tokens: int = 1 << 30) -> dict:
+                quadratic_block: int | None = None, max_quadratic_tokens: int = 1 << 30, modes=MODES) -> dict:
+    """Per mode: tokens/s, nfe, TPF, seconds per forward, and the first call's compile seconds (first call minus
+    a timed run)."""
     import jaxdlm
 
     rng = np.random.default_rng(0)
     cfg = model.config
     prompts = [rng.integers(200, cfg.vocab_size, size=prompt_len) for _ in range(batch)]
     out = {}
-    for mode in MODES:
+    for mode in modes:
         b = quadratic_block if mode == "quadratic_spec" and quadratic_block else block
         if mode == "quadratic_spec" and batch * b * (b + 1) > max_quadratic_tokens:
             out[mode] = dict(skipped=f"batch {batch} x B(B+1) = {batch * b * (b + 1)} tokens per forward > "
@@ -117,14 +183,18 @@ def bench_modes(model, batch: int, prompt_len: int, max_new: int, block: int, re
             print(f"  batch {batch} {mode:>15}: skipped ({out[mode]['skipped']})", flush=True)
             continue
         kw = dict(mode=mode, max_new_tokens=max_new, block_length=b, threshold=0.9, eos_token_id=())
-        res = jaxdlm.generate(model, prompts, **kw)  # compile
+        t0 = time.perf_counter()
+        res = jaxdlm.generate(model, prompts, **kw)  # compile + run
+        first = time.perf_counter() - t0
         seconds = timed(lambda: jaxdlm.generate(model, prompts, **kw), repeats)
         tokens = int(res.lengths.sum())
         out[mode] = dict(block_length=b, tokens=tokens, nfe_per_row=float(res.nfe.mean()), total_nfe=res.total_nfe,
                          tpf=float(res.lengths.sum() / res.nfe.sum()), seconds=seconds,
-                         tokens_per_s=tokens / seconds, seconds_per_forward=seconds / res.total_nfe)
+                         tokens_per_s=tokens / seconds, seconds_per_forward=seconds / res.total_nfe,
+                         compile_s=first - seconds)
         print(f"  batch {batch} {mode:>15}: {tokens / seconds:9.1f} tok/s  nfe/row {res.nfe.mean():.1f}  "
-              f"TPF {out[mode]['tpf']:.2f}  {1e3 * seconds / res.total_nfe:.2f} ms/forward", flush=True)
+              f"TPF {out[mode]['tpf']:.2f}  {1e3 * seconds / res.total_nfe:.2f} ms/forward  "
+              f"compile {first - seconds:.1f} s", flush=True)
     return out
 
 
@@ -166,11 +236,92 @@ def torch_peer(args) -> dict:
     return out
 
 
+def write_json(result: dict, path: str):
+    """Writes the results so far (the script rewrites the file after every phase: a run cut short keeps them)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def run_peer(args) -> dict:
+    """The PyTorch peer in its own process (run first, so that its GPU memory is gone before JAX starts)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch-peer-only", "--preset", args.preset,
+           "--prompt-len", str(args.prompt_len), "--max-new", str(args.max_new), "--repeats", str(args.repeats),
+           "--batches", *map(str, args.mode_batches)] + (["--tiny"] if args.tiny else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_JSON ")]
+    return json.loads(lines[-1][10:]) if lines else {"error": proc.stderr[-2000:]}
+
+
+def bench_latency(model, args, result, out_path):
+    """t1 / t32 per batch and context (skipping shapes whose KV cache exceeds ``--max-kv-gb``), the quadratic
+    forward, and the layer-loop comparison; fills ``result["latency"]`` (shortest context, the original key)
+    and ``result["latency_by_context"]``."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = model.config
+    itemsize = jnp.dtype(model.dtype).itemsize
+    shortest = min(args.contexts)
+    result["latency"], result["latency_by_context"] = {}, {}
+    for batch in args.batches:
+        rows = result["latency_by_context"][f"batch{batch}"] = {}
+        for ctx in args.contexts:
+            kvb = kv_bytes(cfg, batch, ctx, itemsize)
+            if kvb > args.max_kv_gb * 1e9:
+                rows[f"context{ctx}"] = dict(skipped=f"KV cache {kvb / 1e9:.1f} GB > --max-kv-gb {args.max_kv_gb}")
+                continue
+            t1 = forward_latency(model, batch, 1, ctx, args.repeats * 3)
+            t32 = forward_latency(model, batch, 32, ctx, args.repeats * 3)
+            rows[f"context{ctx}"] = dict(t1_s=t1, t32_s=t32, t32_over_t1=t32 / t1, kv_bytes=kvb)
+            if ctx == shortest:
+                result["latency"][f"batch{batch}"] = dict(t1_s=t1, t32_s=t32, t32_over_t1=t32 / t1)
+            print(f"  batch {batch} context {ctx}: t1 {1e3 * t1:.3f} ms  t32 {1e3 * t32:.3f} ms  t32/t1 "
+                  f"{t32 / t1:.3f}", flush=True)
+            write_json(result, out_path)
+    b1 = result["latency"].get(f"batch{min(args.batches)}", {})
+    result["latency_extra"] = dict(context=shortest, batch=min(args.batches), t1=b1.get("t1_s"), t32=b1.get("t32_s"))
+    if args.quadratic_block:
+        tq = quadratic_forward_latency(model, min(args.batches), args.quadratic_block, shortest, args.repeats * 3)
+        result["latency_extra"]["t_quadratic"] = tq
+        print(f"  quadratic forward ({args.quadratic_block * (args.quadratic_block + 1)} tokens): {1e3 * tq:.3f} ms",
+              flush=True)
+    if args.compare_loops:
+        ts = forward_latency(model, min(args.batches), 1, shortest, args.repeats * 3, layers="scan")
+        result["latency_extra"]["t1_scan"] = ts
+        print(f"  t1 with the scanned layer loop: {1e3 * ts:.3f} ms (unrolled {1e3 * b1.get('t1_s', 0):.3f} ms)",
+              flush=True)
+    write_json(result, out_path)
+    if jax.default_backend() == "gpu":
+        hbm = result["hbm"]
+        streamed = result["model"]["weight_bytes"] - result["model"]["embed_bytes"]  # a forward gathers B embed rows
+        bw = hbm["read"]["bytes_per_s"]
+        hbm["floor_definition"] = ("(weight bytes except the embedding table + K/V bytes at the context) / best "
+                                   "measured read bandwidth")
+        hbm["floor_s"] = streamed / bw
+        hbm["t1_over_floor"] = {k: v["t1_s"] / ((streamed + kv_bytes(cfg, int(k[5:]), shortest, itemsize)) / bw)
+                                for k, v in result["latency"].items()}
+        hbm["t1_over_floor_by_context"] = {
+            bk: {ck: cv["t1_s"] / ((streamed + cv["kv_bytes"]) / bw) for ck, cv in rows.items() if "t1_s" in cv}
+            for bk, rows in result["latency_by_context"].items()}
+        result["projection_nld8b"] = dict(
+            note="projection, not a measurement: NVIDIA's published tokens per forward for NLD-8B instruct divided "
+                 "by the measured time of the forward each mode runs (random weights of the same shapes, batch 1)",
+            modes=projection(result["latency_extra"]))
+        write_json(result, out_path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("small", "gpu8b"), default="small")
     p.add_argument("--tiny", action="store_true", help="gpu8b code path on a tiny model (dry run)")
-    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="batches of the latency table")
+    p.add_argument("--contexts", type=int, nargs="+", default=None, help="cache contexts of the latency table")
+    p.add_argument("--mode-batches", type=int, nargs="+", default=None,
+                   help="batches of the per-mode generate runs and the peer (default: --batches)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-new", type=int, default=None)
     p.add_argument("--block", type=int, default=32)
@@ -179,27 +330,26 @@ def main(argv=None):
                    help="block length for quadratic_spec (default --block; B(B+1) tokens per forward)")
     p.add_argument("--max-quadratic-tokens", type=int, default=8192,
                    help="skip quadratic_spec when batch * B(B+1) exceeds this (compute-bound, minutes per call)")
-    p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+    p.add_argument("--max-kv-gb", type=float, default=24.0, help="skip latency shapes with a larger KV cache")
+    p.add_argument("--compare-loops", action="store_true", help="also time t1 with the scanned layer loop")
+    p.add_argument("--skip", nargs="*", default=[], choices=("latency", "modes", "peer"))
+    p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer (same as --skip peer)")
     p.add_argument("--torch-peer-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.batches is None:
         args.batches = [1, 4, 16] if args.preset == "gpu8b" else [1, 4]
+    if args.contexts is None:
+        args.contexts = [128, 8192, 32768] if args.preset == "gpu8b" and not args.tiny else [128, 512]
+    args.mode_batches = args.mode_batches or args.batches
+    args.quadratic_block = args.quadratic_block or args.block
     if args.max_new is None:
         args.max_new = 256 if args.preset == "gpu8b" and not args.tiny else 64
     if args.torch_peer_only:  # child process: prints one JSON line
         print("PEER_JSON " + json.dumps(torch_peer(args)))
         return 0
-
-    peer = None
-    if args.preset == "gpu8b" and not args.no_peer:
-        # the peer runs first, in its own process, so that its GPU memory is gone before JAX starts
-        cmd = [sys.executable, os.path.abspath(__file__), "--torch-peer-only", "--preset", args.preset,
-               "--prompt-len", str(args.prompt_len), "--max-new", str(args.max_new), "--repeats", str(args.repeats),
-               "--batches", *map(str, args.batches)] + (["--tiny"] if args.tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_JSON ")]
-        peer = json.loads(lines[-1][10:]) if lines else {"error": proc.stderr[-2000:]}
+    skip = set(args.skip) | ({"peer"} if args.no_peer or args.preset != "gpu8b" else set())
+    peer = None if "peer" in skip else run_peer(args)
 
     import jax
     import jax.numpy as jnp
@@ -210,44 +360,46 @@ def main(argv=None):
     dtype = jnp.bfloat16 if args.preset == "gpu8b" else jnp.float32
     print(f"model: {cfg.num_params() / 1e9:.3f} B params, {jnp.dtype(dtype).name}, backend {jax.default_backend()}",
           flush=True)
-    model = Model.init(cfg, seed=0, dtype=dtype)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    out_path = args.out or os.path.join(HERE, "results", f"bench_generate_{args.preset}{'_tiny' if args.tiny else ''}"
+                                                         f"_{jax.default_backend()}.json")
     result = dict(benchmark="bench_generate", preset=args.preset, tiny=args.tiny,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  versions=versions(), model=dict(dataclasses.asdict(cfg), num_params=cfg.num_params(),
-                                                  dtype=jnp.dtype(dtype).name, weight_bytes=weight_bytes),
-                  settings=dict(prompt_len=args.prompt_len, max_new=args.max_new, block=args.block,
-                                quadratic_block=args.quadratic_block or args.block,
-                                threshold=0.9, greedy=True, repeats=args.repeats, weights="random"),
-                  note=("random weights: self-speculative drafts are almost never accepted, so TPF here is not a "
-                        "trained model's; CPU figures are for ratios only"))
-    result["latency"] = {}
-    for batch in args.batches:
-        t1 = forward_latency(model, batch, 1, args.prompt_len, args.repeats * 3)
-        t32 = forward_latency(model, batch, 32, args.prompt_len, args.repeats * 3)
-        result["latency"][f"batch{batch}"] = dict(t1_s=t1, t32_s=t32, t32_over_t1=t32 / t1)
-        print(f"  batch {batch}: t1 {1e3 * t1:.3f} ms  t32 {1e3 * t32:.3f} ms  t32/t1 {t32 / t1:.2f}", flush=True)
-    if jax.default_backend() == "gpu":
-        bw = copy_bandwidth()
-        floor = weight_bytes / bw
-        embed_bytes = model.params["embed"][...].nbytes  # a forward gathers only a few embedding rows
-        result["hbm"] = dict(copy_bandwidth_bytes_per_s=bw, floor_s=floor, floor_excluding_embed_s=(
-            weight_bytes - embed_bytes) / bw, t1_over_floor={k: v["t1_s"] / floor for k, v in result["latency"].items()})
-        print(f"  copy bandwidth {bw / 1e12:.2f} TB/s, HBM floor {1e3 * floor:.2f} ms", flush=True)
-    result["modes"] = {}
-    for batch in args.batches:
-        result["modes"][f"batch{batch}"] = bench_modes(model, batch, args.prompt_len, args.max_new, args.block,
-                                                       args.repeats, args.quadratic_block, args.max_quadratic_tokens)
+                  versions=versions(), note=("random weights: self-speculative drafts are almost never accepted, so "
+                                             "TPF here is not a trained model's; CPU figures are for ratios only"))
+    if jax.default_backend() == "gpu":  # the floor first, on an empty device
+        big = (4 << 30) if not args.tiny else (1 << 26)
+        result["hbm"] = dict(read=read_bandwidth(big), copy_bandwidth_bytes_per_s=copy_bandwidth(big))
+        print(f"  HBM read {result['hbm']['read']['bytes_per_s'] / 1e12:.2f} TB/s (best of "
+              f"{result['hbm']['read']['trials']}), copy {result['hbm']['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s",
+              flush=True)
+    t0 = time.perf_counter()
+    model = Model.init(cfg, seed=0, dtype=dtype)
+    jax.block_until_ready(model.params)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    result["model"] = dict(dataclasses.asdict(cfg), num_params=cfg.num_params(), dtype=jnp.dtype(dtype).name,
+                           weight_bytes=weight_bytes, embed_bytes=model.params["embed"][...].nbytes,
+                           init_s=time.perf_counter() - t0)
+    result["settings"] = dict(prompt_len=args.prompt_len, max_new=args.max_new, block=args.block,
+                              quadratic_block=args.quadratic_block, threshold=0.9, greedy=True, repeats=args.repeats,
+                              weights="random", batches=args.batches, contexts=args.contexts,
+                              mode_batches=args.mode_batches, layers="unrolled")
+    write_json(result, out_path)
+    if "latency" not in skip:
+        bench_latency(model, args, result, out_path)
+    if "modes" not in skip:
+        result["modes"] = {}
+        for batch in args.mode_batches:
+            result["modes"][f"batch{batch}"] = bench_modes(model, batch, args.prompt_len, args.max_new, args.block,
+                                                           args.repeats, args.quadratic_block,
+                                                           args.max_quadratic_tokens, args.modes)
+            write_json(result, out_path)
     if peer is not None:
         result["torch_peer"] = peer
         result["ar_over_peer"] = {k: result["modes"][k]["ar"]["tokens_per_s"] / v["tokens_per_s"]
-                                  for k, v in peer.items() if k.startswith("batch") and k in result["modes"]}
-    out = args.out or os.path.join(HERE, "results", f"bench_generate_{args.preset}{'_tiny' if args.tiny else ''}_"
-                                                    f"{jax.default_backend()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    print(f"wrote {out}")
+                                  for k, v in peer.items() if k.startswith("batch") and k in result.get("modes", {})
+                                  and "ar" in result["modes"][k]}
+    write_json(result, out_path)
+    print(f"wrote {out_path}")
     return 0
 
 

@@ -16,8 +16,9 @@ class KVCache:
     """Keys and values of committed (causal) tokens.
 
     Attributes:
-      k, v: ``[num_layers, batch, max_len, num_kv_heads, head_dim]``; slot ``s`` of a row holds the
-        token at position ``s`` (RoPE already applied to keys).
+      k, v: ``[num_layers, batch, num_kv_heads, max_len, head_dim]``; slot ``s`` of a row holds the
+        token at position ``s`` (RoPE already applied to keys).  Heads-major: each (row, kv head) holds
+        its keys contiguously, so attention reads a layer as ``[B, KVH, S, D]`` batched matrices in place.
       length: ``int32 [batch]`` number of valid slots per row.  Slots at or beyond ``length`` hold
         scratch data and are never attended to.
     """
@@ -31,7 +32,7 @@ class KVCache:
         """An empty cache of ``max_len`` slots per row."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
     @property
@@ -40,7 +41,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def advance(self, n) -> "KVCache":
         """Marks ``n`` (scalar or ``[batch]``) more slots valid, clipped to ``max_len``."""
@@ -58,12 +59,15 @@ class KVCache:
         return dataclasses.replace(self, length=length)
 
 
-def write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes ``new [B, T, ...]`` into ``buffer [B, S, ...]`` at per-row slot ``start [B]``.
+def write(buffer: jax.Array, layer, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes ``new [B, T, KVH, D]`` into layer ``layer`` of ``buffer [L, B, KVH, S, D]`` at per-row slot ``start [B]``.
 
-    Slots past the end are dropped (never clamped onto valid data).
+    One scatter of ``B * T`` rows into the stacked buffer: XLA updates it in place (no copy of a layer or of
+    the whole cache).  Slots past the end are dropped (never clamped onto valid data).  ``layer`` is a
+    Python int or a traced index.
     """
     b, t = new.shape[:2]
     rows = jnp.arange(b)[:, None]
     cols = start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return buffer.at[rows, cols].set(new.astype(buffer.dtype), mode="drop")
+    # advanced indices (layer, rows, cols) around a slice: the indexed view is [B, T, KVH, D], as `new`
+    return buffer.at[layer, rows, :, cols].set(new.astype(buffer.dtype), mode="drop")

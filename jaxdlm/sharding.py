@@ -67,7 +67,7 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("layers", "down_proj"): ("layers", "mlp", "embed"),
 }
 LORA_AXES = {"a": ("layers", "heads", "lora"), "b": ("layers", "lora", "embed"), "scale": ()}
-CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:

@@ -97,9 +97,9 @@ def test_writes_past_capacity_are_dropped_not_clamped(model, rng):
     module = model.module
     cache = KVCache.init(model.config, 1, 8)
     _, cache = forward(module, jnp.asarray(tokens), kind="causal", cache=cache)
-    k_before = np.asarray(cache.k)[:, :, :6]
+    k_before = np.asarray(cache.k)[:, :, :, :6]
     _, over = forward(module, jnp.asarray(rng.integers(0, 80, size=(1, 4))), kind="causal", cache=cache)
-    np.testing.assert_array_equal(np.asarray(over.k)[:, :, :6], k_before)
+    np.testing.assert_array_equal(np.asarray(over.k)[:, :, :, :6], k_before)
     assert int(over.length[0]) == 8
 
 

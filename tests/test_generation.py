@@ -272,7 +272,7 @@ def test_auto_mode_rule(seed, rng):
     (dict(threshold=1.5), "threshold=1.5"),
     (dict(threshold=-0.1), "threshold=-0.1"),
     (dict(block_length=0), "block_length=0"),
-    (dict(block_length=40, cache_length=32), "block_length=40"),
+    (dict(mode="diffusion", block_length=40, cache_length=32), "block_length=40"),
     (dict(max_new_tokens=100, cache_length=64), "cache_length=64"),
     (dict(max_new_tokens=5000), "max_position_embeddings=4096"),
     (dict(temperature=-1.0), "temperature=-1.0"),

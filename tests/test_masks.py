@@ -85,7 +85,7 @@ def test_denoise_pass_over_cache_matches_dense_reference(prefix, width, seed, rn
     ref = hf_logits(hf, seq, allowed=np.broadcast_to(dense, (2, n, n)))
     assert rel_err(logits, ref[:, prefix:]) <= TOL
     np.testing.assert_array_equal(after.length, cache.length)
-    np.testing.assert_array_equal(np.asarray(after.k)[:, :, :prefix], np.asarray(cache.k)[:, :, :prefix])
+    np.testing.assert_array_equal(np.asarray(after.k)[:, :, :, :prefix], np.asarray(cache.k)[:, :, :, :prefix])
     # a causal commit of the same positions afterwards is exact causal logits (the scratch is overwritten)
     commit, _ = forward(module, jnp.asarray(seq[:, prefix:]), kind="causal", cache=after)
     assert rel_err(commit, hf_logits(hf, seq)[:, prefix:]) <= TOL

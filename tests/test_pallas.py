@@ -4,6 +4,7 @@ Tiles are shrunk to 16 so that the tiny shapes still span several tiles, partial
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +267,51 @@ def _lower_all(cfg):
     for name, (fn, args, n_kernels) in cases.items():
         text = compat.lowered_text_for_platform(fn, *args, platform="cuda")
         assert text.count("__gpu$xla.gpu.triton") == n_kernels, (name, cfg.schedule)
+
+
+@pytest.mark.parametrize("kind,num_new,s,dtype", [
+    ("causal", 1, 48, jnp.float32),     # AR step: decode kernel, in place
+    ("denoise", 6, 48, jnp.bfloat16),   # diffusion block: decode kernel, in place
+    ("causal", 40, 48, jnp.float32),    # prefill-sized pass: flash kernel, in place
+    ("denoise", 3, 40, jnp.float32),    # S = 40, not a multiple of 16: sliced out and padded instead
+])
+def test_stacked_cache_layer_matches_plain_keys(kind, num_new, s, dtype, rng):
+    """Attention over layer 1 of a stacked heads-major cache ``[L, B, KVH, S, D]`` (what the unrolled forward
+    passes) equals attention over that layer as plain keys ``[B, S, KVH, D]``; so do dq and dk, dv (only layer 1
+    of the stack gets a gradient)."""
+    b, h, kvh, d, n_layers = 2, 4, 2, 16, 3
+    length = jnp.asarray([s - num_new, int(rng.integers(0, s - num_new))], jnp.int32)
+    qi, ki = masks.cache_query_info(length, num_new, kind), masks.cache_key_info(length, s, num_new, kind)
+    mk = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)  # noqa: E731
+    q, k, v, ct = mk(b, num_new, h, d), mk(n_layers, b, kvh, s, d), mk(n_layers, b, kvh, s, d), mk(b, num_new, h, d)
+    plain = lambda x: jnp.swapaxes(x[1], 1, 2)  # noqa: E731
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
+
+    stacked = lambda q, k, v: pallas_gpu.attention(q, k, v, qi, ki, scale=0.25, config=SMALL, layer=1)  # noqa
+    ref = lambda q, k, v: xla.attention(q.astype(jnp.float32), plain(k).astype(jnp.float32),  # noqa: E731
+                                        plain(v).astype(jnp.float32), qi, ki, scale=0.25)
+    assert rel_err(jax.jit(stacked)(q, k, v), ref(q, k, v)) < TOL[dtype]
+    g_got = jax.jit(jax.grad(loss(stacked), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for name, got, want in zip("qkv", g_got, g_ref):
+        assert rel_err(got, want) < TOL[dtype], f"d{name}"
+    for g in g_got[1:]:
+        assert not np.asarray(g, np.float32)[[0, 2]].any(), "layers other than 1 get no gradient"
+
+
+def test_stacked_cache_is_read_in_place_for_abstract_h100():
+    """Lowered for an H100, the decode and flash kernels take the whole stacked cache as their operand: no
+    slice, transpose or pad of the cache precedes them (a copy of the layer per forward)."""
+    cfg = pallas_gpu.KernelConfig(interpret=False)
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    length = jnp.asarray([700], jnp.int32)
+    for t in (1, 32, 64):
+        kind = "causal" if t != 32 else "denoise"
+        qi, ki = masks.cache_query_info(length, t, kind), masks.cache_key_info(length, 1024, t, kind)
+        fn = lambda q, k, v: pallas_gpu.attention(q, k, v, qi, ki, scale=0.1, config=cfg, layer=2)  # noqa: E731
+        text = compat.lowered_text_for_platform(fn, sds(1, t, 8, 128), sds(4, 1, 2, 1024, 128),
+                                                sds(4, 1, 2, 1024, 128), platform="cuda")
+        assert text.count("__gpu$xla.gpu.triton") == 1
+        assert not re.search(r"stablehlo\.(slice|dynamic_slice|transpose|pad|gather)[^\n]*%arg[12]\b", text), t

@@ -1,8 +1,11 @@
 """The one attention API of jaxdlm.
 
-``attention(q, k, v, q_info, k_info, scale=..., sliding_window=None, impl=None)``: queries
+``attention(q, k, v, q_info, k_info, scale=..., sliding_window=None, impl=None, layer=None)``: queries
 ``[B, T, H, D]`` over keys / values ``[B, S, KVH, D]`` with the mask given by per-token metadata
-(:mod:`jaxdlm.attention.masks`).  ``impl`` picks the backend: ``"xla"`` (reference, everywhere) or
+(:mod:`jaxdlm.attention.masks`).  With ``layer`` the keys / values are a whole stacked KV cache
+``[L, B, KVH, S, D]`` (:class:`jaxdlm.cache.KVCache`'s heads-major layout) and layer ``layer`` is read: a Python
+int lets every backend read it in place (no copy of the layer's cache), a traced index (a scanned layer loop)
+slices it out first.  ``impl`` picks the backend: ``"xla"`` (reference, everywhere) or
 ``"pallas"`` (Pallas Triton kernels, :mod:`jaxdlm.attention.pallas_gpu`; interpret mode off GPU).  The default comes from the environment
 variable ``JAXDLM_ATTENTION`` (``xla`` | ``pallas``); unset, it is ``pallas`` on a GPU and ``xla`` elsewhere.
 """
@@ -38,16 +41,22 @@ def default_impl() -> str:
     return impl
 
 
-def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sliding_window=None, impl=None):
+def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sliding_window=None, impl=None,
+              layer=None):
     """Masked grouped-query attention; see the module docstring.  Returns ``[B, T, H, D]``."""
     impl = impl or default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not a known attention backend; expected one of {IMPLS}")
+    if layer is not None and not isinstance(layer, int):  # traced index: slice the layer (a one-layer stack)
+        k, v, layer = k[layer][None], v[layer][None], 0
     if impl == "xla":
+        if layer is not None:
+            return xla.attention(q, k[layer], v[layer], q_info, k_info, scale=scale, sliding_window=sliding_window,
+                                 heads_major=True)
         return xla.attention(q, k, v, q_info, k_info, scale=scale, sliding_window=sliding_window)
-    if impl == "pallas":
-        from jaxdlm.attention import pallas_gpu
+    from jaxdlm.attention import pallas_gpu
 
-        return pallas_gpu.attention(q, k, v, q_info, k_info, scale=scale, sliding_window=sliding_window)
-    raise ValueError(f"impl={impl!r} is not a known attention backend; expected one of {IMPLS}")
+    return pallas_gpu.attention(q, k, v, q_info, k_info, scale=scale, sliding_window=sliding_window, layer=layer)
 
 
 __all__ = ["attention", "masks", "TokenInfo", "allowed", "CLEAN", "NOISY", "IMPLS", "default_impl"]

@@ -50,7 +50,7 @@ class KernelConfig:
     """Static kernel settings (hashable).  Tile sizes are powers of two >= 16.
 
     ``interpret=None`` means "interpret unless the default backend is a GPU".  ``num_splits=None`` picks
-    the flash-decoding split count from the shape (enough programs to fill an H100's 132 SMs twice).
+    the flash-decoding split count from the shape and the device (see :func:`_num_splits`).
     """
 
     block_q: int = 128
@@ -70,6 +70,7 @@ class KernelConfig:
     num_warps_decode_wide: int = 8
     decode_max_queries: int = 32
     num_splits: int | None = None
+    min_tiles_per_split: int = 4
     schedule: str = "runs"
     interpret: bool | None = None
     debug: bool = False  # print each kernel's jaxpr and Triton IR when lowering
@@ -338,10 +339,26 @@ def _specs_row(n, idx):
     return pl.BlockSpec((_SQ, n), idx)
 
 
-def _train_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
-    """Padded inputs (``T % bq == S % bk == 0``, ``D`` a power of two) -> ``out [B,T,H,D], lse [B,H,T]``."""
+def _kv_spec(s: int, d: int, layer: int | None, head_of):
+    """BlockSpec of one kv head's whole key / value row ``[S, D]``: from ``[B, S, KVH, D]``, or in place from a
+    stacked heads-major cache ``[L, B, KVH, S, D]`` at the static ``layer`` (grid ``(i, j, n)``; ``head_of(j)`` is
+    the kv head)."""
+    if layer is None:
+        return pl.BlockSpec((_SQ, s, _SQ, d), lambda i, j, n: (n, 0, head_of(j), 0))
+    return pl.BlockSpec((_SQ, _SQ, _SQ, s, d), lambda i, j, n: (layer, n, head_of(j), 0, 0))
+
+
+def _kv_shape(k, layer):
+    """``(S, KVH)`` of keys ``[B, S, KVH, D]`` or of a stacked heads-major cache ``[L, B, KVH, S, D]``."""
+    return (k.shape[1], k.shape[2]) if layer is None else (k.shape[3], k.shape[2])
+
+
+def _train_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig, layer=None):
+    """Padded inputs (``T % bq == S % bk == 0``, ``D`` a power of two) -> ``out [B,T,H,D], lse [B,H,T]``.
+
+    ``k, v``: ``[B, S, KVH, D]``, or a stacked cache ``[L, B, KVH, S, D]`` read in place at ``layer``."""
     b, t, h, d = q.shape
-    s, kvh = k.shape[1], k.shape[2]
+    s, kvh = _kv_shape(k, layer)
     group = h // kvh
     bq, bk = min(cfg.block_q, t), min(cfg.block_k, s)
     nq, nk = t // bq, s // bk
@@ -350,7 +367,7 @@ def _train_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
                                num_splits=None)
     qrow = _specs_row(bq, lambda i, j, n: (n, i))
     krow = _specs_row(s, lambda i, j, n: (n, 0))
-    kvspec = pl.BlockSpec((_SQ, s, _SQ, d), lambda i, j, n: (n, 0, j // group, 0))
+    kvspec = _kv_spec(s, d, layer, lambda j: j // group)
     return pl.pallas_call(
         kernel,
         grid=(nq, h, b),
@@ -366,19 +383,32 @@ def _train_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
     )(*sched, q, *_info_arrays(q_info)[:3], k, v, *_info_arrays(k_info))
 
 
+def _num_cores() -> int:
+    """Streaming multiprocessors of the default device (``core_count``; 132, an H100's, when unknown)."""
+    try:
+        return int(getattr(jax.devices()[0], "core_count", None) or 132)
+    except Exception:  # noqa: BLE001  (no device query possible: keep the H100 figure)
+        return 132
+
+
 def _num_splits(cfg: KernelConfig, b: int, kvh: int, nk: int) -> int:
+    """Key splits of flash-decoding: ``batch x kv heads x splits`` programs fill every SM (one wave), with at
+    least ``cfg.min_tiles_per_split`` key tiles per program so that each still streams (``cfg.num_splits``
+    overrides)."""
     if cfg.num_splits is not None:
         return max(1, min(cfg.num_splits, nk))
-    return max(1, min(nk, -(-2 * 132 // (b * kvh))))
+    fill = -(-_num_cores() // (b * kvh))
+    return max(1, min(fill, nk // cfg.min_tiles_per_split))
 
 
-def _decode_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
-    """Flash-decoding.  ``q [B, T, H, D]`` (T small, D a power of two), ``k, v`` padded to ``S % bk == 0``.
+def _decode_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig, layer=None):
+    """Flash-decoding.  ``q [B, T, H, D]`` (T small, D a power of two), ``k, v`` padded to ``S % bk == 0``
+    (``[B, S, KVH, D]``, or a stacked cache ``[L, B, KVH, S, D]`` read in place at ``layer``).
 
     The ``T * G`` query rows of one kv head form one tile; returns ``out [B, T, H, D], lse [B, H, T]``.
     """
     b, t, h, d = q.shape
-    s, kvh = k.shape[1], k.shape[2]
+    s, kvh = _kv_shape(k, layer)
     group = h // kvh
     rows = t * group
     rp = _pow2(rows)
@@ -394,7 +424,7 @@ def _decode_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
                                num_splits=ns)
     qrow = _specs_row(rp, lambda i, j, n: (n, 0))
     krow = _specs_row(s, lambda i, j, n: (n, 0))
-    kvspec = pl.BlockSpec((_SQ, s, _SQ, d), lambda i, j, n: (n, 0, j, 0))
+    kvspec = _kv_spec(s, d, layer, lambda j: j)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(ns, kvh, b),
@@ -474,37 +504,57 @@ def _train_bwd(q, k, v, q_info, k_info, out, lse, do, scale, window, cfg: Kernel
     return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
-def _forward(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig):
-    """Unpadded inputs -> ``out [B, T, H, D]``, ``lse [B, H, T]`` (decode kernel for ``T <= 32``)."""
+def _key_tile(want: int, s: int, layer) -> int:
+    """Key tile: ``want`` capped at the padded length; in place in a stacked cache (``layer`` set) the largest
+    power of two ``<= want`` that divides ``S`` (the caller guarantees ``S % 16 == 0``), so nothing is padded."""
+    bk = min(want, _pow2(s))
+    if layer is not None:
+        while s % bk:
+            bk //= 2
+    return bk
+
+
+def _forward(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig, layer=None):
+    """Unpadded inputs -> ``out [B, T, H, D]``, ``lse [B, H, T]`` (decode kernel for ``T <= 32``).
+
+    ``k, v``: ``[B, S, KVH, D]`` (padded here as needed) or a stacked cache ``[L, B, KVH, S, D]`` read in place
+    at ``layer`` (never padded: ``S % 16 == 0``)."""
     b, t, h, d = q.shape
-    s = k.shape[1]
+    s, kvh = _kv_shape(k, layer)
+    axis = 1 if layer is None else 3
     if t <= cfg.decode_max_queries:
-        wide = _pow2(t * (h // k.shape[2])) > 32
-        bk = min(cfg.block_k_decode_wide if wide else cfg.block_k_decode, _pow2(s))
+        wide = _pow2(t * (h // kvh)) > 32
+        bk = _key_tile(cfg.block_k_decode_wide if wide else cfg.block_k_decode, s, layer)
         warps = cfg.num_warps_decode_wide if wide else cfg.num_warps_decode
         sp = _round_up(s, bk)
-        return _decode_fwd(q, _pad_axis(k, sp, 1), _pad_axis(v, sp, 1), q_info, _pad_info(k_info, sp),
-                           scale, window, dataclasses.replace(cfg, block_k_decode=bk, num_warps_decode=warps))
-    bq, bk = min(cfg.block_q, _pow2(t)), min(cfg.block_k, _pow2(s))
+        return _decode_fwd(q, _pad_axis(k, sp, axis), _pad_axis(v, sp, axis), q_info, _pad_info(k_info, sp),
+                           scale, window, dataclasses.replace(cfg, block_k_decode=bk, num_warps_decode=warps), layer)
+    bq, bk = min(cfg.block_q, _pow2(t)), _key_tile(cfg.block_k, s, layer)
     tp, sp = _round_up(t, bq), _round_up(s, bk)
-    out, lse = _train_fwd(_pad_axis(q, tp, 1), _pad_axis(k, sp, 1), _pad_axis(v, sp, 1), _pad_info(q_info, tp),
-                          _pad_info(k_info, sp), scale, window, cfg)
+    out, lse = _train_fwd(_pad_axis(q, tp, 1), _pad_axis(k, sp, axis), _pad_axis(v, sp, axis), _pad_info(q_info, tp),
+                          _pad_info(k_info, sp), scale, window, cfg, layer)
     return out[:, :t], lse[:, :, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, q_info, k_info, scale, window, cfg):
-    return _forward(q, k, v, q_info, k_info, scale, window, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, q_info, k_info, scale, window, cfg, layer):
+    return _forward(q, k, v, q_info, k_info, scale, window, cfg, layer)[0]
 
 
-def _attention_fwd(q, k, v, q_info, k_info, scale, window, cfg):
-    out, lse = _forward(q, k, v, q_info, k_info, scale, window, cfg)
+def _attention_fwd(q, k, v, q_info, k_info, scale, window, cfg, layer):
+    out, lse = _forward(q, k, v, q_info, k_info, scale, window, cfg, layer)
     return out, (q, k, v, q_info, k_info, out, lse)
 
 
-def _attention_bwd(scale, window, cfg, res, do):
+def _attention_bwd(scale, window, cfg, layer, res, do):
     q, k, v, q_info, k_info, out, lse = res
-    dq, dk, dv = _train_bwd(q, k, v, q_info, k_info, out, lse, do, scale, window, cfg)
+    if layer is None:
+        dq, dk, dv = _train_bwd(q, k, v, q_info, k_info, out, lse, do, scale, window, cfg)
+    else:  # a stacked cache read in place: only layer `layer` receives a gradient
+        seq_major = lambda x: jnp.swapaxes(x[layer], 1, 2)  # noqa: E731  [B, KVH, S, D] -> [B, S, KVH, D]
+        dq, dk_l, dv_l = _train_bwd(q, seq_major(k), seq_major(v), q_info, k_info, out, lse, do, scale, window, cfg)
+        dk = jnp.zeros_like(k).at[layer].set(jnp.swapaxes(dk_l, 1, 2))
+        dv = jnp.zeros_like(v).at[layer].set(jnp.swapaxes(dv_l, 1, 2))
     zero_info = lambda info: jax.tree.map(  # noqa: E731
         lambda x: jnp.zeros(x.shape, jax.dtypes.float0), info)
     return dq, dk, dv, zero_info(q_info), zero_info(k_info)
@@ -514,11 +564,14 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sliding_window=None,
-              config: KernelConfig | None = None):
+              config: KernelConfig | None = None, layer: int | None = None):
     """Masked grouped-query attention with Pallas kernels (differentiable: ``custom_vjp``).
 
     Args:
       q: ``[B, T, H, D]`` queries; k, v: ``[B, S, KVH, D]`` with ``H % KVH == 0``; float32 or bfloat16.
+        With ``layer`` (a Python int), k, v are a stacked heads-major KV cache ``[L, B, KVH, S, D]`` and the
+        kernels read layer ``layer`` in place (no copy of it; when ``S`` is not a multiple of 16 or ``D`` not a
+        power of two the layer is sliced out, transposed and padded instead).
       q_info, k_info: :class:`TokenInfo` with fields ``[B, T]`` / ``[B, S]``.
       scale: softmax scale.  sliding_window: optional Mistral-style window.
       config: :class:`KernelConfig` (tiles, warps, interpret, decode splits).
@@ -526,22 +579,29 @@ def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sl
     Returns ``[B, T, H, D]`` in ``q.dtype``; a query that sees no key gets zeros (as the XLA path).
     """
     cfg = config or KernelConfig()
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    if layer is not None:
+        if k.ndim != 5 or k.shape != v.shape or not 0 <= layer < k.shape[0]:
+            raise ValueError(f"layer={layer} needs stacked caches k, v [L, B, KVH, S, D] with 0 <= layer < L; "
+                             f"got k {k.shape}, v {v.shape}")
+        if k.shape[3] % 16 or _pow2(k.shape[4]) != k.shape[4]:
+            k, v, layer = jnp.swapaxes(k[layer], 1, 2), jnp.swapaxes(v[layer], 1, 2), None
+    kshape = k.shape if layer is None else (k.shape[1], k.shape[3], k.shape[2], k.shape[4])  # [B, S, KVH, D]
+    if q.ndim != 4 or len(kshape) != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B, T, H, D] and k, v [B, S, KVH, D]; got q {q.shape}, k {k.shape}, v {v.shape}")
     b, t, h, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:
-        raise ValueError(f"k/v shape {k.shape} does not fit q {q.shape}: need the same batch and head_dim and "
-                         f"num_heads ({h}) divisible by num_kv_heads ({k.shape[2]})")
-    if q_info.pos.shape != (b, t) or k_info.pos.shape != (b, k.shape[1]):
+    if kshape[0] != b or kshape[3] != d or h % kshape[2]:
+        raise ValueError(f"k/v shape {kshape} does not fit q {q.shape}: need the same batch and head_dim and "
+                         f"num_heads ({h}) divisible by num_kv_heads ({kshape[2]})")
+    if q_info.pos.shape != (b, t) or k_info.pos.shape != (b, kshape[1]):
         raise ValueError(f"q_info / k_info shapes {q_info.pos.shape} / {k_info.pos.shape} must be "
-                         f"{(b, t)} / {(b, k.shape[1])}")
+                         f"{(b, t)} / {(b, kshape[1])}")
     dp = _pow2(d)
     if dp != d:  # zero head-dim padding changes neither scores nor the kept output columns
         q, k, v = (_pad_axis(x, dp, 3) for x in (q, k, v))
     window = None if sliding_window is None else int(sliding_window)
     q_info = TokenInfo(*(x.astype(jnp.int32) for x in q_info[:3]), q_info.valid.astype(bool))
     k_info = TokenInfo(*(x.astype(jnp.int32) for x in k_info[:3]), k_info.valid.astype(bool))
-    out = _attention(q, k, v, q_info, k_info, float(scale), window, cfg)
+    out = _attention(q, k, v, q_info, k_info, float(scale), window, cfg, layer)
     return out[..., :d]
 
 

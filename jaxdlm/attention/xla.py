@@ -11,12 +11,14 @@ import jax.numpy as jnp
 from jaxdlm.attention.masks import TokenInfo, allowed
 
 
-def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sliding_window=None):
+def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sliding_window=None,
+              heads_major: bool = False):
     """Grouped-query attention.
 
     Args:
       q: ``[B, T, H, D]`` queries (RoPE and any query scale already applied).
-      k, v: ``[B, S, KVH, D]`` keys / values, ``H % KVH == 0``.
+      k, v: ``[B, S, KVH, D]`` keys / values, ``H % KVH == 0``; with ``heads_major`` ``[B, KVH, S, D]`` (a layer
+        of the KV cache: batch and kv-head dims major, so the matmuls read it without a transpose copy).
       q_info, k_info: mask metadata ``[B, T]`` / ``[B, S]``.
       scale: softmax scale (``head_dim ** -0.5``).
 
@@ -25,9 +27,10 @@ def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sl
     gets zeros.
     """
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if heads_major else 2]
+    kv = "bksd" if heads_major else "bskd"
     qg = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     mask = allowed(q_info, k_info, sliding_window)[:, None, None, :, :]
     scores = jnp.where(mask, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
@@ -35,5 +38,5 @@ def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sl
     p = jnp.exp(scores - row_max)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)

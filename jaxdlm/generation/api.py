@@ -24,6 +24,7 @@ from jaxdlm.generation.ar import ar_program
 from jaxdlm.generation.diffusion import diffusion_program
 from jaxdlm.generation.sampling import Sampler
 from jaxdlm.generation.speculative import linear_program, quadratic_program
+from jaxdlm.model import LAYER_LOOPS
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
 SPEC_SAMPLING = ("exact", "rejection")
@@ -51,6 +52,31 @@ def auto_mode(model, batch: int, max_new_tokens: int, block_length: int) -> str:
     if model.config.mask_token_id is None or batch >= AUTO_AR_MIN_BATCH or max_new_tokens <= block_length:
         return "ar"
     return "linear_spec"
+
+
+def widest_write(mode: str, block: int) -> int:
+    """Most tokens one forward writes after a row's cache length: 1 (AR), ``B`` (diffusion, linear spec),
+    ``B + B*B`` (quadratic spec: the masks' K/V go to scratch slots too)."""
+    return {"ar": 1, "quadratic_spec": block + block * block}.get(mode, block)
+
+
+def cache_slots(mode: str, longest: int, p_len: int, max_new: int, block: int, requested: int | None) -> int:
+    """KV cache slots per row: ``requested`` (checked) or the default.
+
+    A row's cache grows to at most ``longest + max_new`` committed tokens and every forward writes up to
+    :func:`widest_write` tokens after it (scratch for the passes that do not commit them), so that many
+    slots are needed; the default also holds the whole bucketed prompt (``p_len``) and a block of margin,
+    rounded up to a multiple of 64 (tile sizes of the attention kernels divide it).
+    """
+    widest = widest_write(mode, 1 if mode == "ar" else block)
+    needed = max(p_len, longest + max_new + widest)
+    if requested is None:
+        return -(-(needed + (1 if mode == "ar" else block)) // 64) * 64
+    if int(requested) < needed:
+        raise ValueError(f"cache_length={requested} is too small: prompt length {longest} + max_new_tokens="
+                         f"{max_new} + {widest} slots for the widest {mode} pass (block_length={block}; and at least the bucketed "
+                         f"prompt length {p_len}) need {needed}")
+    return int(requested)
 
 
 @dataclasses.dataclass
@@ -129,7 +155,7 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
              seed: int = 0, spec_sampling: str = "exact", use_lora: bool = True,
              max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
              stream_callback: Callable | None = None, cache_length: int | None = None,
-             impl: str | None = None) -> GenerationResult:
+             impl: str | None = None, layers: str = "unrolled") -> GenerationResult:
     """Generates up to ``max_new_tokens`` tokens after each prompt, in one jitted program.
 
     Args:
@@ -154,8 +180,11 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
       stream_callback: optional host function ``f(tokens int32 [B, N], counts int32 [B])`` called from
         inside the program after every emission; ``tokens[i, :counts[i]]`` are row ``i``'s newly
         final tokens.  A new function object recompiles the program.
-      cache_length: KV cache slots per row (default: bucketed prompt + ``max_new_tokens`` + 2 blocks).
+      cache_length: KV cache slots per row (default and minimum: :func:`cache_slots`).
       impl: attention backend (default ``JAXDLM_ATTENTION``).
+      layers: the forwards' layer loop: ``"unrolled"`` (default; straight-line code, the fast one on a GPU) or
+        ``"scan"`` (a ``lax.scan``: a program ~L times smaller that compiles faster, for very deep models on
+        a CPU); both give the same tokens.
 
     Returns a :class:`GenerationResult` (host numpy arrays).  ``nfe`` per SPEC.md section 5: AR counts
     one per emitted token (the prefill is the first token's forward); diffusion does not count the
@@ -177,6 +206,8 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
         raise ValueError(f"top_p={top_p!r} must lie in (0, 1]")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be an integer >= 1 (or None)")
+    if layers not in LAYER_LOOPS:
+        raise ValueError(f"layers={layers!r} is not a layer loop; expected one of {LAYER_LOOPS}")
     if spec_sampling not in SPEC_SAMPLING:
         raise ValueError(f"spec_sampling={spec_sampling!r} is not known; expected one of {SPEC_SAMPLING}")
     if (max_thinking_tokens is None) != (end_think_token_id is None):
@@ -210,16 +241,7 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
         raise ValueError(f"prompt length {longest} + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_position_embeddings={c.max_position_embeddings}")
     p_len = bucket_length(longest)
-    needed = longest + max_new_tokens + block_length
-    if cache_length is None:
-        cache_len = -(-(p_len + max_new_tokens + 2 * block_length) // 64) * 64
-    else:
-        cache_len = int(cache_length)
-        if block_length > cache_len:
-            raise ValueError(f"block_length={block_length} is larger than the cache (cache_length={cache_len})")
-        if needed > cache_len:
-            raise ValueError(f"prompt length {longest} + max_new_tokens={max_new_tokens} + block_length="
-                             f"{block_length} = {needed} exceeds cache_length={cache_len}")
+    cache_len = cache_slots(mode, longest, p_len, int(max_new_tokens), int(block_length), cache_length)
     if eos_token_id is None:
         eos = tuple(c.eos_token_ids or ())
     elif isinstance(eos_token_id, (int, np.integer)):
@@ -238,13 +260,10 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
                       mask_id=c.mask_token_id)
     if mode == "ar":  # the block length plays no role in AR: one program for every block_length
         block_length = 1
-        if cache_length is None:
-            cache_len = -(-(p_len + max_new_tokens + 2) // 64) * 64
     plan = core.Plan(mode=mode, max_new=int(max_new_tokens), block=int(block_length), cache_len=cache_len,
                      sampler=sampler, mask_id=c.mask_token_id, pad_id=int(pad_id), fixed_steps=steps,
                      spec_sampling=spec_sampling, use_lora=bool(use_lora and model.lora is not None),
-                     stream=stream_callback,
-                     impl=impl)
+                     stream=stream_callback, impl=impl, layers=layers)
     padded = np.zeros((batch, p_len), np.int32)
     for i, r in enumerate(rows):
         padded[i, :len(r)] = r

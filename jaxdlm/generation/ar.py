@@ -22,7 +22,7 @@ def ar_program(module, plan: core.Plan, params_dtype, prompts, lens, key, knobs,
     def body(state):
         active = ~state["done"]
         logits, cache = forward(module, state["seed"][:, None], kind="causal", cache=state["cache"],
-                                num_valid=active.astype(jnp.int32), impl=plan.impl)
+                                num_valid=active.astype(jnp.int32), **plan.forward_kw)
         tok = choose(logits[:, 0], core.step_key(state), plan.sampler, state["knobs"])
         state = core.count_forward(dict(state, cache=cache), active)
         return core.emit(state, plan, tok[:, None], jnp.ones_like(tok), active)

@@ -47,6 +47,12 @@ class Plan:
     use_lora: bool = False
     stream: Callable | None = None
     impl: str | None = None
+    layers: str = "unrolled"            # the forward's layer loop (model.LAYER_LOOPS)
+
+    @property
+    def forward_kw(self) -> dict:
+        """Keyword arguments of every forward the program runs (attention backend, layer loop)."""
+        return {"impl": self.impl, "layers": self.layers}
 
     @property
     def width(self) -> int:
@@ -72,7 +78,7 @@ def init_state(module, plan: Plan, prompts, lens, key, knobs, eos, params_dtype,
     """
     r = prompts.shape[0]
     cache = KVCache.init(module.config, r, plan.cache_len, params_dtype)
-    hidden, cache = forward(module, prompts, kind="causal", cache=cache, num_valid=lens, impl=plan.impl,
+    hidden, cache = forward(module, prompts, kind="causal", cache=cache, num_valid=lens, **plan.forward_kw,
                             return_hidden=True)
     last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
     state = dict(

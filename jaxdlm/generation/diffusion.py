@@ -38,7 +38,7 @@ def diffusion_program(module, plan: core.Plan, params_dtype, prompts, lens, key,
 
     def denoise_step(inner):
         state, blk, masked, live, i = inner
-        logits, cache = forward(module, blk, kind="denoise", cache=state["cache"], impl=plan.impl)
+        logits, cache = forward(module, blk, kind="denoise", cache=state["cache"], **plan.forward_kw)
         x0 = choose(logits, core.step_key(state), plan.sampler, state["knobs"])
         conf = confidence(logits, x0)
         conf_m = jnp.where(masked, conf, -jnp.inf)
@@ -68,7 +68,7 @@ def diffusion_program(module, plan: core.Plan, params_dtype, prompts, lens, key,
         inner = (state, blk, masked, active, jnp.int32(0))
         state, blk, masked, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]), denoise_step, inner)
         hidden, cache = forward(module, blk, kind="causal", cache=state["cache"],
-                                num_valid=jnp.where(active, b, 0), impl=plan.impl, return_hidden=True)
+                                num_valid=jnp.where(active, b, 0), **plan.forward_kw, return_hidden=True)
         seed = choose(core.head(module, hidden[:, -1]), core.step_key(state), plan.sampler, state["knobs"])
         state = core.count_forward(dict(state, cache=cache), active)
         new = jnp.concatenate([blk[:, 1:], seed[:, None]], axis=1)

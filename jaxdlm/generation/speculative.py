@@ -22,9 +22,10 @@ Acceptance (``spec_sampling``):
 
 Quadratic layout (``T = B + B*B`` tokens, order ``[d_0..d_{B-1}, group_0 masks, ..., group_{B-1} masks]``,
 ``c`` = cache length): ``d_0`` is the seed and ``d_1..d_{B-1}`` the current drafts, CLEAN tokens at
-positions ``c+j`` in block ``j+1``, written to the cache (``num_write=B``); group ``j``'s ``B`` masks are
-NOISY block ``j+2`` at positions ``c+j+1..c+j+B``, so by :func:`jaxdlm.attention.masks.allowed` they see
-the cache, ``d_0..d_j`` and their own group.  The first cycle has no drafts yet: its drafts are MASK
+positions ``c+j`` in block ``j+1``; group ``j``'s ``B`` masks are NOISY block ``j+2`` at positions
+``c+j+1..c+j+B``, so by :func:`jaxdlm.attention.masks.allowed` they see the cache, ``d_0..d_j`` and their own
+group.  The forward writes all ``B + B*B`` tokens' K/V at slots ``c..`` (the masks' slots are scratch, so the
+cache needs ``B + B*B`` free slots) and the crop keeps the accepted drafts only.  The first cycle has no drafts yet: its drafts are MASK
 ids (never accepted, since MASK is never chosen), so it emits exactly one token and yields the first
 real draft.  The next draft comes from the group at the acceptance point; its first mask (predicting
 the bonus position) is replaced by the exact AR bonus.
@@ -75,12 +76,13 @@ def linear_program(module, plan: core.Plan, params_dtype, prompts, lens, key, kn
         active = ~state["done"]
         old_len = state["cache"].length
         blk = core.block_with_masks(state["seed"], b, plan.mask_id)
-        dlogits, cache = forward(module, blk, kind="denoise", cache=state["cache"], lora=draft_lora, impl=plan.impl)
+        dlogits, cache = forward(module, blk, kind="denoise", cache=state["cache"], lora=draft_lora,
+                                 **plan.forward_kw)
         draft, q = _draft(plan, state, dlogits[:, 1:], core.step_key(state))
         state = core.count_forward(dict(state, cache=cache), active)
         blk = jnp.concatenate([state["seed"][:, None], draft], axis=1)
         vlogits, cache = forward(module, blk, kind="causal", cache=state["cache"],
-                                 num_valid=jnp.where(active, b, 0), impl=plan.impl)
+                                 num_valid=jnp.where(active, b, 0), **plan.forward_kw)
         a, bonus = _accept(plan, state, draft, vlogits, q, core.step_key(state))
         state = core.count_forward(state, active)
         return _finish_cycle(state, plan, active, old_len, cache, draft, a, bonus)
@@ -92,8 +94,10 @@ def linear_program(module, plan: core.Plan, params_dtype, prompts, lens, key, kn
 def quadratic_infos(length, block: int, max_len: int):
     """Query and key :class:`TokenInfo` of the quadratic layout for cache lengths ``length [R]``.
 
-    Queries: ``B + B*B`` tokens (see the module docstring).  Keys: the ``max_len`` cache slots (the
-    ``B`` written drafts at ``c..c+B-1`` in blocks ``1..B``) followed by the ``B*B`` unwritten masks.
+    Queries: ``B + B*B`` tokens (see the module docstring).  Keys: the ``max_len`` cache slots after the
+    forward wrote all ``B + B*B`` tokens at slots ``c..``: the ``B`` drafts at ``c..c+B-1`` (CLEAN, blocks
+    ``1..B``), then the masks at ``c+B..c+B+B*B-1`` (scratch slots that keep the masks' own metadata);
+    later slots are invalid.
     """
     r = length.shape[0]
     c = length[:, None].astype(jnp.int32)
@@ -109,9 +113,11 @@ def quadratic_infos(length, block: int, max_len: int):
         valid=jnp.ones((r, block + block * block), bool),
     )
     slot = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (r, max_len))
-    k_cache = TokenInfo(pos=slot, block=jnp.where(slot < c, 0, slot - c + 1), stream=full((r, max_len), CLEAN),
-                        valid=slot < c + block)
-    k = TokenInfo(*(jnp.concatenate([kc, qm[:, block:]], axis=1) for kc, qm in zip(k_cache, q)))
+    idx = jnp.clip(slot - c, 0, block + block * block - 1)  # which new token a slot >= c holds
+    new = slot >= c
+    pick = lambda x: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
+    k = TokenInfo(pos=jnp.where(new, pick(q.pos), slot), block=jnp.where(new, pick(q.block), 0),
+                  stream=jnp.where(new, pick(q.stream), CLEAN), valid=slot < c + block + block * block)
     return q, k
 
 
@@ -134,8 +140,7 @@ def quadratic_program(module, plan: core.Plan, params_dtype, prompts, lens, key,
         draft = state["draft"]
         tokens = jnp.concatenate([state["seed"][:, None], draft, jnp.full((r, b * b), plan.mask_id, jnp.int32)], 1)
         q_info, k_info = quadratic_infos(old_len, b, cache.max_len)
-        hidden, cache = module(tokens, q_info.pos, q_info, k_info, cache=cache, num_write=b, impl=plan.impl,
-                               return_hidden=True)
+        hidden, cache = module(tokens, q_info.pos, q_info, k_info, cache=cache, **plan.forward_kw, return_hidden=True)
         vlogits = core.head(module, hidden[:, :b])
         key_a, key_d = jax.random.split(core.step_key(state))
         a, bonus = _accept(plan, state, draft, vlogits, state.get("q"), key_a)

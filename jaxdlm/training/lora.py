@@ -74,8 +74,9 @@ def draft_and_verify_logits(module: Transformer, tokens, lora: dict):
     tokens = jnp.asarray(tokens, jnp.int32)
     b, l = tokens.shape
     n = c.block_size
-    cache = KVCache.init(c, b, l, dtype=module.embed[...].dtype)
-    ar_logits, cache = forward(module, tokens, kind="causal", cache=cache)
+    # slots 0..L-1: the clean tokens' K/V (causal pass); slots L..2L-1: the draft tokens' (scratch of the draft pass)
+    cache = KVCache.init(c, b, 2 * l, dtype=module.embed[...].dtype)
+    ar_logits, cache = forward(module, tokens, kind="causal", cache=cache, layers="scan")
     cache = jax.tree.map(jax.lax.stop_gradient, cache)
     x_d = draft_inputs(tokens, n, c.mask_token_id)
     pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -84,7 +85,7 @@ def draft_and_verify_logits(module: Transformer, tokens, lora: dict):
     q_info = TokenInfo(pos, blk, jnp.full((b, l), masks.NOISY, jnp.int32), ones)
     cache_info = TokenInfo(pos, blk, jnp.full((b, l), masks.CLEAN, jnp.int32), ones)
     k_info = TokenInfo(*(jnp.concatenate([x, y], axis=1) for x, y in zip(cache_info, q_info)))
-    draft_logits, _ = module(x_d, pos, q_info, k_info, cache=cache, num_write=0, lora=lora)
+    draft_logits, _ = module(x_d, pos, q_info, k_info, cache=cache, lora=lora, layers="scan")
     return draft_logits, ar_logits
 
 

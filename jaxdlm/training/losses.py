@@ -101,7 +101,7 @@ def ar_loss(module: Transformer, tokens, loss_mask=None, *, ce_chunk: int | None
     """Plain next-token loss over one causal pass: ``(loss, metrics)``; ``tokens [B, L]``."""
     tokens = jnp.asarray(tokens, jnp.int32)
     loss_mask = jnp.ones(tokens.shape, bool) if loss_mask is None else jnp.asarray(loss_mask, bool)
-    hidden, _ = forward(module, tokens, kind="causal", return_hidden=True)
+    hidden, _ = forward(module, tokens, kind="causal", return_hidden=True, layers="scan")
     tgt, valid = _ar_targets(tokens, loss_mask)
     ce = token_ce(hidden, module.head_weight(), tgt, ce_chunk)
     sum_a = jnp.sum(jnp.where(valid, ce, 0.0))
@@ -123,7 +123,8 @@ def joint_loss(module: Transformer, tokens, noised: masking.Noised, loss_mask=No
     b, l = tokens.shape
     loss_mask = jnp.ones(tokens.shape, bool) if loss_mask is None else jnp.asarray(loss_mask, bool)
     kind = "two_stream_bidirectional" if bidirectional else "two_stream"
-    hidden, _ = forward(module, jnp.concatenate([noised.x_t, tokens], axis=1), kind=kind, return_hidden=True)
+    hidden, _ = forward(module, jnp.concatenate([noised.x_t, tokens], axis=1), kind=kind, return_hidden=True,
+                        layers="scan")
     ar_tgt, ar_valid = _ar_targets(tokens, loss_mask)
     ce = token_ce(hidden, module.head_weight(), jnp.concatenate([tokens, ar_tgt], axis=1), ce_chunk)
     ce_d, ce_a = ce[:, :l], ce[:, l:]
