@@ -334,7 +334,10 @@ def main(argv=None):
     p.add_argument("--compare-loops", action="store_true", help="also time t1 with the scanned layer loop")
     p.add_argument("--skip", nargs="*", default=[], choices=("latency", "modes", "peer"))
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer (same as --skip peer)")
-    p.add_argument("--torch-peer-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--torch-peer-only", action="store_true",
+                   help="only run the PyTorch peer and print its JSON (a line starting PEER_JSON)")
+    p.add_argument("--peer-json", default=None,
+                   help="take the peer's figures from this JSON (written by an earlier --torch-peer-only run)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.batches is None:
@@ -349,12 +352,17 @@ def main(argv=None):
         print("PEER_JSON " + json.dumps(torch_peer(args)))
         return 0
     skip = set(args.skip) | ({"peer"} if args.no_peer or args.preset != "gpu8b" else set())
-    peer = None if "peer" in skip else run_peer(args)
+    if args.peer_json:
+        with open(args.peer_json) as f:
+            peer = json.load(f)
+    else:
+        peer = None if "peer" in skip else run_peer(args)
 
     import jax
     import jax.numpy as jnp
 
     from jaxdlm import Model
+    from jaxdlm.model import resolve_layers
 
     cfg = model_config(args.preset, args.tiny)
     dtype = jnp.bfloat16 if args.preset == "gpu8b" else jnp.float32
@@ -382,7 +390,7 @@ def main(argv=None):
     result["settings"] = dict(prompt_len=args.prompt_len, max_new=args.max_new, block=args.block,
                               quadratic_block=args.quadratic_block, threshold=0.9, greedy=True, repeats=args.repeats,
                               weights="random", batches=args.batches, contexts=args.contexts,
-                              mode_batches=args.mode_batches, layers="unrolled")
+                              mode_batches=args.mode_batches, layers=resolve_layers("auto"))
     write_json(result, out_path)
     if "latency" not in skip:
         bench_latency(model, args, result, out_path)

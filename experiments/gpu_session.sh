@@ -3,8 +3,14 @@
 # Run from the repository root on the GPU machine (its python3 has jax 0.11.2 with CUDA, flax, optax, orbax,
 # transformers and torch; jaxdlm is used from the checkout, not installed):
 #
-#   bash experiments/gpu_session.sh PART OUTDIR      # PART = check | gen4_16 | attention
+#   bash experiments/gpu_session.sh PART OUTDIR      # PART = bandwidth | check | gen4_16 | attention
 #
+# bandwidth - decode at the memory-bandwidth limit (issue 13), under 8 minutes in all: the in-place stacked-cache
+#             kernels' tests compiled for the GPU; decode attention per layer (timed over many layers in one
+#             program) with a split-count sweep, Pallas against XLA; the PyTorch peer; the 8B-shaped generate
+#             benchmark: HBM read floor (best of 12 reads of 4 GiB), t1 / t32 at contexts 128 / 8192 / 32768 and
+#             batches 1 / 4 / 16, the quadratic forward, the scanned loop's t1, compile seconds and tokens/s per
+#             mode at batch 1, the NLD-8B projection. --tiny as a third argument runs it all on tiny shapes.
 # check     - device facts, the Pallas kernels' tests compiled for the GPU (issue 5), the sharding
 #             overhead benchmark (issue 7), the 8B-shaped generate benchmark at batch 1 (issue 4)
 # gen4_16   - the generate benchmark at batch 4 and 16 (issue 4)
@@ -13,8 +19,9 @@
 # Each step is bounded by `timeout` so a slow one cannot take the rest with it; logs and result JSONs go
 # to OUTDIR (the device tool's $OUT), to be copied into experiments/results/ and committed.
 set -uo pipefail
-PART=${1:?PART: check | gen4_16 | attention}
+PART=${1:?PART: bandwidth | check | gen4_16 | attention}
 OUT=${2:?OUTDIR}
+TINY=${3:-}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -25,6 +32,21 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to OUT/NAME
   echo "== $name exit $? after ${SECONDS}s"; tail -n 15 "$OUT/$name.log"
 }
 case "$PART" in
+  bandwidth)
+    { nvidia-smi; $PY -c "import jax, flax, torch; print(jax.__version__, jax.devices(), flax.__version__, torch.__version__)"; } > "$OUT/env.log" 2>&1
+    cat "$OUT/env.log"
+    if [ -n "$TINY" ]; then
+      GEN=(--preset gpu8b --tiny --batches 1 2 --contexts 128 512 --mode-batches 1 --repeats 1)
+      ATT=(--smoke --skip check train)
+    else
+      GEN=(--preset gpu8b --batches 1 4 16 --contexts 128 8192 32768 --mode-batches 1 --repeats 2)
+      ATT=(--skip check train --caches 8192 32768 --decode-queries 1 32 --decode-batches 1 8 --split-sweep 8 16 32 --trials 3)
+    fi
+    step 60 pallas_tests env JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} $PY -m pytest -q -p no:cacheprovider tests/test_pallas.py -k "stacked or decode or cached"
+    step 100 bench_attention_decode $PY experiments/bench_attention.py "${ATT[@]}" --out "$OUT/bench_attention_decode.json"
+    step 70 torch_peer sh -c "$PY experiments/bench_generate.py --torch-peer-only ${GEN[*]} | sed -n 's/^PEER_JSON //p' > '$OUT/torch_peer.json'"
+    step 300 bench_generate $PY experiments/bench_generate.py "${GEN[@]}" --compare-loops --peer-json "$OUT/torch_peer.json" --out "$OUT/bench_generate_gpu8b.json"
+    ;;
   check)
     { nvidia-smi; $PY -c "import jax, flax, optax, orbax.checkpoint, transformers, torch; print(jax.__version__, jax.devices(), flax.__version__, torch.__version__)"; } > "$OUT/env.log" 2>&1
     cat "$OUT/env.log"
@@ -40,5 +62,5 @@ case "$PART" in
     step 280 bench_attention_train $PY experiments/bench_attention.py --skip decode --out "$OUT/bench_attention_train.json"
     step 280 bench_attention_decode $PY experiments/bench_attention.py --skip check train --out "$OUT/bench_attention_decode.json"
     ;;
-  *) echo "unknown PART=$PART (check | gen4_16 | attention)"; exit 2 ;;
+  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention)"; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ import jaxdlm
 from jaxdlm import KVCache, Model, ModelConfig, forward
 from jaxdlm.generation import api, core
 from jaxdlm.generation.sampling import Sampler
+from jaxdlm.hf import model_from_pure_dict
 
 MASK = 3
 CFG = ModelConfig(model_type="nemotron_labs_diffusion", vocab_size=64, hidden_size=32, intermediate_size=48,
@@ -42,9 +43,24 @@ def _cached_pass(model, kind, layers, impl="xla"):
     return step
 
 
-def test_inference_forwards_lower_without_a_layer_loop():
-    """Cached causal / denoise passes and Model.logits' uncached pass lower to straight-line code; the scanned
-    loop (training) lowers to one while loop, so the check can see a loop when there is one."""
+def test_auto_layer_loop_by_backend(monkeypatch):
+    """``layers="auto"``: scanned on a CPU, unrolled on a GPU (and TPU); ``JAXDLM_LAYERS`` overrides."""
+    assert jaxdlm.model.resolve_layers("auto") == "scan"          # this suite runs on the CPU
+    monkeypatch.setattr(jaxdlm.model.jax, "default_backend", lambda: "gpu")
+    assert jaxdlm.model.resolve_layers("auto") == "unrolled"
+    assert jaxdlm.model.resolve_layers("scan") == "scan"
+    monkeypatch.setenv("JAXDLM_LAYERS", "scan")
+    assert jaxdlm.model.resolve_layers("auto") == "scan"
+    monkeypatch.setenv("JAXDLM_LAYERS", "loop")
+    with pytest.raises(ValueError, match="JAXDLM_LAYERS='loop'"):
+        jaxdlm.model.resolve_layers("auto")
+    with pytest.raises(ValueError, match="layers='fast'"):
+        jaxdlm.model.resolve_layers("fast")
+
+
+def test_inference_forwards_lower_without_a_layer_loop(monkeypatch):
+    """Cached causal / denoise passes and, on a GPU, Model.logits' uncached pass lower to straight-line code; the
+    scanned loop (training) lowers to one while loop, so the check can see a loop when there is one."""
     model = _model()
     cache = KVCache.init(CFG, 2, 16)
     tokens = jnp.ones((2, 4), jnp.int32)
@@ -52,6 +68,7 @@ def test_inference_forwards_lower_without_a_layer_loop():
         for layers, whiles in (("unrolled", 0), ("scan", 1)):
             text = jax.jit(_cached_pass(model, kind, layers)).lower(model.params, tokens, cache, _lora()).as_text()
             assert text.count("stablehlo.while") == whiles, (kind, layers)
+    monkeypatch.setattr(jaxdlm.model.jax, "default_backend", lambda: "gpu")  # the GPU's default loop
     text = jaxdlm.model._logits_jit.lower(model.graphdef, model.params, tokens, "causal", "xla").as_text()
     assert "stablehlo.while" not in text
 
@@ -115,6 +132,29 @@ def test_generate_same_tokens_with_either_layer_loop(rng):
         np.testing.assert_array_equal(a.nfe, b.nfe)
     with pytest.raises(ValueError, match="layers='loop'"):
         jaxdlm.generate(model, prompts, mode="ar", max_new_tokens=8, layers="loop")
+
+
+def test_generate_unrolled_equals_reference(rng):
+    """The GPU's loop (unrolled) in every generation program, token for token against the plain reference
+    decoders (the rest of the suite runs the CPU's default, the scanned loop)."""
+    from gen_reference import Reference, ref_ar, ref_diffusion, ref_linear, ref_quadratic
+
+    model = _model(3)
+    head = nnx.to_pure_dict(model.params)
+    head["head"] = head["head"] * 60.0  # peaked distributions: no float32 argmax near-ties
+    model = model_from_pure_dict(CFG, head)
+    R = Reference(model)
+    prompts = [rng.integers(4, 64, size=n) for n in (3, 9)]
+    refs = {"ar": lambda p: ref_ar(R, p, 8, (2,)), "diffusion": lambda p: ref_diffusion(R, p, 8, (2,), 4, 0.7),
+            "linear_spec": lambda p: ref_linear(R, p, 8, (2,), 4), "quadratic_spec": lambda p: ref_quadratic(R, p, 8,
+                                                                                                              (2,), 4)}
+    for mode, ref in refs.items():
+        res = jaxdlm.generate(model, prompts, mode=mode, max_new_tokens=8, block_length=4, threshold=0.7,
+                              layers="unrolled")
+        for i, p in enumerate(prompts):
+            want, nfe = ref(p)
+            assert res.tokens[i, :res.lengths[i]].tolist() == want, mode
+            assert res.nfe[i] == nfe, mode
 
 
 def _instructions(hlo_text: str, shape: str):

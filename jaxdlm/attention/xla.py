@@ -38,5 +38,7 @@ def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sl
     p = jnp.exp(scores - row_max)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum(f"bkgts,{kv}->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    # output [B, KVH, G, T, D] then one transpose of the (small) result: XLA's CPU backend has no bf16 x bf16 -> f32
+    # batched dot that writes the transposed layout directly
+    out = jnp.einsum(f"bkgts,{kv}->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)

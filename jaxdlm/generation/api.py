@@ -24,7 +24,7 @@ from jaxdlm.generation.ar import ar_program
 from jaxdlm.generation.diffusion import diffusion_program
 from jaxdlm.generation.sampling import Sampler
 from jaxdlm.generation.speculative import linear_program, quadratic_program
-from jaxdlm.model import LAYER_LOOPS
+from jaxdlm.model import resolve_layers
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
 SPEC_SAMPLING = ("exact", "rejection")
@@ -155,7 +155,7 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
              seed: int = 0, spec_sampling: str = "exact", use_lora: bool = True,
              max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
              stream_callback: Callable | None = None, cache_length: int | None = None,
-             impl: str | None = None, layers: str = "unrolled") -> GenerationResult:
+             impl: str | None = None, layers: str = "auto") -> GenerationResult:
     """Generates up to ``max_new_tokens`` tokens after each prompt, in one jitted program.
 
     Args:
@@ -182,9 +182,9 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
         final tokens.  A new function object recompiles the program.
       cache_length: KV cache slots per row (default and minimum: :func:`cache_slots`).
       impl: attention backend (default ``JAXDLM_ATTENTION``).
-      layers: the forwards' layer loop: ``"unrolled"`` (default; straight-line code, the fast one on a GPU) or
-        ``"scan"`` (a ``lax.scan``: a program ~L times smaller that compiles faster, for very deep models on
-        a CPU); both give the same tokens.
+      layers: the forwards' layer loop: ``"auto"`` (default: ``"unrolled"``, straight-line code, on a GPU /
+        TPU; ``"scan"`` on a CPU, see :func:`jaxdlm.model.resolve_layers`), ``"unrolled"`` or ``"scan"``; every
+        choice gives the same tokens.
 
     Returns a :class:`GenerationResult` (host numpy arrays).  ``nfe`` per SPEC.md section 5: AR counts
     one per emitted token (the prefill is the first token's forward); diffusion does not count the
@@ -206,8 +206,7 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
         raise ValueError(f"top_p={top_p!r} must lie in (0, 1]")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be an integer >= 1 (or None)")
-    if layers not in LAYER_LOOPS:
-        raise ValueError(f"layers={layers!r} is not a layer loop; expected one of {LAYER_LOOPS}")
+    layers = resolve_layers(layers)
     if spec_sampling not in SPEC_SAMPLING:
         raise ValueError(f"spec_sampling={spec_sampling!r} is not known; expected one of {SPEC_SAMPLING}")
     if (max_thinking_tokens is None) != (end_think_token_id is None):

@@ -47,7 +47,7 @@ class Plan:
     use_lora: bool = False
     stream: Callable | None = None
     impl: str | None = None
-    layers: str = "unrolled"            # the forward's layer loop (model.LAYER_LOOPS)
+    layers: str = "unrolled"            # the forwards' layer loop (resolved: model.LAYER_LOOPS)
 
     @property
     def forward_kw(self) -> dict:
