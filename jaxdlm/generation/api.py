@@ -125,7 +125,7 @@ def _prompt_rows(prompts, vocab_size: int) -> list[np.ndarray]:
     return out
 
 
-def _check_policy(policy, threshold, steps_per_block, margin, entropy_bound) -> dict:
+def check_policy(policy, threshold, steps_per_block, margin, entropy_bound) -> dict:
     """Checks the diffusion policy and its knobs; returns the traced knob values ``{margin, entropy_bound}``."""
     if not isinstance(policy, str) or policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is not a diffusion commit policy; expected one of {POLICIES}")
@@ -226,7 +226,7 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
         raise ValueError(f"max_thinking_tokens={max_thinking_tokens!r} must be >= 0")
     if end_think_token_id is not None and not 0 <= end_think_token_id < c.vocab_size:
         raise ValueError(f"end_think_token_id={end_think_token_id!r} is outside the vocabulary [0, {c.vocab_size})")
-    knob_values = _check_policy(policy, threshold, steps_per_block, margin, entropy_bound)
+    knob_values = check_policy(policy, threshold, steps_per_block, margin, entropy_bound)
     rows = _prompt_rows(prompts, c.vocab_size)
     batch = len(rows)
     if mode == "auto":
