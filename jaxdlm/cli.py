@@ -94,7 +94,8 @@ def run_generate(model, tokenizer, args, out=None) -> dict:
               threshold=None if args.threshold is not None and args.threshold < 0 else args.threshold,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
               spec_sampling=args.spec_sampling, eos_token_id=eos, max_thinking_tokens=args.max_thinking_tokens,
-              end_think_token_id=args.end_think_token_id)
+              end_think_token_id=args.end_think_token_id, policy=args.policy, margin=args.margin,
+              entropy_bound=args.entropy_bound)
     if args.warmup:
         generate(model, prompts, **kw)
     t0 = time.perf_counter()
@@ -176,6 +177,10 @@ def add_generate_parser(sub):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.9, help="diffusion threshold; negative = fixed schedule")
+    p.add_argument("--policy", default="confidence",
+                   help="diffusion commit policy: confidence (default), margin, entropy or leftmost")
+    p.add_argument("--margin", type=float, default=None, help="--policy margin: top-1 minus top-2 probability cut")
+    p.add_argument("--entropy-bound", type=float, default=None, help="--policy entropy: summed entropy bound (nats)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)

@@ -72,6 +72,56 @@ class Reference:
         p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
         return tok, np.take_along_axis(p, tok[..., None], -1)[..., 0]
 
+    def scores(self, logits):
+        """``pick`` plus the margin and entropy of :func:`scores` (arrays ``[N]``)."""
+        return scores(logits, self.mask)
+
+
+def scores(logits, mask):
+    """Per row of ``logits [N, V]``: the argmax with ``mask`` excluded, and from the full-vocabulary softmax
+    ``p`` (MASK included): its confidence ``p[tok]``, its margin ``p[tok]`` minus the largest ``p`` of another
+    non-MASK token, and the entropy ``-sum(p log p)`` in nats."""
+    logits = np.asarray(logits, np.float64)
+    n, v = logits.shape
+    tok, conf, margin, ent = np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros(n)
+    for i in range(n):
+        z = np.exp(logits[i] - logits[i].max())
+        p = z / z.sum()
+        tok[i] = max((t for t in range(v) if t != mask), key=lambda t: logits[i, t])  # first maximum
+        conf[i] = p[tok[i]]
+        margin[i] = conf[i] - max(p[t] for t in range(v) if t not in (tok[i], mask))
+        ent[i] = -sum(q * np.log(q) for q in p if q > 0)
+    return tok, conf, margin, ent
+
+
+def commit_rule(policy, masked, conf, margin, ent, threshold, margin_cut=None, entropy_bound=None):
+    """The positions one denoise pass commits under ``policy`` (a sorted list), from per-position scores.
+
+    confidence / margin: the best masked position (first maximum) and every masked one at or above the cut;
+    entropy: masked positions by increasing entropy (then index) while the running sum stays within the
+    bound, at least one; leftmost: the leftmost masked position, then rightwards while masked and confident.
+    """
+    cand = [i for i, m in enumerate(masked) if m]
+    if not cand:
+        return []
+    if policy in ("confidence", "margin"):
+        score, cut = (conf, threshold) if policy == "confidence" else (margin, margin_cut)
+        return sorted({max(cand, key=lambda i: score[i])} | {i for i in cand if score[i] >= cut})
+    if policy == "entropy":
+        commit, total = [], 0.0
+        for i in sorted(cand, key=lambda i: (ent[i], i)):
+            total += ent[i]
+            if commit and total > entropy_bound:
+                break
+            commit.append(i)
+        return sorted(commit)
+    if policy == "leftmost":
+        commit = [cand[0]]
+        while commit[-1] + 1 < len(masked) and masked[commit[-1] + 1] and conf[commit[-1] + 1] >= threshold:
+            commit.append(commit[-1] + 1)
+        return commit
+    raise ValueError(f"unknown policy {policy!r}")
+
 
 def finished(out, max_new, eos):
     return any(t in eos for t in out[:max_new]) or len(out) >= max_new
@@ -96,25 +146,24 @@ def ref_ar(R: Reference, prompt, max_new, eos):
             return final(out, max_new, eos), nfe
 
 
-def diffusion_block(R: Reference, ctx, seed, block, threshold, eos=(), steps=None, leftmost=False,
-                    on_pass=None):
+def diffusion_block(R: Reference, ctx, seed, block, threshold, eos=(), steps=None, policy="confidence",
+                    margin=None, entropy_bound=None, on_pass=None):
     """Denoise one block ``[seed, MASK * (block-1)]`` after ``ctx``: ``(block tokens, denoise passes)``.
 
-    ``leftmost=True`` (an experiment, not SPEC.md) makes the fallback commit the leftmost masked position
-    instead of the most confident one; ``on_pass(blk, masked, x0, conf, commit)`` sees every pass.
+    ``policy`` picks the commit rule of a pass (``threshold=None``: the fixed schedule of ``steps``
+    steps, by confidence); ``on_pass(blk, masked, x0, conf, commit)`` sees every pass.
     """
     blk = [seed] + [R.mask] * (block - 1)
     masked = [False] + [True] * (block - 1)
     step = 0
     while any(masked):
-        x0, conf = R.pick(R.denoise(ctx, blk))
-        cand = [i for i in range(block) if masked[i]]
-        if threshold is not None:
-            best = cand[0] if leftmost else max(cand, key=lambda i: conf[i])  # first maximum
-            commit = {best} | {i for i in cand if conf[i] >= threshold}
-        else:
+        x0, conf, marg, ent = R.scores(R.denoise(ctx, blk))
+        if threshold is None:
+            cand = [i for i in range(block) if masked[i]]
             base, rem = divmod(block - 1, steps)
             commit = sorted(cand, key=lambda i: -conf[i])[:base + (step < rem)]
+        else:
+            commit = commit_rule(policy, masked, conf, marg, ent, threshold, margin, entropy_bound)
         for i in commit:
             blk[i], masked[i] = int(x0[i]), False
         step += 1
@@ -126,12 +175,13 @@ def diffusion_block(R: Reference, ctx, seed, block, threshold, eos=(), steps=Non
     return blk, step
 
 
-def ref_diffusion(R: Reference, prompt, max_new, eos, block, threshold, steps=None):
+def ref_diffusion(R: Reference, prompt, max_new, eos, block, threshold, steps=None, **policy):
+    """Block diffusion of one prompt: ``(output, nfe)``; ``policy``: ``diffusion_block``'s policy arguments."""
     ctx, nfe = list(prompt), 0
     seed = int(R.pick(R.causal(ctx)[-1])[0])
     out = [seed]
     while not finished(out, max_new, eos):
-        blk, passes = diffusion_block(R, ctx, seed, block, threshold, eos, steps)
+        blk, passes = diffusion_block(R, ctx, seed, block, threshold, eos, steps, **policy)
         nfe += passes
         seed = int(R.pick(R.causal(ctx + blk)[-1])[0])  # commit pass
         nfe += 1

@@ -51,3 +51,19 @@ def test_generate_command_needs_a_tokenizer(seed):
     args = cli.build_parser().parse_args(["generate", "--checkpoint", "x", "--prompt", "w5"])
     with pytest.raises(ValueError, match="no tokenizer"):
         cli.run_generate(make_model(seed), None, args)
+
+
+def test_generate_command_passes_the_diffusion_policy(seed):
+    """--policy and its knob reach generate(): entropy bound 0 commits one mask per pass (3 passes per block of
+    4), a huge bound all of them (1 pass); the default confidence rule cannot give both."""
+    model, tok = make_model(seed), tiny_tokenizer()
+    argv = ["generate", "--checkpoint", "unused", "--prompt", "w5 w9 w7", "--mode", "diffusion", "--max-new-tokens",
+            "24", "--block-length", "4", "--eos-token-id", "-1", "--policy", "entropy"]
+    blocks = -(-23 // 4)
+    for bound, passes in (("0", 3), ("1e9", 1)):
+        info = cli.run_generate(model, tok, cli.build_parser().parse_args(argv + ["--entropy-bound", bound]),
+                                out=io.StringIO())
+        assert info["rows"][0]["nfe"] == (passes + 1) * blocks and info["rows"][0]["tokens"] == 24
+    bad = cli.build_parser().parse_args(argv[:-1] + ["nope"])
+    with pytest.raises(ValueError, match="policy='nope'"):
+        cli.run_generate(model, tok, bad, out=io.StringIO())

@@ -84,6 +84,7 @@ def test_generation_programs_loop_over_steps_only(mode, loops):
     nothing else: every forward inside them is straight-line over the layers."""
     model = _model()
     knobs = dict(temperature=jnp.float32(0), top_k=jnp.int32(0), top_p=jnp.float32(1), threshold=jnp.float32(0.9),
+                 policy=jnp.int32(0), margin=jnp.float32(0.8), entropy_bound=jnp.float32(0.3),
                  max_thinking=jnp.int32(0), end_think=jnp.int32(-1))
     args = (model.params, None, jnp.ones((2, 64), jnp.int32), jnp.array([5, 3], jnp.int32), jax.random.PRNGKey(0),
             knobs, jnp.array([2, -1, -1, -1], jnp.int32))

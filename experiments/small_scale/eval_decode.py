@@ -16,6 +16,15 @@ prompt and its continuation lie inside one held-out file.
     python experiments/small_scale/eval_decode.py RUN_DIR [RUN_DIR ...] [--prompts 32] [--prompt-len 64]
       [--new 64] [--thresholds 0.5 0.7 0.9 0.99] [--out experiments/results/small_scale_decode.json]
       [--plot experiments/results/small_scale_threshold_sweep.png] [--replot]
+
+``--policies`` instead sweeps every diffusion commit policy's knob (``generate(policy=...)``) on the embedded
+default model (``jaxdlm.load_default()``) and its 16 package prompts (``jaxdlm.default.heldout_prompts()``;
+their true continuations are read from the same stdlib files), 128 new bytes, greedy, block 32: TPF,
+agreement with AR and with the truth, repeat fraction, for AR and the truth too; it writes
+``small_scale_bytes_policies.{json,md}`` and one Pareto plot per policy
+(``small_scale_bytes_policy_<name>.png``) to ``experiments/results/`` (``--replot``: from the JSON).
+
+    python experiments/small_scale/eval_decode.py --policies [--replot]
 """
 
 from __future__ import annotations
@@ -52,9 +61,29 @@ def held_out_windows(stream: np.ndarray, count: int, prompt_len: int, new: int) 
 
 def repeat_frac(tokens: np.ndarray) -> float:
     """Fraction of positions ``1..T-1`` of ``tokens [B, T]`` that repeat the previous token: a degeneracy
-    measure (runs of one token, e.g. a collapse into spaces); compare it with the true text's value."""
+    measure (runs of one token, e.g. a collapse into spaces); compare it with the true text's value.
+    Negative ids mark missing positions (a true continuation cut by the end of its file): pairs with one
+    are left out."""
     tokens = np.asarray(tokens)
-    return float(np.mean(tokens[:, 1:] == tokens[:, :-1]))
+    valid = (tokens[:, 1:] >= 0) & (tokens[:, :-1] >= 0)
+    return float(np.sum((tokens[:, 1:] == tokens[:, :-1]) & valid) / np.sum(valid))
+
+
+def loop_frac(tokens: np.ndarray, n: int = 8) -> float:
+    """Share of the ``n``-grams of each row of ``tokens [B, T]`` that already occurred earlier in the same row: a
+    longer-range degeneracy measure than :func:`repeat_frac` (loops such as ``config_config_`` or ``the state
+    of the state of``).  ``n``-grams holding a negative id (a missing position) are left out."""
+    seen_total = total = 0
+    for row in np.asarray(tokens):
+        seen = set()
+        for i in range(len(row) - n + 1):
+            gram = tuple(row[i:i + n].tolist())
+            if min(gram) < 0:
+                continue
+            total += 1
+            seen_total += gram in seen
+            seen.add(gram)
+    return seen_total / total
 
 
 def _row(name, res, ar_tokens, truth, seconds):
@@ -63,7 +92,8 @@ def _row(name, res, ar_tokens, truth, seconds):
     gen = int(res.lengths.sum())
     nfe = int(res.nfe.sum())
     row = {"mode": name, "tokens": gen, "nfe": nfe, "tpf": gen / nfe,
-           "agree_true": float(np.mean(toks == truth)), "repeat_frac": repeat_frac(toks),
+           "agree_true": float(np.mean((toks == truth)[truth >= 0])), "repeat_frac": repeat_frac(toks),
+           "loop_frac": loop_frac(toks),
            "seconds": round(seconds, 2)}
     if ar_tokens is not None:
         row["agree_ar"] = float(np.mean(toks == ar_tokens))
@@ -198,19 +228,218 @@ def markdown(out: dict) -> str:
     return lines[0] + "\n\n" + summary(out) + "\nAll modes:\n" + rep_note + "\n" + "\n".join(lines[2:]) + "\n"
 
 
+# --policies: the knob swept per policy (the knob's generate() argument and its values)
+POLICY_SWEEPS = {
+    "confidence": ("threshold", [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
+    "margin": ("margin", [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99]),
+    "entropy": ("entropy_bound", [0.01, 0.05, 0.1, 0.2, 0.3, 0.6, 1.0, 2.0, 4.0]),
+    "leftmost": ("threshold", [0.0, 0.3, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0]),
+}
+BAR_TPF, BAR_REPEAT = 1.5, 1.5  # TPF >= 1.5 with a repeat fraction <= 1.5 x max(truth's, AR's)
+
+
+def package_prompts(model, new: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 16 package prompts ``[16, 128]`` and their true continuations ``[16, new]`` (byte ids), each read
+    after the prompt's first occurrence in the held-out stdlib file it was cut from; -1 past the file's end
+    (one prompt ends 26 bytes before its file does)."""
+    import sysconfig
+
+    from jaxdlm.default import default_model_path, heldout_prompts
+
+    with open(default_model_path() / "heldout_prompts.json", encoding="utf-8") as f:
+        files = json.load(f)["files"]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    raws = []
+    for rel in files:
+        path = os.path.join(stdlib, rel)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the true continuations need the CPython 3.11 stdlib the "
+                                    f"prompts were cut from")
+        with open(path, "rb") as f:
+            raws.append(f.read())
+    prompts, truth = [], []
+    for text in heldout_prompts():
+        enc = text.encode("utf-8")
+        hits = [r for r in raws if enc in r]
+        if not hits:
+            raise ValueError(f"prompt {text[:40]!r}... is not in any of {files}")
+        at = hits[0].index(enc) + len(enc)
+        cont = hits[0][at:at + new + 8].decode("utf-8", errors="ignore")  # + slack for a cut UTF-8 byte run
+        ids = model.tokenizer(cont)["input_ids"][:new]
+        prompts.append(model.tokenizer(text)["input_ids"])
+        truth.append(ids + [-1] * (new - len(ids)))
+    return np.asarray(prompts, np.int32), np.asarray(truth, np.int32)
+
+
+def policy_sweep(new: int, block: int) -> dict:
+    """Every policy's knob sweep on the default model (rows as :func:`_row`, plus ``policy`` and ``knob``)."""
+    import jaxdlm
+
+    model = jaxdlm.load_default()
+    prompts, truth = package_prompts(model, new)
+    common = dict(max_new_tokens=new, block_length=block, eos_token_id=(), temperature=0.0, seed=0)
+    t0 = time.perf_counter()
+    ar = jaxdlm.generate(model, prompts, mode="ar", **common)
+    ar_tokens = ar.tokens[:, :new]
+    rows = [{**_row("ar", ar, ar_tokens, truth, time.perf_counter() - t0), "policy": None}]
+    for policy, (knob, values) in POLICY_SWEEPS.items():
+        for v in values:
+            t0 = time.perf_counter()
+            r = jaxdlm.generate(model, prompts, mode="diffusion", policy=policy, **{knob: v}, **common)
+            if not np.all(r.lengths == new):
+                raise RuntimeError(f"{policy} {knob}={v}: lengths {r.lengths} (expected {new} without EOS)")
+            rows.append({**_row("diffusion", r, ar_tokens, truth, time.perf_counter() - t0), "policy": policy,
+                         "knob": knob, "value": v})
+            print(json.dumps(rows[-1]), flush=True)
+    truth_row = {"mode": "truth", "agree_ar": float(np.mean((truth == ar_tokens)[truth >= 0])),
+                 "repeat_frac": repeat_frac(truth), "loop_frac": loop_frac(truth), "bytes": int(np.sum(truth >= 0))}
+    bar_repeat = BAR_REPEAT * max(truth_row["repeat_frac"], rows[0]["repeat_frac"])
+    best = {}
+    for policy in POLICY_SWEEPS:
+        pts = [m for m in rows if m["policy"] == policy]
+        ok = [m for m in pts if m["repeat_frac"] <= bar_repeat]
+        # best point: the fastest within the repeat bound, else the least repetitive
+        pick = max(ok, key=lambda m: m["tpf"]) if ok else min(pts, key=lambda m: (m["repeat_frac"], -m["tpf"]))
+        best[policy] = {**pick, "meets_bar": bool(ok) and pick["tpf"] >= BAR_TPF}
+    return {"prompts": len(prompts), "prompt_len": int(prompts.shape[1]), "max_new_tokens": new,
+            "block_length": block, "truth": truth_row, "bar": {"tpf": BAR_TPF, "repeat_frac": bar_repeat},
+            "sweeps": {p: {"knob": k, "values": v} for p, (k, v) in POLICY_SWEEPS.items()}, "rows": rows,
+            "best": best}
+
+
+def policy_markdown(out: dict) -> str:
+    """The best point per policy, then every point of every sweep."""
+    ar = out["rows"][0]
+    bar = out["bar"]
+    lines = [f"Default model (`jaxdlm.load_default()`), its {out['prompts']} package prompts x {out['prompt_len']} "
+             f"bytes, {out['max_new_tokens']} new bytes, greedy float32, no EOS, block {out['block_length']}; "
+             f"{out['device']}, jax {out['jax']}. TPF = bytes / forward passes (diffusion: denoise + commit "
+             f"passes). \"repeat\" = share of output bytes equal to the previous byte; \"8-gram loops\" = share of "
+             f"a row's 8-byte n-grams that already occurred earlier in the row (not part of the bar).", "",
+             f"References: AR repeat {ar['repeat_frac']:.3f}, 8-gram loops {ar['loop_frac']:.3f}, agreement with "
+             f"the truth {ar['agree_true']:.3f}; the true continuation: repeat {out['truth']['repeat_frac']:.3f}, "
+             f"8-gram loops {out['truth']['loop_frac']:.3f}, agreement with AR {out['truth']['agree_ar']:.3f} "
+             f"({out['truth']['bytes']} bytes: one prompt ends 26 bytes before its file). Bar: TPF >= {bar['tpf']} "
+             f"with repeat <= "
+             f"{BAR_REPEAT} x max(truth, AR) = {bar['repeat_frac']:.3f}.", "",
+             "Best point per policy (the highest TPF within the repeat bound; where no point is within it, the "
+             "least repetitive):", "",
+             "| policy | knob | TPF | agree with AR | agree with truth | repeat | 8-gram loops | meets the bar |",
+             "|---|---|---|---|---|---|---|---|"]
+    for policy, m in out["best"].items():
+        lines.append(f"| {policy} | {m['knob']}={m['value']:g} | {m['tpf']:.3f} | {m['agree_ar']:.3f} | "
+                     f"{m['agree_true']:.3f} | {m['repeat_frac']:.3f} | {m['loop_frac']:.3f} | "
+                     f"{'yes' if m['meets_bar'] else 'no'} |")
+    t = out["truth"]
+    lines += ["", "Every point:", "", "| policy | knob | TPF | agree with AR | agree with truth | repeat | 8-gram loops |",
+              "|---|---|---|---|---|---|---|",
+              f"| ar | - | {ar['tpf']:.3f} | 1 | {ar['agree_true']:.3f} | {ar['repeat_frac']:.3f} | {ar['loop_frac']:.3f} |",
+              f"| true continuation | - | - | {t['agree_ar']:.3f} | 1 | {t['repeat_frac']:.3f} | {t['loop_frac']:.3f} |"]
+    for m in out["rows"][1:]:
+        lines.append(f"| {m['policy']} | {m['knob']}={m['value']:g} | {m['tpf']:.3f} | {m['agree_ar']:.3f} | "
+                     f"{m['agree_true']:.3f} | {m['repeat_frac']:.3f} | {m['loop_frac']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def policy_plots(out: dict, folder: str) -> list[str]:
+    """One PNG per policy: TPF (log scale) against agreement with AR, against the repeat fraction (the bar's
+    region shaded) and against the 8-gram loop share; the sweep labelled with its knob values, AR and the
+    true continuation as references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    ar, truth, bar = out["rows"][0], out["truth"], out["bar"]
+    paths = []
+    for policy, sweep in out["sweeps"].items():
+        pts = [m for m in out["rows"] if m["policy"] == policy]
+        top = max(4.0, max(m["tpf"] for m in pts) * 1.3)
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.3), sharey=True)
+        panels = (("agree_ar", "agreement with AR output", 1.0, None),
+                  ("repeat_frac", "repeat fraction (byte = previous byte)", ar["repeat_frac"], truth["repeat_frac"]),
+                  ("loop_frac", "8-gram loop share (n-gram seen earlier in the row)", ar["loop_frac"], truth["loop_frac"]))
+        for ax, (key, label, ar_x, truth_x) in zip(axes, panels):
+            ax.plot([m[key] for m in pts], [m["tpf"] for m in pts], "o-", color="C0", label=f"diffusion, {policy}")
+            for j, m in enumerate(pts):
+                ax.annotate(f"{m['value']:g}", (m[key], m["tpf"]), textcoords="offset points",
+                            xytext=(5, 5 if j % 2 else -9), fontsize=7, color="C0")
+            ax.plot(ar_x, ar["tpf"], "s", color="C3", ms=8, label="AR")
+            if truth_x is not None:
+                ax.axvline(truth_x, color="C2", ls="--", lw=1, label="true continuation")
+            if key == "repeat_frac":
+                ax.fill_between([0, bar["repeat_frac"]], bar["tpf"], top, color="C2", alpha=0.12,
+                                label=f"bar: TPF >= {bar['tpf']:g}, repeat <= {bar['repeat_frac']:.3f}")
+            ax.axhline(bar["tpf"], color="C1", ls=":", lw=1)
+            ax.set_yscale("log", base=2)
+            ax.set_ylim(0.8, top)
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="upper left")
+        axes[0].set_ylabel("bytes per forward, TPF (log scale)")
+        axes[0].yaxis.set_major_formatter(ScalarFormatter())
+        fig.suptitle(f"Default model, {out['prompts']} package prompts, {out['max_new_tokens']} new bytes, block "
+                     f"{out['block_length']}, greedy: policy={policy!r} (labels = {sweep['knob']})", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(folder, f"small_scale_bytes_policy_{policy}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main_policies(args, argv) -> int:
+    out_json = os.path.join(HERE, "..", "results", "small_scale_bytes_policies.json")
+    if args.replot:
+        with open(out_json, encoding="utf-8") as f:
+            out = json.load(f)
+    else:
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+        t0 = time.perf_counter()
+        out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "device": f"CPU, {len(os.sched_getaffinity(0))} cores" if jax.devices()[0].platform == "cpu"
+               else str(jax.devices()[0]), "platform": platform.platform(),
+               "jax": jax.__version__, "dtype": "float32", "matmul_precision": "highest",
+               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+               **policy_sweep(args.new, args.block or 32)}
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        tmp = out_json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, out_json)
+    md = policy_markdown(out)
+    with open(os.path.splitext(out_json)[0] + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    print(md)
+    policy_plots(out, os.path.dirname(os.path.abspath(out_json)))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--new", type=int, default=None, help="new tokens per prompt (default 64; --policies: 128)")
     ap.add_argument("--block", type=int, default=None, help="default: the model config's block_size")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.99])
     ap.add_argument("--eval", default=os.path.join(HERE, "data", "eval.npy"))
     ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "small_scale_decode.json"))
     ap.add_argument("--plot", default=os.path.join(HERE, "..", "results", "small_scale_threshold_sweep.png"))
     ap.add_argument("--replot", action="store_true", help="only rewrite the .md table and --plot from the existing --out JSON")
+    ap.add_argument("--policies", action="store_true",
+                    help="sweep the diffusion policies on the default model (--new defaults to 128 here)")
     args = ap.parse_args(argv)
+    if args.policies:
+        if args.runs:
+            ap.error("--policies measures the embedded default model: give no RUN_DIR")
+        args.new = args.new or 128
+        return main_policies(args, argv)
+    args.new = args.new or 64
     if args.replot:
         with open(args.out, encoding="utf-8") as f:
             out = json.load(f)

@@ -5,13 +5,15 @@ uncached forward per step, masks written from SPEC.md section 3), so every denoi
 which masked positions it commits, their bytes and confidences, and the confidence at the leftmost masked
 position (what an AR model would have to predict next).
 
-``--rule spec`` is SPEC.md section 5 (commit the most confident masked position and every one at or above
-the threshold); ``--rule leftmost`` is an experiment, not a jaxdlm decoding mode: it commits the LEFTMOST
-masked position instead of the most confident one when nothing reaches the threshold.
+``--policy`` is one of ``jaxdlm.generate``'s diffusion commit policies (``confidence``, the default: the most
+confident masked position and every one at or above ``--threshold``; ``margin`` with ``--margin``,
+``entropy`` with ``--entropy-bound``, ``leftmost``: the leftmost masked position and the confident run after
+it), decoded by the reference's plain rule (``gen_reference.commit_rule``).
 
     python experiments/small_scale/trace_diffusion.py [--run RUN_DIR] [--prompt-index 6] [--blocks 2]
-        [--threshold 0.9] [--rule spec|leftmost]                    # trace one prompt
-    python experiments/small_scale/trace_diffusion.py --measure [--rule ...] [--threshold ...]
+        [--threshold 0.9] [--policy confidence|margin|entropy|leftmost] [--margin M] [--entropy-bound E]
+                                                                  # trace one prompt
+    python experiments/small_scale/trace_diffusion.py --measure [--policy ...] [--threshold ...]
                                                                   # TPF / agreement over the 16 package prompts,
                                                                   # plus linear-spec TPF
 
@@ -32,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))  # gen_reference: the tests' plain decoder
 
 
-def decode_block(R, ctx, seed, block, threshold, rule, log=None, tok=None):
+def decode_block(R, ctx, seed, block, threshold, policy, log=None, tok=None):
     """One block from ``[seed, MASK * (block - 1)]``: returns ``(block tokens, denoise passes)``."""
     from gen_reference import diffusion_block
 
@@ -45,11 +47,10 @@ def decode_block(R, ctx, seed, block, threshold, rule, log=None, tok=None):
         picks = ", ".join(f"{i}:{tok.decode([int(x0[i])])!r}@{conf[i]:.2f}" for i in commit)
         log(f"  pass {passes[0]:2d} commit [{picks}]  leftmost masked {left}:{tok.decode([int(x0[left])])!r}@{conf[left]:.2f}  | {text}")
 
-    return diffusion_block(R, ctx, seed, block, threshold, leftmost=rule == "leftmost",
-                           on_pass=show if log is not None else None)
+    return diffusion_block(R, ctx, seed, block, threshold, on_pass=show if log is not None else None, **policy)
 
 
-def decode(R, prompt, new, block, threshold, rule, log=None, tok=None, blocks=None):
+def decode(R, prompt, new, block, threshold, policy, log=None, tok=None, blocks=None):
     """Whole continuation (no EOS): returns ``(tokens [new], nfe)`` counted as in SPEC.md section 5."""
     ctx, nfe = list(prompt), 0
     seed = int(R.pick(R.causal(ctx)[-1])[0])
@@ -57,7 +58,7 @@ def decode(R, prompt, new, block, threshold, rule, log=None, tok=None, blocks=No
     while len(out) < new and (blocks is None or b < blocks):
         if log is not None:
             log(f"block {b} (seed {tok.decode([seed])!r})")
-        blk, passes = decode_block(R, ctx, seed, block, threshold, rule, log, tok)
+        blk, passes = decode_block(R, ctx, seed, block, threshold, policy, log, tok)
         seed = int(R.pick(R.causal(ctx + blk)[-1])[0])  # commit pass
         nfe += passes + 1
         ctx += blk
@@ -73,12 +74,18 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--threshold", type=float, default=0.9)
-    ap.add_argument("--rule", choices=("spec", "leftmost"), default="spec")
+    ap.add_argument("--policy", default="confidence", help="confidence, margin, entropy or leftmost")
+    ap.add_argument("--margin", type=float, default=None, help="--policy margin's cut (default: generate()'s)")
+    ap.add_argument("--entropy-bound", type=float, default=None, help="--policy entropy's bound in nats")
     ap.add_argument("--measure", action="store_true", help="TPF / agreement with AR over all 16 prompts")
     ap.add_argument("--new", type=int, default=128)
     args = ap.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold={args.threshold} must lie in [0, 1]")
+    from jaxdlm.generation.api import check_policy
+
+    knobs = check_policy(args.policy, args.threshold, None, args.margin, args.entropy_bound)  # defaults, checks
+    policy = dict(policy=args.policy, **knobs)
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -102,14 +109,14 @@ def main(argv=None) -> int:
     if not args.measure:
         p = prompts[args.prompt_index]
         print(f"prompt {args.prompt_index}: ...{tok.decode(p[-60:])!r}")
-        out, nfe = decode(R, p, args.new, args.block, args.threshold, args.rule, print, tok, args.blocks)
+        out, nfe = decode(R, p, args.new, args.block, args.threshold, policy, print, tok, args.blocks)
         print(f"output {tok.decode(out)!r}  ({len(out)} bytes, nfe {nfe})")
         return 0
     ar = np.asarray(jaxdlm.generate(model, prompts, mode="ar", max_new_tokens=args.new, eos_token_id=(),
                                     temperature=0.0).tokens)
     outs, nfe = [], 0
     for p in prompts:
-        o, n = decode(R, p, args.new, args.block, args.threshold, args.rule)
+        o, n = decode(R, p, args.new, args.block, args.threshold, policy)
         outs.append(o)
         nfe += n
     outs = np.asarray(outs)
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
         r = jaxdlm.generate(model, prompts, mode="linear_spec", use_lora=lora, max_new_tokens=args.new,
                             eos_token_id=(), temperature=0.0)
         spec["linear_spec_tpf" + ("_lora" if lora else "")] = round(float(r.lengths.sum() / r.nfe.sum()), 3)
-    print(json.dumps({"run": args.run or "default", "rule": args.rule, "threshold": args.threshold,
+    print(json.dumps({"run": args.run or "default", "threshold": args.threshold, **policy,
                       "tpf": round(outs.size / nfe, 3), "agree_ar": round(float(np.mean(outs == ar)), 3),
                       "rows_equal_ar": int(np.all(outs == ar, axis=1).sum()),
                       "repeat_frac": round(repeat_frac(outs), 3), "ar_repeat_frac": round(repeat_frac(ar), 3), **spec}))

@@ -3,9 +3,9 @@
 Each call runs ONE jitted program (prefill + a ``lax.while_loop``; no host round trip per step).  Its
 static key is the model's graphdef and a :class:`~jaxdlm.generation.core.Plan` (mode, batch shape,
 bucketed prompt length, ``max_new_tokens``, block length, cache size, greedy or not, ...); the
-threshold, temperature, top-k / top-p values, EOS ids and seed are traced, so changing them does not
-recompile.  Prompt lengths are bucketed (:func:`bucket_length`), so prompts in the same bucket share
-one compiled program.
+threshold, the diffusion policy and its knobs, temperature, top-k / top-p values, EOS ids and seed are
+traced, so changing them does not recompile.  Prompt lengths are bucketed (:func:`bucket_length`), so
+prompts in the same bucket share one compiled program.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxdlm.generation import core
 from jaxdlm.generation.ar import ar_program
-from jaxdlm.generation.diffusion import diffusion_program
+from jaxdlm.generation.diffusion import POLICIES, diffusion_program
 from jaxdlm.generation.sampling import Sampler
 from jaxdlm.generation.speculative import linear_program, quadratic_program
 from jaxdlm.model import resolve_layers
@@ -31,6 +31,8 @@ SPEC_SAMPLING = ("exact", "rejection")
 PROGRAMS = {"ar": ar_program, "diffusion": diffusion_program, "linear_spec": linear_program,
             "quadratic_spec": quadratic_program}
 MAX_QUADRATIC_BLOCK = 64  # B(B+1) = 4160 tokens per forward at most
+# diffusion policy -> (its knob's generate() argument, default): "confidence" / "leftmost" read threshold
+POLICY_KNOBS = {"margin": ("margin", 0.8), "entropy": ("entropy_bound", 0.3)}
 
 # auto mode: AR for short outputs or large batches, linear self-speculation otherwise
 AUTO_AR_MIN_BATCH = 16
@@ -149,13 +151,39 @@ def _prompt_rows(prompts, vocab_size: int) -> list[np.ndarray]:
     return out
 
 
+def check_policy(policy, threshold, steps_per_block, margin, entropy_bound) -> dict:
+    """Checks the diffusion policy and its knobs; returns the traced knob values ``{margin, entropy_bound}``."""
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is not a diffusion commit policy; expected one of {POLICIES}")
+    given = {"margin": margin, "entropy_bound": entropy_bound}
+    for name, value in given.items():
+        if value is not None and POLICY_KNOBS.get(policy, (None,))[0] != name:
+            owner = next(p for p, (k, _) in POLICY_KNOBS.items() if k == name)
+            raise ValueError(f"{name}={value!r} is the knob of policy={owner!r}; policy={policy!r} has no use "
+                             f"for it (leave {name}=None or pass policy={owner!r})")
+    if policy != "confidence" and (threshold is None or steps_per_block is not None):
+        what = "threshold=None" if threshold is None else f"steps_per_block={steps_per_block!r}"
+        knob = POLICY_KNOBS.get(policy, ("threshold",))[0]
+        raise ValueError(f"{what} selects the fixed schedule, which ranks by confidence: only policy='confidence' "
+                         f"has one (policy={policy!r} commits by its {knob}= instead)")
+    values = {name: default for name, default in POLICY_KNOBS.values()}
+    values.update({k: float(v) for k, v in given.items() if v is not None})
+    if not 0.0 <= values["margin"] <= 1.0:
+        raise ValueError(f"margin={margin!r} must lie in [0, 1] (top-1 minus top-2 probability)")
+    if not values["entropy_bound"] >= 0.0:
+        raise ValueError(f"entropy_bound={entropy_bound!r} must be >= 0 (nats; summed entropy of one pass's "
+                         f"commits)")
+    return values
+
+
 def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, block_length: int = 32,
              threshold: float | None = 0.9, steps_per_block: int | None = None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              seed: int = 0, spec_sampling: str = "exact", use_lora: bool = True,
              max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
              stream_callback: Callable | None = None, cache_length: int | None = None,
-             impl: str | None = None, layers: str = "auto") -> GenerationResult:
+             impl: str | None = None, layers: str = "auto", policy: str = "confidence",
+             margin: float | None = None, entropy_bound: float | None = None) -> GenerationResult:
     """Generates up to ``max_new_tokens`` tokens after each prompt, in one jitted program.
 
     Args:
@@ -185,6 +213,18 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
       layers: the forwards' layer loop: ``"auto"`` (default: ``"unrolled"``, straight-line code, on a GPU /
         TPU; ``"scan"`` on a CPU, see :func:`jaxdlm.model.resolve_layers`), ``"unrolled"`` or ``"scan"``; every
         choice gives the same tokens.
+      policy: diffusion commit policy (:mod:`jaxdlm.generation.diffusion`): ``"confidence"`` (default:
+        the most confident masked position + every one with probability ``>= threshold``), ``"margin"``
+        (top-1 minus top-2 probability ``>= margin``, + the largest margin), ``"entropy"`` (the
+        lowest-entropy masked positions while their summed entropy is ``<= entropy_bound`` nats, at
+        least one) or ``"leftmost"`` (the leftmost masked position + the contiguous run after it with
+        probability ``>= threshold``).  A traced id: switching policy does not recompile.  ``threshold``
+        is read by ``"confidence"`` and ``"leftmost"`` only, and only ``"confidence"`` has the fixed
+        schedule.  Other modes accept only ``"confidence"`` (they have no commit policy).
+      margin: the ``"margin"`` policy's cut in ``[0, 1]`` (default 0.8: a 0.9 / 0.1 split's margin, so it
+        commits at least what ``threshold=0.9`` commits).  Traced.
+      entropy_bound: the ``"entropy"`` policy's bound in nats, ``>= 0`` (default 0.3, about the entropy
+        of one position at probability 0.9: 0.33 nats for a 0.9 / 0.1 split).  Traced.
 
     Returns a :class:`GenerationResult` (host numpy arrays).  ``nfe`` per SPEC.md section 5: AR counts
     one per emitted token (the prefill is the first token's forward); diffusion does not count the
@@ -216,12 +256,16 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
         raise ValueError(f"max_thinking_tokens={max_thinking_tokens!r} must be >= 0")
     if end_think_token_id is not None and not 0 <= end_think_token_id < c.vocab_size:
         raise ValueError(f"end_think_token_id={end_think_token_id!r} is outside the vocabulary [0, {c.vocab_size})")
+    knob_values = check_policy(policy, threshold, steps_per_block, margin, entropy_bound)
     rows = _prompt_rows(prompts, c.vocab_size)
     batch = len(rows)
     if mode == "auto":
         mode = auto_mode(model, batch, max_new_tokens, block_length)
     if mode != "ar" and c.mask_token_id is None:
         raise ValueError(f"mode={mode!r} needs config.mask_token_id (this model has none); use mode='ar'")
+    if policy != "confidence" and mode != "diffusion":
+        raise ValueError(f"policy={policy!r} is a diffusion commit policy; mode={mode!r} has none (use "
+                         f"mode='diffusion', or leave policy='confidence')")
     if mode == "quadratic_spec" and not 2 <= block_length <= MAX_QUADRATIC_BLOCK:
         raise ValueError(f"block_length={block_length} does not fit quadratic_spec's B(B+1) layout: it needs "
                          f"2 <= B <= {MAX_QUADRATIC_BLOCK} (one seed + at least one draft, at most "
@@ -270,6 +314,8 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
     knobs = dict(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k or 0),
                  top_p=jnp.float32(1.0 if top_p is None else top_p),
                  threshold=jnp.float32(0.0 if threshold is None else threshold),
+                 policy=jnp.int32(POLICIES.index(policy)), margin=jnp.float32(knob_values["margin"]),
+                 entropy_bound=jnp.float32(knob_values["entropy_bound"]),
                  max_thinking=jnp.int32(0 if max_thinking_tokens is None else max_thinking_tokens),
                  end_think=jnp.int32(-1 if end_think_token_id is None else end_think_token_id))
     lora = model.lora if plan.use_lora else None

@@ -4,10 +4,37 @@ Per block ``blk = [seed, MASK * (B-1)]``: denoise passes (bidirectional over the
 read-only) commit tokens until no MASK is left (at most ``B-1`` steps) or an EOS is committed with no
 MASK before it; then one causal commit pass writes the block's K/V and yields the next seed.
 
-* ``threshold`` (traced): each step commits the most confident masked position and every masked
-  position whose chosen token has probability ``>= threshold``.
-* ``threshold=None``: a fixed schedule of ``fixed_steps`` steps per block; step ``s`` commits the
-  ``(B-1) // steps + (s < (B-1) % steps)`` most confident masked positions (ties: lower index first).
+Which masked positions a denoise pass commits is the *policy* (:data:`POLICIES`, a traced id: switching
+policy or changing its knob never recompiles).  Every policy commits at least one masked position per
+pass (progress), and every score is read from the temperature-1 softmax over the full vocabulary (MASK
+in the denominator, never chosen) of the chosen token ``x0`` (argmax, or a Gumbel-max sample at T > 0):
+
+* ``"confidence"`` (the default, the reference's rule): the most confident masked position and every
+  masked position with ``p(x0) >= threshold``.  SGLang's ``low_confidence`` commits the same set up to
+  ``>`` against ``>=`` (``p > threshold``, else the most confident one).  ``threshold=None``: a fixed
+  schedule of ``fixed_steps`` steps per block; step ``s`` commits the ``(B-1) // steps + (s < (B-1) %
+  steps)`` most confident masked positions (ties: lower index first); vLLM's NLD sampler schedules the
+  same way (``ceil(masks left / steps left)`` per step gives the same counts).
+* ``"margin"``: the masked position with the largest margin and every one with margin ``>= margin``,
+  where margin = ``p(x0)`` minus the largest probability of another non-MASK token (top-1 minus top-2
+  at T = 0).  Dream / llama.cpp's MARGIN_BASED rank by the same score but commit a scheduled number of
+  positions per step; here it is thresholded like ``confidence``.
+* ``"entropy"``: masked positions in increasing entropy (ties: lower index first); commit the longest
+  such prefix whose summed entropy (inclusive of the last one) is ``<= entropy_bound`` nats, and always
+  at least the lowest-entropy one.  The EB-sampler (SGLang ``eb_sampling``) and DiffusionGemma's
+  entropy bound admit a position when the sum of the entropies *before* it is within the bound (so they
+  commit one position more than this rule at the same bound, and their "at least one" is implicit);
+  DiffusionGemma also scores every canvas position (it re-noises), not only masked ones, and the
+  EB-sampler drops MASK from the softmax.  SGLang's ``entropy_threshold`` bounds each position's
+  entropy instead of the sum.
+* ``"leftmost"``: only the leftmost contiguous run: the leftmost masked position (always: the progress
+  guarantee, even when ``p(x0) < threshold``) and the masked positions right after it while each has
+  ``p(x0) >= threshold``.  The committed part of a block then always grows as a prefix, like AR
+  decoding or SDLM's confidence-based consecutive decoding; at ``threshold=1`` it is one denoiser token
+  per pass.
+
+Committed tokens are final under every policy (no re-masking or token-to-token edits such as SGLang's
+``joint_threshold``), so the reference's early stop at EOS applies unchanged.
 
 ``nfe``: the prefill is not counted; every denoise pass and every commit pass counts one (the commit
 pass runs for every block, the last one included, as in SPEC.md's pseudo-code).  The draft LoRA is
@@ -20,8 +47,56 @@ import jax
 import jax.numpy as jnp
 
 from jaxdlm.generation import core
-from jaxdlm.generation.sampling import choose, confidence
+from jaxdlm.generation.sampling import choose, confidence, entropy, margin
 from jaxdlm.model import forward
+
+
+# policy name -> traced policy id (its index); api.generate checks the name and each policy's knob
+POLICIES = ("confidence", "margin", "entropy", "leftmost")
+
+
+def _best_and_above(score, masked, cut):
+    """The masked position with the highest ``score`` (first one on ties) and every masked one ``>= cut``."""
+    idx = jnp.arange(score.shape[1])[None, :]
+    best = jnp.argmax(jnp.where(masked, score, -jnp.inf), axis=1)
+    return masked & ((score >= cut) | (idx == best[:, None]))
+
+
+def commit_mask(policy, logits, x0, masked, knobs, mask_id: int | None):
+    """The positions one denoise pass commits under the traced ``policy`` id (see the module docstring).
+
+    Args:
+      policy: ``int32 []`` index into :data:`POLICIES`.
+      logits: ``float32 [R, B, V]`` denoise-pass logits; ``x0``: ``int32 [R, B]`` the chosen tokens.
+      masked: ``bool [R, B]`` positions still masked (a row with none commits nothing).
+      knobs: traced scalars ``threshold``, ``margin``, ``entropy_bound``.
+      mask_id: the MASK id (excluded from the margin's runner-up).
+
+    Returns ``bool [R, B]``, a subset of ``masked`` with at least one position in every row that has one.
+    Only the selected policy's branch runs (``lax.switch``).
+    """
+    idx = jnp.arange(masked.shape[1])[None, :]
+
+    def by_confidence(_):
+        return _best_and_above(confidence(logits, x0), masked, knobs["threshold"])
+
+    def by_margin(_):
+        return _best_and_above(margin(logits, x0, mask_id), masked, knobs["margin"])
+
+    def by_entropy(_):
+        ent = jnp.where(masked, entropy(logits), jnp.inf)
+        order = jnp.argsort(ent, axis=1, stable=True)       # masked positions first, lowest entropy first
+        rank = jnp.argsort(order, axis=1, stable=True)
+        summed = jnp.take_along_axis(jnp.cumsum(jnp.take_along_axis(ent, order, 1), axis=1), rank, 1)
+        return masked & ((rank == 0) | (summed <= knobs["entropy_bound"]))
+
+    def by_leftmost(_):
+        first = jnp.argmax(masked, axis=1)[:, None]          # leftmost masked position (forced)
+        ok = (masked & (confidence(logits, x0) >= knobs["threshold"])) | (idx == first)
+        blocked = jnp.cumsum(((idx >= first) & ~ok).astype(jnp.int32), axis=1) > 0
+        return masked & (idx >= first) & ~blocked
+
+    return jax.lax.switch(policy, [by_confidence, by_margin, by_entropy, by_leftmost], None)
 
 
 def fixed_schedule_count(step, masks: int, steps: int):
@@ -40,12 +115,10 @@ def diffusion_program(module, plan: core.Plan, params_dtype, prompts, lens, key,
         state, blk, masked, live, i = inner
         logits, cache = forward(module, blk, kind="denoise", cache=state["cache"], **plan.forward_kw)
         x0 = choose(logits, core.step_key(state), plan.sampler, state["knobs"])
-        conf = confidence(logits, x0)
-        conf_m = jnp.where(masked, conf, -jnp.inf)
         if plan.fixed_steps is None:
-            best = jnp.argmax(conf_m, axis=1)
-            commit = masked & ((conf >= state["knobs"]["threshold"]) | (idx == best[:, None]))
-        else:
+            commit = commit_mask(state["knobs"]["policy"], logits, x0, masked, state["knobs"], plan.mask_id)
+        else:  # the fixed schedule (policy "confidence" only: api.generate checks)
+            conf_m = jnp.where(masked, confidence(logits, x0), -jnp.inf)
             n_commit = fixed_schedule_count(i, b - 1, plan.fixed_steps)
             order = jnp.argsort(-conf_m, axis=1, stable=True)
             rank = jnp.argsort(order, axis=1, stable=True)
@@ -66,7 +139,9 @@ def diffusion_program(module, plan: core.Plan, params_dtype, prompts, lens, key,
         blk = core.block_with_masks(state["seed"], b, plan.mask_id)
         masked = jnp.broadcast_to(idx > 0, blk.shape)
         inner = (state, blk, masked, active, jnp.int32(0))
-        state, blk, masked, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]), denoise_step, inner)
+        # at most B-1 passes (every policy commits at least one mask per pass; the bound keeps a broken rule
+        # from looping forever: its MASK tokens would then reach the output, which the tests reject)
+        state, blk, masked, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]) & (c[4] < b - 1), denoise_step, inner)
         hidden, cache = forward(module, blk, kind="causal", cache=state["cache"],
                                 num_valid=jnp.where(active, b, 0), **plan.forward_kw, return_hidden=True)
         seed = choose(core.head(module, hidden[:, -1]), core.step_key(state), plan.sampler, state["knobs"])

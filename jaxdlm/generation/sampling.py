@@ -3,7 +3,8 @@ distribution-preserving speculative acceptance rule.
 
 Every function takes logits ``float32 [..., V]``.  The MASK id is never chosen: it is removed from the
 choice (argmax, sampling, the sampling distribution) but kept in the softmax denominator of the
-*confidence* (SPEC.md section 5), so a confidence is ``softmax(logits)[chosen]`` at temperature 1.
+*confidence* (SPEC.md section 5), so a confidence is ``softmax(logits)[chosen]`` at temperature 1; the
+diffusion policies' margin and entropy are read from the same temperature-1 distribution.
 
 :class:`Sampler` holds the static part (greedy or not, whether top-k / top-p filters are on, the MASK
 id); the numeric knobs (temperature, top_k, top_p) are traced values so that changing them does not
@@ -84,6 +85,29 @@ def confidence(logits, tokens):
     """``softmax(logits)[tokens]`` at temperature 1 over the full vocabulary (MASK included)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.exp(jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0])
+
+
+def margin(logits, tokens, mask_id: int | None):
+    """``p[tokens] - max(p[v] for v not in {tokens, MASK})``, ``p = softmax(logits)`` at temperature 1 over the
+    full vocabulary (MASK included in the denominator, excluded from the runner-up since it is never chosen).
+
+    At temperature 0 ``tokens`` is the top choice and this is the top-1 minus top-2 probability (``>= 0``);
+    with sampled tokens it may be negative.  ``logits float32 [..., V]``, ``tokens int32 [...]``.
+    """
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    v = jnp.arange(p.shape[-1])
+    others = v != tokens[..., None]
+    if mask_id is not None:
+        others = others & (v != mask_id)
+    chosen = jnp.take_along_axis(p, tokens[..., None], -1)[..., 0]
+    return chosen - jnp.max(jnp.where(others, p, 0.0), axis=-1)
+
+
+def entropy(logits):
+    """Entropy in nats ``-sum(p log p)`` of ``p = softmax(logits)`` at temperature 1 over the full vocabulary
+    (MASK included): ``float32 [...]`` for ``logits [..., V]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)
 
 
 def probs(logits, sampler: Sampler, knobs):
