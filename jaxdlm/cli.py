@@ -246,6 +246,9 @@ def cmd_demo(args) -> int:
 
 def _encode_prompt(tokenizer, text: str, chat: bool) -> list:
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat wraps the prompt in the tokenizer's chat template, and this checkpoint's "
+                             "tokenizer has none: drop --chat")
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                  tokenize=False)
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])

@@ -4,6 +4,7 @@ and runtime errors (exit 2, one line, no traceback), ``info`` on jaxdlm checkpoi
 
 import io
 import json
+import os
 
 import jax
 import numpy as np
@@ -99,10 +100,23 @@ def test_threshold_none_runs_the_fixed_schedule(seed):
     assert info["rows"][0]["text"] == tok.decode(free, skip_special_tokens=False)
 
 
-def test_generate_command_needs_a_tokenizer(seed):
+def test_generate_command_needs_a_tokenizer_and_a_template_for_chat(seed):
     args = cli.build_parser().parse_args(["generate", "--checkpoint", "x", "--prompt", "w5"])
     with pytest.raises(ValueError, match="no tokenizer"):
         cli.run_generate(make_model(seed), None, args)
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="tokenizer has none: drop --chat"):
+        cli.run_generate(make_model(seed), tok, generate_args())
+
+
+def test_cli_silences_transformers_advice_on_missing_torch(monkeypatch, capsys):
+    """transformers says "PyTorch was not found..." at import unless TRANSFORMERS_NO_ADVISORY_WARNINGS is set."""
+    monkeypatch.setenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", "")
+    monkeypatch.delenv("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    assert cli.main(["info", "--no-compile-cache"]) == 0
+    assert os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] == "1"
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("argv,allowed", [
