@@ -69,14 +69,17 @@ def test_generate_command_prints_prompt_continuation_stop_reason_and_figures(see
         assert err.getvalue() == ""                         # no progress line off a terminal
 
 
-def test_prompt_is_dimmed_on_a_terminal():
+def test_prompt_is_dimmed_on_a_terminal(monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
+    monkeypatch.delenv("NO_COLOR", raising=False)
     shown = cli._prompt_and_continuation("def f():", " pass", Terminal())
     assert shown == "\033[2mdef f():\033[22m pass"
     assert cli._prompt_and_continuation("def f():", " pass", io.StringIO()) == "def f():\u2502 pass"
+    monkeypatch.setenv("NO_COLOR", "1")  # https://no-color.org: the mark instead
+    assert cli._prompt_and_continuation("def f():", " pass", Terminal()) == "def f():\u2502 pass"
 
 
 def test_progress_line_counts_committed_tokens(seed):
