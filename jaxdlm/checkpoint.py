@@ -283,7 +283,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The ``jaxdlm.json`` of a checkpoint folder; ``ValueError`` when ``path`` is not one."""
     root = Path(path)
     meta_path = root / METADATA_FILE
-    if not root.is_dir() or not meta_path.is_file():
+    if not root.exists():
+        raise ValueError(f"checkpoint folder {root} does not exist; check the path (a Hugging Face folder must be "
+                         f"converted first: python -m convert_weights HF_DIR OUT_DIR)")
+    if not root.is_dir():
+        raise ValueError(f"{root} is a file, not a checkpoint folder; pass the folder that holds {METADATA_FILE}")
+    if not meta_path.is_file():
         raise ValueError(
             f"{root} is not a jaxdlm checkpoint (no {METADATA_FILE}); convert a Hugging Face folder first: "
             f"python -m convert_weights HF_DIR {root}")

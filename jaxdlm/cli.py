@@ -1,17 +1,86 @@
 """The ``jaxdlm`` command line.
 
 ``jaxdlm demo``       runs every decoding mode of the embedded default model (``jaxdlm.load_default()``).
-``jaxdlm info``       prints the devices, versions and, with ``--config``, a parsed model config.
+``jaxdlm info``       prints the devices, versions and, with ``--config``, a model config or checkpoint.
 ``jaxdlm generate``   generates text from a checkpoint (its tokenizer and chat template) in any mode.
 ``jaxdlm train``      trains / fine-tunes from a TOML or JSON experiment config (``jaxdlm.training``).
+
+Every argument is checked before any work: a bad value ends the command with one line on stderr that
+names the allowed values, and exit code 2; so does any other error (``--debug`` shows the traceback).
+
+JAX's persistent compilation cache is on: compiled programs are kept in ``$JAXDLM_CACHE_DIR`` (default
+``~/.cache/jaxdlm/xla``), so a second run with the same shapes reads its program instead of compiling it
+again; ``--no-compile-cache`` turns it off.  JAX never caches a program with a host callback, which is
+what the progress line of ``jaxdlm generate`` on a terminal uses (``--no-progress`` drops it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
+
+CACHE_DIR_ENV = "JAXDLM_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/jaxdlm/xla"
+GEN_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+DIFFUSION_POLICIES = ("confidence", "margin", "entropy", "leftmost")  # jaxdlm.generation.diffusion.POLICIES
+DTYPES = ("float32", "bfloat16")
+# The demo's quadratic_spec block: B = 16 runs a B(B+1) = 272-token forward instead of 1056 tokens at the
+# model's block 32, about 5x less work per forward on a CPU for the same bytes per forward (16 held-out
+# prompts x 128 bytes: TPF 2.74 at B = 16, 2.78 at B = 32, 2.65 at B = 8).
+DEMO_QUADRATIC_BLOCK = 16
+PROMPT_MARK = "\u2502"  # between prompt and continuation when the output is not a terminal
+
+
+# ------------------------------------------------------------------------------------- argument types
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of this command
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in ``[lo, hi]`` (``hi=None``: no upper bound)."""
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected {allowed}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range; expected {allowed}")
+        return value
+
+    return parse
+
+
+def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False, none_word: str | None = None):
+    """An argparse type: a number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); ``none_word`` parses to None."""
+    allowed = (f"a number {'>' if lo_open else '>='} {lo:g}" if hi is None
+               else f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+    if none_word:
+        allowed += f" or {none_word!r}"
+
+    def parse(text: str) -> float | None:
+        if none_word and text.strip().lower() == none_word:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected {allowed}") from None
+        if not math.isfinite(value) or not (value > lo if lo_open else value >= lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; expected {allowed}")
+        return value
+
+    return parse
+
+
+# ------------------------------------------------------------------------------------- shared helpers
 
 
 def _versions() -> dict:
@@ -22,6 +91,113 @@ def _versions() -> dict:
             "devices": [str(d) for d in jax.devices()]}
 
 
+def compile_cache_dir(args) -> str | None:
+    """The persistent compilation cache folder of this command: ``None`` with ``--no-compile-cache``,
+    else ``$JAXDLM_CACHE_DIR`` or ``~/.cache/jaxdlm/xla``."""
+    if getattr(args, "no_compile_cache", False):
+        return None
+    return os.path.expanduser(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+
+
+def _configure_compile_cache(args) -> str | None:
+    """Points JAX's persistent compilation cache at :func:`compile_cache_dir` (before anything compiles)."""
+    path = compile_cache_dir(args)
+    if path is not None:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+# JAX's monitoring events for the stages of a jit compilation: tracing, lowering, and the XLA compile
+# (which includes a persistent-cache read on a hit).
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_clock = {"seconds": 0.0, "listening": False}
+
+
+def _on_duration_event(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_clock["seconds"] += duration
+
+
+def _compile_seconds() -> float | None:
+    """Seconds this process has spent compiling JAX programs so far (``None``: no monitoring API)."""
+    if not _compile_clock["listening"]:
+        import jax
+
+        try:
+            jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
+        except AttributeError:  # pragma: no cover - a jax without the listener API
+            return None
+        _compile_clock["listening"] = True
+    return _compile_clock["seconds"]
+
+
+def _timed(fn, *args, **kwargs):
+    """``(result, compile_seconds or None, run_seconds)`` of one call; compile = JAX tracing, lowering and
+    XLA compilation (or the persistent-cache read), run = the rest of the wall time."""
+    before = _compile_seconds()
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    total = time.perf_counter() - t0
+    after = _compile_seconds()
+    compile_s = None if before is None or after is None else min(after - before, total)
+    return result, compile_s, total - (compile_s or 0.0)
+
+
+def _timing_text(tokens: int, compile_s: float | None, run_s: float) -> str:
+    head = "compile ?" if compile_s is None else f"compile {compile_s:.1f}s"
+    return f"{head}, run {run_s:.2f}s ({tokens / max(run_s, 1e-9):.1f} tokens/s)"
+
+
+def _is_terminal(stream) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _prompt_and_continuation(prompt: str, continuation: str, stream) -> str:
+    """The prompt dimmed (terminal) or followed by a ``│`` mark (otherwise), then the continuation."""
+    if _is_terminal(stream) and not os.environ.get("NO_COLOR"):
+        return f"\033[2m{prompt}\033[22m{continuation}"
+    return prompt + PROMPT_MARK + continuation
+
+
+class _Progress:
+    """``generate``'s ``stream_callback``: a one-line count of committed tokens on a terminal."""
+
+    def __init__(self, stream, total: int, every: float = 0.2):
+        self.stream, self.total, self.every = stream, total, every
+        self.done, self.last = 0, 0.0
+
+    def __call__(self, tokens, counts) -> None:
+        import numpy as np
+
+        self.done += int(np.sum(counts))
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            self.stream.write(f"\r  generating: {self.done}/{self.total} tokens")
+            self.stream.flush()
+
+    def close(self) -> None:
+        import jax
+
+        jax.effects_barrier()  # every callback has run
+        if self.last:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _stop_reason(tokens, length: int, eos_ids, max_new: int) -> str:
+    """Why a row ended: at an EOS id or at ``--max-new-tokens``."""
+    if length and int(tokens[length - 1]) in eos_ids:
+        return f"stopped at EOS (id {int(tokens[length - 1])}) after {length} tokens"
+    return f"{length} tokens, stopped at --max-new-tokens={max_new}"
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
 def cmd_demo(args) -> int:
     """Every decoding mode on the embedded default model (held-out prompts), with nfe / TPF / agreement."""
     import numpy as np
@@ -29,170 +205,175 @@ def cmd_demo(args) -> int:
     from jaxdlm.default import card, heldout_prompts, load_default
     from jaxdlm.generation import generate
 
+    every = heldout_prompts()
+    if args.prompt_index + args.num_prompts > len(every):
+        raise ValueError(f"--prompt-index={args.prompt_index} --num-prompts={args.num_prompts} run past the "
+                         f"{len(every)} held-out prompts: the index must lie in [0, {len(every) - 1}] and "
+                         f"index + count be at most {len(every)}")
     t0 = time.perf_counter()
     model = load_default()
     info = card()
     rec = info["recommended"]
     print(f"jaxdlm demo: the embedded default model ({info['name']}; {model.config.num_params() / 1e6:.1f}M params, "
           f"loaded in {time.perf_counter() - t0:.1f}s)")
-    every = heldout_prompts()
-    if not 0 <= args.prompt_index < len(every) or args.num_prompts < 1:
-        raise ValueError(f"--prompt-index={args.prompt_index} / --num-prompts={args.num_prompts}: the index must "
-                         f"lie in [0, {len(every) - 1}] and the count be at least 1")
     texts = every[args.prompt_index:args.prompt_index + args.num_prompts]
     tok = model.tokenizer
     prompts = [tok(t)["input_ids"] for t in texts]
     common = dict(max_new_tokens=args.max_new_tokens, block_length=rec["block_length"], eos_token_id=(),
                   temperature=0.0, seed=args.seed)
     print(f"prompt (held-out stdlib code, {len(prompts[0])} bytes):\n{texts[0]}\n" + "-" * 72)
+    print("(compile: JAX tracing and XLA compilation, read from the compile cache on later runs; run: the rest)")
     ar_tokens = None
     for mode, kw in (("ar", {}), ("diffusion", {"threshold": rec["threshold"]}), ("linear_spec", {}),
-                     ("quadratic_spec", {})):
-        t0 = time.perf_counter()
-        res = generate(model, prompts, mode=mode, **common, **kw)
-        dt = time.perf_counter() - t0
+                     ("quadratic_spec", {"block_length": DEMO_QUADRATIC_BLOCK})):
+        res, compile_s, run_s = _timed(generate, model, prompts, mode=mode, **dict(common, **kw))
         toks = np.asarray(res.tokens)
         n, nfe = int(res.lengths.sum()), int(res.nfe.sum())
         if ar_tokens is None:
             ar_tokens = toks
         same = "identical to AR" if np.array_equal(toks, ar_tokens) else \
             f"{np.mean(toks == ar_tokens):.0%} of positions equal to AR"
-        label = mode + (f" (threshold {kw['threshold']})" if "threshold" in kw else "")
-        print(f"[{label}] {n} tokens, nfe {nfe}, TPF {n / max(nfe, 1):.2f}, {dt:.1f}s incl. compile, {same}")
-        print(texts[0] + "\u2502" + tok.decode(toks[0].tolist()))
+        label = mode + (f" (threshold {kw['threshold']})" if "threshold" in kw else "") + \
+            (f" (block {kw['block_length']})" if "block_length" in kw else "")
+        print(f"[{label}] {n} tokens, nfe {nfe}, TPF {n / max(nfe, 1):.2f}, {_timing_text(n, compile_s, run_s)}, "
+              f"{same}")
+        print(_prompt_and_continuation(texts[0], tok.decode(toks[0].tolist()), sys.stdout))
         print("-" * 72)
+    print(f"quadratic_spec runs at block {DEMO_QUADRATIC_BLOCK} here: a B(B+1)-token forward at the model's block "
+          f"{rec['block_length']} costs about 5x more on a CPU for about the same TPF")
     print(f"  {_versions()}")
     return 0
 
 
-GEN_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
-
-
 def _encode_prompt(tokenizer, text: str, chat: bool) -> list:
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat wraps the prompt in the tokenizer's chat template, and this checkpoint's "
+                             "tokenizer has none: drop --chat")
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                  tokenize=False)
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     return list(tokenizer(text)["input_ids"])
 
 
-def run_generate(model, tokenizer, args, out=None) -> dict:
-    """Encodes ``args.prompt`` (list of texts), generates, prints text and nfe / TPF / tokens per second.
+def _check_generate_args(args) -> None:
+    """The checks of ``jaxdlm generate`` that involve two arguments (each one alone is checked by argparse)."""
+    if args.steps_per_block is not None and args.threshold is not None:
+        raise ValueError(f"--steps-per-block={args.steps_per_block} sets the fixed schedule: it needs "
+                         f"--threshold none (got --threshold {args.threshold:g})")
+
+
+def run_generate(model, tokenizer, args, out=None, err=None) -> dict:
+    """Encodes ``args.prompt`` (list of texts), generates, prints each prompt (dimmed on a terminal, else
+    followed by ``│``) with its continuation and why it stopped, then nfe / TPF / compile and run time.
 
     Separate from :func:`cmd_generate` so that it runs on any model + tokenizer (tests build both).
-    Returns the figures printed (per row text, tokens, nfe, TPF, tokens/s).
+    ``err`` receives the progress line (a terminal only, unless ``args.progress`` says otherwise).
+    Returns the figures printed (per row text, tokens, nfe, TPF, stop reason; tokens/s, times).
     """
     from jaxdlm.generation import generate
 
     out = out or sys.stdout
+    err = err or sys.stderr
+    _check_generate_args(args)
     if tokenizer is None:
         raise ValueError("the checkpoint has no tokenizer (tokenizer.json / tokenizer_config.json): "
                          "jaxdlm generate needs one to encode --prompt")
     prompts = [_encode_prompt(tokenizer, p, args.chat) for p in args.prompt]
-    eos = args.eos_token_id if args.eos_token_id else None
+    eos_ids = tuple(args.eos_token_id) if args.eos_token_id else tuple(model.config.eos_token_ids or ())
     kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
-              threshold=None if args.threshold is not None and args.threshold < 0 else args.threshold,
-              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-              spec_sampling=args.spec_sampling, eos_token_id=eos, max_thinking_tokens=args.max_thinking_tokens,
+              threshold=args.threshold, steps_per_block=args.steps_per_block, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, spec_sampling=args.spec_sampling,
+              eos_token_id=eos_ids, max_thinking_tokens=args.max_thinking_tokens,
               end_think_token_id=args.end_think_token_id, policy=args.policy, margin=args.margin,
               entropy_bound=args.entropy_bound)
-    if args.warmup:
-        generate(model, prompts, **kw)
-    t0 = time.perf_counter()
-    res = generate(model, prompts, **kw)
-    seconds = time.perf_counter() - t0
+    progress = None
+    if args.progress if args.progress is not None else _is_terminal(err):
+        progress = _Progress(err, len(prompts) * args.max_new_tokens)
+    if args.warmup:  # the same callback object: a new one would be another program
+        generate(model, prompts, **kw, stream_callback=progress)
+        if progress is not None:
+            progress.close()
+            progress.done = progress.last = 0
+    try:
+        res, compile_s, run_s = _timed(generate, model, prompts, **kw, stream_callback=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     rows = []
     for i, seq in enumerate(res.sequences()):
         text = tokenizer.decode(seq.tolist(), skip_special_tokens=False)
-        rows.append(dict(text=text, tokens=int(res.lengths[i]), nfe=int(res.nfe[i]),
+        stop = _stop_reason(seq, int(res.lengths[i]), eos_ids, args.max_new_tokens)
+        if text and not text.strip():
+            stop += f"; the continuation is only whitespace ({len(text)} characters)"
+        rows.append(dict(text=text, tokens=int(res.lengths[i]), nfe=int(res.nfe[i]), stop=stop,
                          tpf=float(res.lengths[i] / max(int(res.nfe[i]), 1))))
         if len(prompts) > 1:
             print(f"--- [{i}]", file=out)
-        print(text, file=out)
+        prompt_text = tokenizer.decode(prompts[i], skip_special_tokens=False)
+        print(_prompt_and_continuation(prompt_text, text, out), file=out)
+        print(f"[{stop}]", file=out)
     total = int(res.lengths.sum())
-    tps = total / seconds
-    print(f"[mode={res.mode} tokens={total} nfe={int(res.nfe.sum())} "
-          f"TPF={total / max(int(res.nfe.sum()), 1):.2f} tokens/s={tps:.1f} "
-          f"({seconds:.2f}s{'' if args.warmup else ', incl. compile: pass --warmup to exclude it'})]", file=out)
-    return dict(rows=rows, mode=res.mode, seconds=seconds, tokens_per_second=tps)
+    tps = total / max(run_s, 1e-9)
+    print(f"[mode={res.mode} tokens={total} nfe={int(res.nfe.sum())} TPF={total / max(int(res.nfe.sum()), 1):.2f} | "
+          f"{_timing_text(total, compile_s, run_s)}]", file=out)
+    return dict(rows=rows, mode=res.mode, compile_seconds=compile_s, run_seconds=run_s, tokens_per_second=tps)
 
 
 def cmd_generate(args) -> int:
-    try:
-        from jaxdlm.checkpoint import load
-    except ImportError as e:  # the checkpoint module ships separately
-        raise ValueError(f"loading checkpoints needs jaxdlm.checkpoint, which is not available here ({e})") from e
+    from jaxdlm.checkpoint import load
+
+    _check_generate_args(args)  # before the checkpoint is read
     if args.checkpoint is None:
         from jaxdlm.default import default_model_path
 
         args.checkpoint = default_model_path()
     model = load(args.checkpoint, dtype=args.dtype)
-    run_generate(model, getattr(model, "tokenizer", None), args)
+    run_generate(model, model.tokenizer, args)
     return 0
+
+
+def checkpoint_info(path) -> dict:
+    """What ``jaxdlm info --config`` prints for a jaxdlm checkpoint folder (no weights are read)."""
+    from jaxdlm.checkpoint import load_tokenizer, read_metadata
+    from jaxdlm.config import ModelConfig
+
+    meta = read_metadata(path)
+    cfg = ModelConfig.from_dict(meta["config"])
+    lora = None
+    if meta.get("has_lora"):
+        layers, _, rank = meta["lora"]["a"]["shape"]
+        lora = {"rank": rank, "layers": layers, "target": "o_proj, draft passes of linear_spec only"}
+    tok = load_tokenizer(path)
+    tokenizer = None if tok is None else {
+        "class": type(tok).__name__, "vocab_size": len(tok), "chat_template": bool(getattr(tok, "chat_template", None)),
+        "special_tokens": {k: v for k, v in getattr(tok, "special_tokens_map", {}).items() if isinstance(v, str)}}
+    return {"checkpoint": os.path.abspath(path), "dtype": meta["dtype"], "num_params": cfg.num_params(),
+            "lora": lora, "tokenizer": tokenizer, "source": meta.get("source"), "config": cfg.to_dict()}
 
 
 def cmd_info(args) -> int:
     info = _versions()
-    if args.config:
+    if args.config is not None:
+        from jaxdlm.checkpoint import METADATA_FILE
         from jaxdlm.config import ModelConfig
 
-        cfg = ModelConfig.from_hf(args.config)
-        info["config"] = cfg.to_dict()
-        info["num_params"] = cfg.num_params()
-    print(json.dumps(info, indent=2))
+        path = args.config
+        if path == "default" and not os.path.exists(path):
+            from jaxdlm.default import default_model_path
+
+            path = default_model_path()
+        if os.path.isfile(os.path.join(path, METADATA_FILE)):
+            info.update(checkpoint_info(path))
+        else:
+            if not os.path.exists(path):
+                raise ValueError(f"--config {path} does not exist; pass a Hugging Face config.json (file or folder), "
+                                 f"a jaxdlm checkpoint folder, or 'default' (the embedded default model)")
+            cfg = ModelConfig.from_hf(path)
+            info["config"] = cfg.to_dict()
+            info["num_params"] = cfg.num_params()
+    print(json.dumps(info, indent=2, default=str))
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxdlm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run every decoding mode of the embedded default model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=1, help="held-out prompts decoded as one batch")
-    p.add_argument("--prompt-index", type=int, default=6,
-                   help="first held-out prompt to use (0-15; default 6: a typical one, TPF near the median)")
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("info", help="devices, versions, and a parsed config.json")
-    p.add_argument("--config", help="a Hugging Face config.json (file or folder)")
-    p.set_defaults(func=cmd_info)
-    add_generate_parser(sub)
-    p = sub.add_parser("train", help="train / fine-tune from a TOML or JSON experiment config")
-    from jaxdlm.training.run import add_arguments as _train_arguments
-
-    _train_arguments(p)
-    p.set_defaults(func=cmd_train)
-    return parser
-
-
-def add_generate_parser(sub):
-    p = sub.add_parser("generate", help="generate text from a checkpoint",
-                       description="Generate with a jaxdlm checkpoint (its tokenizer and chat template).")
-    p.add_argument("--checkpoint", default=None,
-                   help="checkpoint folder (jaxdlm.checkpoint.load); default: the embedded default model")
-    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
-    p.add_argument("--mode", default="auto", choices=GEN_MODES + ("auto",))
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--threshold", type=float, default=0.9, help="diffusion threshold; negative = fixed schedule")
-    p.add_argument("--policy", default="confidence",
-                   help="diffusion commit policy: confidence (default), margin, entropy or leftmost")
-    p.add_argument("--margin", type=float, default=None, help="--policy margin: top-1 minus top-2 probability cut")
-    p.add_argument("--entropy-bound", type=float, default=None, help="--policy entropy: summed entropy bound (nats)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--spec-sampling", default="exact", choices=("exact", "rejection"))
-    p.add_argument("--eos-token-id", type=int, action="append", help="default: the config's EOS ids")
-    p.add_argument("--max-thinking-tokens", type=int, default=None)
-    p.add_argument("--end-think-token-id", type=int, default=None)
-    p.add_argument("--dtype", default=None, help="parameter dtype (e.g. bfloat16); default: as stored")
-    p.add_argument("--warmup", action="store_true", help="run once first so that tokens/s excludes compilation")
-    p.set_defaults(func=cmd_generate)
-    return p
 
 
 def cmd_train(args) -> int:
@@ -201,12 +382,97 @@ def cmd_train(args) -> int:
     return run_command(args)
 
 
+# ------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxdlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument("--no-compile-cache", action="store_true",
+                        help=f"do not use JAX's persistent compilation cache (${CACHE_DIR_ENV}, default "
+                             f"{DEFAULT_CACHE_DIR})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", parents=[common], help="run every decoding mode of the embedded default model")
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
+    p.add_argument("--max-new-tokens", type=_int_in(1), default=128)
+    p.add_argument("--num-prompts", type=_int_in(1), default=1, help="held-out prompts decoded as one batch")
+    p.add_argument("--prompt-index", type=_int_in(0), default=6,
+                   help="first held-out prompt to use (0-15; default 6: a typical one, TPF near the median)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("info", parents=[common], help="devices, versions, and a model config or checkpoint")
+    p.add_argument("--config", nargs="?", const="default", default=None, metavar="PATH",
+                   help="a Hugging Face config.json (file or folder) or a jaxdlm checkpoint folder; "
+                        "no PATH (or 'default'): the embedded default model")
+    p.set_defaults(func=cmd_info)
+    add_generate_parser(sub, parents=[common])
+    p = sub.add_parser("train", parents=[common], help="train / fine-tune from a TOML or JSON experiment config")
+    from jaxdlm.training.run import add_arguments as _train_arguments
+
+    _train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def add_generate_parser(sub, parents=()):
+    p = sub.add_parser("generate", parents=list(parents), help="generate text from a checkpoint",
+                       description="Generate with a jaxdlm checkpoint (its tokenizer and chat template). Prints "
+                                   "each prompt (dimmed on a terminal, else followed by \u2502) and its "
+                                   "continuation, why it stopped, then nfe, TPF, compile and run time.")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder (jaxdlm.checkpoint.load); default: the embedded default model")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
+    p.add_argument("--mode", default="auto", choices=GEN_MODES + ("auto",))
+    p.add_argument("--max-new-tokens", type=_int_in(1), default=256)
+    p.add_argument("--block-length", type=_int_in(1), default=32)
+    p.add_argument("--threshold", type=_float_in(0.0, 1.0, none_word="none"), default=0.9,
+                   help="diffusion confidence threshold in [0, 1]; 'none' = the fixed schedule (one masked token "
+                        "per denoise step unless --steps-per-block)")
+    p.add_argument("--steps-per-block", type=_int_in(1), default=None,
+                   help="denoise steps per block of the fixed schedule (--threshold none); default block length - 1")
+    p.add_argument("--policy", default="confidence", choices=DIFFUSION_POLICIES,
+                   help="diffusion commit policy (default confidence; see jaxdlm.generate)")
+    p.add_argument("--margin", type=_float_in(0.0, 1.0), default=None,
+                   help="--policy margin: the top-1 minus top-2 probability cut in [0, 1] (default 0.8)")
+    p.add_argument("--entropy-bound", type=_float_in(0.0), default=None,
+                   help="--policy entropy: the summed-entropy bound in nats, >= 0 (default 0.3)")
+    p.add_argument("--temperature", type=_float_in(0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_int_in(1), default=None)
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
+    p.add_argument("--spec-sampling", default="exact", choices=("exact", "rejection"))
+    p.add_argument("--eos-token-id", type=_int_in(0), action="append", help="default: the config's EOS ids")
+    p.add_argument("--max-thinking-tokens", type=_int_in(0), default=None)
+    p.add_argument("--end-think-token-id", type=_int_in(0), default=None)
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="parameter dtype; default: as stored")
+    p.add_argument("--warmup", action="store_true", help="run once first, so that the timed run compiles nothing")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a line counting committed tokens on stderr (default: when stderr is a terminal; "
+                        "JAX's compile cache does not keep a program with it)")
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
 def main(argv=None) -> int:
+    # transformers prints "PyTorch was not found..." at import without torch; the CLI needs only its tokenizers
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     try:
+        _configure_compile_cache(args)
         return args.func(args)
-    except ValueError as e:
-        print(f"jaxdlm {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"jaxdlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line per error is the contract; --debug shows the traceback
+        if args.debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, ValueError):  # not a message written for the user: say what it is and where to look
+            msg = f"{type(e).__name__}: {msg} (--debug shows the traceback)"
+        print(f"jaxdlm {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

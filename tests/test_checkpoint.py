@@ -104,9 +104,14 @@ def test_save_writes_extra_files_inside_the_atomic_folder(tmp_path, seed, rng):
 
 
 def test_load_rejects_non_checkpoints(tmp_path):
-    with pytest.raises(ValueError, match="is not a jaxdlm checkpoint"):
+    with pytest.raises(ValueError, match="missing does not exist; check the path"):
         jaxdlm.load(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a checkpoint folder"):
+        jaxdlm.load(tmp_path / "file")
     (tmp_path / "hf").mkdir()
+    with pytest.raises(ValueError, match="is not a jaxdlm checkpoint"):
+        jaxdlm.load(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="convert_weights"):
         jaxdlm.load(tmp_path / "hf")

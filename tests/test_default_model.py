@@ -92,11 +92,14 @@ def test_default_model_decodes_faster_than_one_token_per_forward(model, prompt_i
 
 
 def test_demo_command_runs_every_mode_on_the_default_model(capsys):
-    assert cli.main(["demo", "--max-new-tokens", "64"]) == 0
+    assert cli.main(["demo", "--max-new-tokens", "64", "--no-compile-cache"]) == 0
     out = capsys.readouterr().out
     assert "embedded default model" in out
-    for mode in ("[ar]", "[diffusion (threshold", "[linear_spec]", "[quadratic_spec]"):
-        assert mode in out
     lines = {ln.split("]")[0] + "]": ln for ln in out.splitlines() if ln.startswith("[")}
+    quadratic = f"[quadratic_spec (block {cli.DEMO_QUADRATIC_BLOCK})]"
+    assert sorted(lines) == sorted(["[ar]", f"[diffusion (threshold {card()['recommended']['threshold']})]",
+                                    "[linear_spec]", quadratic])
     assert "identical to AR" in lines["[linear_spec]"]
-    assert "identical to AR" in lines["[quadratic_spec]"]
+    assert "identical to AR" in lines[quadratic]
+    for line in lines.values():  # compile and run time apart
+        assert "64 tokens" in line and ", compile " in line and ", run " in line and "tokens/s)" in line

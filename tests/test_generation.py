@@ -48,7 +48,7 @@ def run_reference(mode, R, prompt, eos, block, threshold, lora=None):
     if mode == "ar":
         return ref_ar(R, prompt, MAX_NEW, eos)
     if mode == "diffusion":
-        steps = max(1, (block - 1) // 2) if threshold is None else None
+        steps = block - 1 if threshold is None else None  # the reference's fixed schedule: one token per step
         return ref_diffusion(R, prompt, MAX_NEW, eos, block, threshold, steps)
     if mode == "linear_spec":
         return ref_linear(R, prompt, MAX_NEW, eos, block, lora=lora)
@@ -103,6 +103,25 @@ def test_matches_reference(mode, block, threshold, batch, seed, rng):
             ar = jaxdlm.ar_generate(model, prompts, max_new_tokens=MAX_NEW, eos_token_id=eos_ids)
             np.testing.assert_array_equal(res.tokens, ar.tokens)
             np.testing.assert_array_equal(res.lengths, ar.lengths)
+
+
+def test_fixed_schedule_default_is_one_token_per_step(seed, rng):
+    """``threshold=None`` without ``steps_per_block`` is the reference's schedule: one masked token per
+    denoise step, ``B-1`` denoise passes + one commit pass per block; ``steps_per_block`` picks another."""
+    model = make_model(seed)
+    prompts = random_prompts(rng, 2)
+    block = 8
+    blocks = -(-(MAX_NEW - 1) // block)  # the prefill gives the first token, each block B more
+    kw = dict(mode="diffusion", max_new_tokens=MAX_NEW, block_length=block, threshold=None, eos_token_id=[])
+    default = jaxdlm.generate(model, prompts, **kw)
+    fewer = jaxdlm.generate(model, prompts, steps_per_block=3, **kw)
+    np.testing.assert_array_equal(default.nfe, blocks * block)
+    np.testing.assert_array_equal(fewer.nfe, blocks * (3 + 1))
+    R = Reference(model)
+    for i, p in enumerate(prompts):
+        for res, steps in ((default, block - 1), (fewer, 3)):
+            out, nfe = ref_diffusion(R, p, MAX_NEW, (), block, None, steps)
+            assert res.tokens[i].tolist() == out and res.nfe[i] == nfe, f"steps={steps} row {i}"
 
 
 def test_linear_spec_with_draft_lora_matches_reference_and_ar(seed, rng):
@@ -282,6 +301,10 @@ def test_auto_mode_rule(seed, rng):
     (dict(prompts=[[5, 6], []]), "row 1 is empty"),
     (dict(prompts=[[5, 64]]), "id 64"),
     (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=["def fib(n):"]), "row 0 is a string ('def fib(n):'); prompts are token ids: tokenize the text "
+                                    "first, e.g. model.tokenizer(text)['input_ids']"),
+    (dict(prompts="def fib(n):"), "prompts is a string ('def fib(n):'); prompts are token ids"),
+    (dict(prompts=[5, 6]), "row 0 is a single value (5), not a token sequence"),
     (dict(mode="quadratic_spec", block_length=1), "block_length=1"),
     (dict(mode="quadratic_spec", block_length=65), "block_length=65"),
     (dict(mode="linear_spec", block_length=1), "block_length=1"),

@@ -1,16 +1,23 @@
-"""``jaxdlm generate`` (through run_generate, with a tokenizer built here) and ``jaxdlm demo``."""
+"""The ``jaxdlm`` command line: ``generate`` (through run_generate, with a tokenizer built here), argument
+and runtime errors (exit 2, one line, no traceback), ``info`` on jaxdlm checkpoints, the compile cache.
+``jaxdlm demo`` on the embedded model is tested in test_default_model.py."""
 
-import importlib.util
 import io
+import json
+import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxdlm
 from jaxdlm import cli
+from jaxdlm.default import DEFAULT_MODEL_DIR, card
 from test_generation import make_model, CFG
 
 WORDS = ["<pad>", "<s>", "</s>", "<mask>"] + [f"w{i}" for i in range(CFG.vocab_size - 4)]
+MAX_NEW = 24
 
 
 def tiny_tokenizer():
@@ -24,46 +31,231 @@ def tiny_tokenizer():
     return fast
 
 
-def test_generate_command_prints_text_and_figures(seed):
+def generate_args(*extra):
+    return cli.build_parser().parse_args(["generate", "--checkpoint", "unused", "--prompt", "w5 w9 w7", "--chat",
+                                          "--max-new-tokens", str(MAX_NEW), "--block-length", "4", *extra])
+
+
+PROMPT_IDS = [WORDS.index(w) for w in "w1 w5 w9 w7 w2 w3".split()]  # "w5 w9 w7" in the chat template
+
+
+def free_run(model, **kw):
+    """The output without EOS and an id it never emits (an EOS that is not hit)."""
+    kw = dict(dict(mode="ar"), **kw)
+    free = jaxdlm.generate(model, [PROMPT_IDS], max_new_tokens=MAX_NEW, eos_token_id=[], **kw)
+    free = free.sequences()[0].tolist()
+    return free, next(i for i in range(4, CFG.vocab_size) if i not in free)
+
+
+def test_generate_command_prints_prompt_continuation_stop_reason_and_figures(seed):
     model, tok = make_model(seed), tiny_tokenizer()
-    args = cli.build_parser().parse_args(["generate", "--checkpoint", "unused", "--prompt", "w5 w9 w7", "--chat",
-                                          "--mode", "linear_spec", "--max-new-tokens", "24", "--block-length", "4",
-                                          "--eos-token-id", "63"])
-    buf = io.StringIO()
-    info = cli.run_generate(model, tok, args, out=buf)
-    ids = [WORDS.index(w) for w in "w1 w5 w9 w7 w2 w3".split()]
-    want = jaxdlm.ar_generate(model, [ids], max_new_tokens=24, eos_token_id=[63])
-    text = tok.decode(want.sequences()[0].tolist(), skip_special_tokens=False)
-    printed = buf.getvalue()
-    assert info["rows"][0]["text"] == text and text in printed
-    assert f"nfe={info['rows'][0]['nfe']}" in printed and "TPF=" in printed and "tokens/s=" in printed
-    assert info["mode"] == "linear_spec"
+    ids = PROMPT_IDS
+    free, absent = free_run(model)          # absent: never emitted, the row stops at --max-new-tokens
+    eos = free[len(free) // 2]              # hit: the row stops at its first occurrence
+    prompt_text = tok.decode(ids, skip_special_tokens=False)
+    for eos_id, want, stop in ((eos, free[:free.index(eos) + 1], f"stopped at EOS (id {eos}) after "
+                                f"{free.index(eos) + 1} tokens"),
+                               (absent, free, f"{MAX_NEW} tokens, stopped at --max-new-tokens={MAX_NEW}")):
+        out, err = io.StringIO(), io.StringIO()
+        info = cli.run_generate(model, tok, generate_args("--mode", "linear_spec", "--eos-token-id", str(eos_id)),
+                                out=out, err=err)
+        text = tok.decode(want, skip_special_tokens=False)
+        printed = out.getvalue()
+        assert info["rows"][0]["text"] == text and info["mode"] == "linear_spec"
+        # not a terminal: the prompt, the mark, the continuation; then why the row stopped
+        assert f"{prompt_text}{cli.PROMPT_MARK}{text}\n[{stop}]\n" in printed
+        assert f"nfe={info['rows'][0]['nfe']}" in printed and "TPF=" in printed and "tokens/s)" in printed
+        assert "compile " in printed and "run " in printed
+        assert err.getvalue() == ""                         # no progress line off a terminal
 
 
-def test_generate_command_without_checkpoint_module(capsys):
-    if importlib.util.find_spec("jaxdlm.checkpoint") is not None:
-        pytest.skip("jaxdlm.checkpoint is present: loading is tested with the checkpoint module")
-    rc = cli.main(["generate", "--checkpoint", "nowhere", "--prompt", "hi"])
-    assert rc == 2 and "jaxdlm.checkpoint" in capsys.readouterr().err
+def test_prompt_is_dimmed_on_a_terminal(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    shown = cli._prompt_and_continuation("def f():", " pass", Terminal())
+    assert shown == "\033[2mdef f():\033[22m pass"
+    assert cli._prompt_and_continuation("def f():", " pass", io.StringIO()) == "def f():\u2502 pass"
+    monkeypatch.setenv("NO_COLOR", "1")  # https://no-color.org: the mark instead
+    assert cli._prompt_and_continuation("def f():", " pass", Terminal()) == "def f():\u2502 pass"
 
 
-def test_generate_command_needs_a_tokenizer(seed):
+def test_progress_line_counts_committed_tokens(seed):
+    model, tok = make_model(seed), tiny_tokenizer()
+    err = io.StringIO()
+    _, absent = free_run(model)
+    cli.run_generate(model, tok, generate_args("--mode", "quadratic_spec", "--eos-token-id", str(absent),
+                                               "--progress"), out=io.StringIO(), err=err)
+    shown = err.getvalue()
+    assert f"generating: {MAX_NEW}/{MAX_NEW} tokens" in shown and shown.endswith("\r\033[K")
+
+
+def test_threshold_none_runs_the_fixed_schedule(seed):
+    """``--threshold none``: one masked token per denoise step, B-1 denoise passes + 1 commit per block."""
+    model, tok = make_model(seed), tiny_tokenizer()
+    free, absent = free_run(model, mode="diffusion", block_length=4, threshold=None)
+    info = cli.run_generate(model, tok, generate_args("--mode", "diffusion", "--threshold", "none",
+                                                      "--eos-token-id", str(absent)), out=io.StringIO())
+    blocks = -(-(MAX_NEW - 1) // 4)
+    assert info["rows"][0]["nfe"] == blocks * 4
+    assert info["rows"][0]["text"] == tok.decode(free, skip_special_tokens=False)
+
+
+def test_generate_command_needs_a_tokenizer_and_a_template_for_chat(seed):
     args = cli.build_parser().parse_args(["generate", "--checkpoint", "x", "--prompt", "w5"])
     with pytest.raises(ValueError, match="no tokenizer"):
         cli.run_generate(make_model(seed), None, args)
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="tokenizer has none: drop --chat"):
+        cli.run_generate(make_model(seed), tok, generate_args())
+
+
+def test_cli_silences_transformers_advice_on_missing_torch(monkeypatch, capsys):
+    """transformers says "PyTorch was not found..." at import unless TRANSFORMERS_NO_ADVISORY_WARNINGS is set."""
+    monkeypatch.setenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", "")
+    monkeypatch.delenv("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    assert cli.main(["info", "--no-compile-cache"]) == 0
+    assert os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] == "1"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv,allowed", [
+    (["generate", "--prompt", "x", "--dtype", "float8"], "invalid choice: 'float8' (choose from 'float32', 'bfloat16')"),
+    (["generate", "--prompt", "x", "--dtype", "int32"], "invalid choice: 'int32' (choose from 'float32', 'bfloat16')"),
+    (["generate", "--prompt", "x", "--threshold", "1.5"], "1.5 is out of range; expected a number in [0, 1] or 'none'"),
+    (["generate", "--prompt", "x", "--threshold", "-1"], "-1 is out of range; expected a number in [0, 1] or 'none'"),
+    (["generate", "--prompt", "x", "--threshold", "high"], "'high' is not a number; expected a number in [0, 1] or"),
+    (["generate", "--prompt", "x", "--temperature", "-0.5"], "expected a number >= 0"),
+    (["generate", "--prompt", "x", "--temperature", "nan"], "expected a number >= 0"),
+    (["generate", "--prompt", "x", "--top-p", "0"], "expected a number in (0, 1]"),
+    (["generate", "--prompt", "x", "--top-k", "0"], "expected an integer >= 1"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "expected an integer >= 1"),
+    (["generate", "--prompt", "x", "--block-length", "2.5"], "'2.5' is not an integer; expected an integer >= 1"),
+    (["generate", "--prompt", "x", "--steps-per-block", "0"], "expected an integer >= 1"),
+    (["generate", "--prompt", "x", "--seed", "-1"], "expected an integer in [0, 4294967295]"),
+    (["generate", "--prompt", "x", "--eos-token-id", "-2"], "expected an integer >= 0"),
+    (["generate", "--prompt", "x", "--mode", "beam"], "invalid choice: 'beam' (choose from 'ar', 'diffusion'"),
+    (["generate", "--prompt", "x", "--spec-sampling", "fuzzy"], "(choose from 'exact', 'rejection')"),
+    (["generate", "--prompt", "x", "--policy", "nope"], "invalid choice: 'nope' (choose from 'confidence', 'margin'"),
+    (["generate", "--prompt", "x", "--margin", "1.5"], "1.5 is out of range; expected a number in [0, 1]"),
+    (["generate", "--prompt", "x", "--entropy-bound", "-1"], "expected a number >= 0"),
+    (["generate"], "the following arguments are required: --prompt"),
+    (["demo", "--prompt-index", "-1"], "expected an integer >= 0"),
+    (["demo", "--num-prompts", "0"], "expected an integer >= 1"),
+    (["frobnicate"], "(choose from 'demo', 'info', 'generate', 'train')"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, allowed, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("jaxdlm") and allowed in err, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--checkpoint", "{tmp}/missing", "--prompt", "x"], "{tmp}/missing does not exist"),
+    (["generate", "--prompt", "x", "--steps-per-block", "3"], "--steps-per-block=3 sets the fixed schedule: it needs "
+                                                              "--threshold none (got --threshold 0.9)"),
+    (["info", "--config", "{tmp}/missing"], "--config {tmp}/missing does not exist"),
+    (["demo", "--prompt-index", "15", "--num-prompts", "2"], "the index must lie in [0, 15]"),
+    (["train", "{tmp}/missing.toml"], "config file not found"),
+])
+def test_runtime_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert cli.main(argv + ["--no-compile-cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"jaxdlm {argv[0]}: error: ") and message.format(tmp=tmp_path) in err, err
+    with pytest.raises(ValueError):  # --debug: the exception itself, traceback included
+        cli.main(argv + ["--no-compile-cache", "--debug"])
+
+
+def test_unexpected_errors_name_their_type_and_debug(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    assert cli.main(["info", "--no-compile-cache"]) == 2
+    assert capsys.readouterr().err == ("jaxdlm info: error: RuntimeError: disk on fire "
+                                       "(--debug shows the traceback)\n")
+
+
+def test_info_prints_a_jaxdlm_checkpoint(tmp_path, seed, capsys):
+    model = make_model(seed, lora_rank=4)
+    model.tokenizer = tiny_tokenizer()
+    path = jaxdlm.save(model, tmp_path / "ckpt")
+    assert cli.main(["info", "--config", str(path), "--no-compile-cache"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["checkpoint"] == str(path) and info["dtype"] == "float32"
+    assert info["config"] == json.loads(json.dumps(CFG.to_dict()))
+    assert info["num_params"] == sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(model.params)))
+    assert info["lora"]["rank"] == 4 and info["lora"]["layers"] == CFG.num_layers
+    assert info["tokenizer"]["vocab_size"] == len(WORDS) and info["tokenizer"]["chat_template"] is True
+
+
+@pytest.mark.parametrize("argv", [["info", "--config"], ["info", "--config", "default"]])
+def test_info_prints_the_default_model(argv, capsys):
+    assert cli.main(argv + ["--no-compile-cache"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["checkpoint"] == str(DEFAULT_MODEL_DIR)
+    assert info["num_params"] == card()["params"] and info["lora"]["rank"] == card()["lora_rank"]
+    assert info["tokenizer"]["vocab_size"] == info["config"]["vocab_size"]
+
+
+@pytest.fixture
+def config_updates(monkeypatch):
+    """``jax.config.update`` calls made by the CLI, recorded instead of applied (so that this test process
+    never starts writing a persistent cache)."""
+    calls = []
+    monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append((name, value)))
+    return calls
+
+
+def test_cli_turns_the_compile_cache_on_unless_told_not_to(config_updates, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("JAXDLM_CACHE_DIR", str(tmp_path / "xla"))
+    assert cli.main(["info"]) == 0
+    assert ("jax_compilation_cache_dir", str(tmp_path / "xla")) in config_updates
+    monkeypatch.delenv("JAXDLM_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config_updates.clear()
+    assert cli.main(["info"]) == 0
+    assert ("jax_compilation_cache_dir", str(tmp_path / ".cache" / "jaxdlm" / "xla")) in config_updates
+    config_updates.clear()
+    assert cli.main(["info", "--no-compile-cache"]) == 0
+    assert not [c for c in config_updates if c[0] == "jax_compilation_cache_dir"]
+    capsys.readouterr()
+
+
+def test_compile_time_is_reported_apart_from_run_time(seed):
+    """The compile clock sees a fresh jit compilation and not a cached call."""
+    f = jax.jit(lambda x: jax.numpy.sin(x).sum() + seed)
+    x = np.arange(8.0, dtype=np.float32)
+    _, first, _ = cli._timed(f, x)
+    _, again, _ = cli._timed(f, x)
+    assert first > 0 and again == 0
 
 
 def test_generate_command_passes_the_diffusion_policy(seed):
     """--policy and its knob reach generate(): entropy bound 0 commits one mask per pass (3 passes per block of
-    4), a huge bound all of them (1 pass); the default confidence rule cannot give both."""
+    4), a huge bound all of them (1 pass); the default confidence rule cannot give both.  (The EOS is the MASK
+    id, which is never emitted: rows run to --max-new-tokens.)"""
     model, tok = make_model(seed), tiny_tokenizer()
     argv = ["generate", "--checkpoint", "unused", "--prompt", "w5 w9 w7", "--mode", "diffusion", "--max-new-tokens",
-            "24", "--block-length", "4", "--eos-token-id", "-1", "--policy", "entropy"]
+            "24", "--block-length", "4", "--eos-token-id", str(CFG.mask_token_id), "--policy", "entropy"]
     blocks = -(-23 // 4)
     for bound, passes in (("0", 3), ("1e9", 1)):
         info = cli.run_generate(model, tok, cli.build_parser().parse_args(argv + ["--entropy-bound", bound]),
                                 out=io.StringIO())
         assert info["rows"][0]["nfe"] == (passes + 1) * blocks and info["rows"][0]["tokens"] == 24
-    bad = cli.build_parser().parse_args(argv[:-1] + ["nope"])
-    with pytest.raises(ValueError, match="policy='nope'"):
-        cli.run_generate(model, tok, bad, out=io.StringIO())
+
+
+def test_cli_choices_follow_the_library():
+    """The CLI keeps its own copies of the mode and policy names (argparse runs before jax is imported)."""
+    from jaxdlm.generation import api, diffusion
+
+    assert cli.DIFFUSION_POLICIES == diffusion.POLICIES
+    assert cli.GEN_MODES + ("auto",) == api.MODES

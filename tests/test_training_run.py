@@ -134,7 +134,7 @@ def test_invalid_config_rejected_by_name_before_compute(tmp_path, rng, change, m
     assert message in str(e.value)
     # the CLI reports the same error by name, exit status 2, and starts nothing
     path = _dump(tmp_path, conf)
-    assert cli.main(["train", path]) == 2
+    assert cli.main(["train", path, "--no-compile-cache"]) == 2
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -146,7 +146,7 @@ def test_valid_config_check_and_toml(tmp_path, rng, capsys):
     path.write_text(toml)
     cfg = load_config(str(path))
     assert cfg.optim.total_steps == 50 and cfg.accum == 2 and cfg.data.seq_len == 16
-    assert cli.main(["train", str(path), "--check"]) == 0
+    assert cli.main(["train", str(path), "--check", "--no-compile-cache"]) == 0
     assert "OK" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "run")
 

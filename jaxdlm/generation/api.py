@@ -131,12 +131,23 @@ def _prompt_rows(prompts, vocab_size: int) -> list[np.ndarray]:
         if arr.ndim != 2:
             raise ValueError(f"prompts must be a 2-D array [batch, length], got shape {arr.shape}")
         rows = list(arr)
+    elif isinstance(prompts, (str, bytes)):
+        raise ValueError(f"prompts is a string ({prompts[:40]!r}); prompts are token ids: tokenize the text "
+                         f"first, e.g. generate(model, [model.tokenizer(text)['input_ids']])")
     else:
+        prompts = list(prompts)
+        for i, p in enumerate(prompts):
+            if isinstance(p, (str, bytes)):
+                raise ValueError(f"prompt row {i} is a string ({p[:40]!r}); prompts are token ids: tokenize the "
+                                 f"text first, e.g. model.tokenizer(text)['input_ids']")
         rows = [np.asarray(p) for p in prompts]
     if not rows:
         raise ValueError("prompts is empty: pass at least one prompt row")
     out = []
     for i, row in enumerate(rows):
+        if row.ndim == 0:
+            raise ValueError(f"prompt row {i} is a single value ({row.item()!r}), not a token sequence: prompts "
+                             f"is a list of token id lists; wrap one prompt as [prompt]")
         if row.ndim != 1:
             raise ValueError(f"prompt row {i} must be a 1-D token sequence, got shape {row.shape}")
         if row.size == 0:
@@ -195,7 +206,8 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
       max_new_tokens: output cap per row (every mode; an EOS beyond it is not emitted).
       block_length: diffusion / draft block length ``B`` (quadratic: ``2 <= B <= 64``).
       threshold: diffusion confidence threshold in ``[0, 1]``; ``None`` = fixed schedule of
-        ``steps_per_block`` denoise steps per block (default ``max(1, (B-1) // 2)``).
+        ``steps_per_block`` denoise steps per block, default ``B-1``: one masked token per step, the
+        reference's schedule (fewer steps commit ``(B-1) / steps`` tokens per step).
       temperature: 0 = greedy; > 0 = Gumbel-max sampling (with ``top_k`` / ``top_p`` filters).
       eos_token_id: an id or ids that end a row (default: ``model.config.eos_token_ids``; ``()`` = none).
       seed: PRNG seed for sampling (reproducible: same seed, same output).
@@ -273,7 +285,7 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
     if mode == "linear_spec" and block_length < 2:
         raise ValueError(f"block_length={block_length} leaves linear_spec no draft token; use block_length >= 2")
     if mode == "diffusion" and threshold is None:
-        steps = max(1, (block_length - 1) // 2) if steps_per_block is None else int(steps_per_block)
+        steps = max(1, block_length - 1) if steps_per_block is None else int(steps_per_block)
         if block_length > 1 and not 1 <= steps <= block_length - 1:
             raise ValueError(f"steps_per_block={steps_per_block!r} must lie in [1, block_length-1="
                              f"{block_length - 1}]")
