@@ -356,17 +356,21 @@ class Model:
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(self.config, rngs=nnx.Rngs(0), dtype=dtype)))
         return Model(self.config, graphdef, params, lora=lora, tokenizer=self.tokenizer, mesh=self.mesh)
 
-    def logits(self, tokens, kind: str = "causal", *, impl: str | None = None) -> jax.Array:
+    def logits(self, tokens, kind: str = "causal", *, params=None, impl: str | None = None) -> jax.Array:
         """Float32 logits ``[B, T, V]`` for whole sequences ``tokens [B, T]`` (no cache).
 
         ``kind``: ``"causal"`` (AR; logits at t predict token t+1), ``"bidirectional"``, or
         ``"two_stream"`` (``tokens = [x_t | x_0]``, ``T = 2L``; diffusion logits on the first half
         predict the token at the same position, AR logits on the second half the next token).
+        ``params``: parameters to use instead of ``self.params`` (e.g. the traced ones of your own
+        ``jax.grad`` / ``jax.jit``; call it inside your ``jax.set_mesh`` for a sharded model).
         """
         if kind not in UNCACHED_KINDS:
             raise ValueError(f"kind={kind!r} is not supported; expected one of {UNCACHED_KINDS}")
         _check_tokens(tokens, self.config.vocab_size)
         tokens = jnp.asarray(tokens, jnp.int32)
+        if params is not None:
+            return _logits_jit(self.graphdef, params, tokens, kind, impl)
         with self.mesh_context():
             return _logits_jit(self.graphdef, self.params, tokens, kind, impl)
 

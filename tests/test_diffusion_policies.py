@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import jaxdlm
-from jaxdlm.generation import core
 from jaxdlm.generation.diffusion import POLICIES, commit_mask
+from jaxdlm.generation.knobs import Knobs
+from jaxdlm.testing import count_compilations
 from gen_reference import Reference, commit_rule, ref_diffusion, scores
 from test_generation import MASK, MAX_NEW, eos_from_output, make_model, random_prompts
 
@@ -49,14 +50,15 @@ def test_commit_rules_match_the_plain_rules(rng):
         conf, marg = np.stack([c for _, c, _, _ in ref]), np.stack([m for _, _, m, _ in ref])
         ent = np.stack([e for _, _, _, e in ref])
         sums = [np.cumsum(np.sort(ent[i][masked[i]])) for i in range(r)]
-        knobs = dict(threshold=_far_knob(rng, conf, 0.05, 0.95), margin=_far_knob(rng, marg, 0.0, 0.9),
-                     entropy_bound=_far_knob(rng, np.concatenate(sums + [[0.0]]), 0.0, 6.0))
+        cuts = dict(threshold=_far_knob(rng, conf, 0.05, 0.95), margin=_far_knob(rng, marg, 0.0, 0.9),
+                    entropy_bound=_far_knob(rng, np.concatenate(sums + [[0.0]]), 0.0, 6.0))
+        knobs = Knobs.make(**cuts)
         for p, policy in enumerate(POLICIES):
             got = np.asarray(fn(np.int32(p), logits, x0, masked, knobs, mask_id=MASK))
             for i in range(r):
-                want = commit_rule(policy, masked[i], conf[i], marg[i], ent[i], knobs["threshold"], knobs["margin"],
-                                   knobs["entropy_bound"])
-                assert np.flatnonzero(got[i]).tolist() == want, f"{policy} {knobs} row {i}"
+                want = commit_rule(policy, masked[i], conf[i], marg[i], ent[i], cuts["threshold"], cuts["margin"],
+                                   cuts["entropy_bound"])
+                assert np.flatnonzero(got[i]).tolist() == want, f"{policy} {cuts} row {i}"
                 partial[policy] += 1 < len(want) < masked[i].sum()
                 forced[policy] += len(want) == 1 < masked[i].sum()
     assert min(partial.values()) > 0 and min(forced.values()) > 0, (partial, forced)
@@ -139,15 +141,15 @@ def test_policy_and_knobs_are_traced(seed, rng):
     b = 4
     kw = dict(mode="diffusion", max_new_tokens=MAX_NEW, block_length=b, eos_token_id=[])
     jaxdlm.generate(model, prompts, threshold=0.5, **kw)
-    before = core.TRACE_COUNTS["diffusion"]
     blocks = -(-(MAX_NEW - 1) // b)
     # (entropy 0 admits nothing but the forced commit: a float32 entropy is 0 only for a logit gap > 87)
-    for policy, knobs, passes in (("confidence", dict(threshold=0.0), 1), ("margin", dict(margin=0.0), 1),
-                                  ("entropy", dict(entropy_bound=1e9), 1), ("entropy", dict(entropy_bound=0.0), b - 1),
-                                  ("leftmost", dict(threshold=0.0), 1)):
-        res = jaxdlm.generate(model, prompts, policy=policy, **kw, **knobs)
-        np.testing.assert_array_equal(res.nfe, (passes + 1) * blocks, err_msg=f"{policy} {knobs}")
-    assert core.TRACE_COUNTS["diffusion"] == before
+    with count_compilations() as n:
+        for policy, knobs, passes in (("confidence", dict(threshold=0.0), 1), ("margin", dict(margin=0.0), 1),
+                                      ("entropy", dict(entropy_bound=1e9), 1),
+                                      ("entropy", dict(entropy_bound=0.0), b - 1), ("leftmost", dict(threshold=0.0), 1)):
+            res = jaxdlm.generate(model, prompts, policy=policy, **kw, **knobs)
+            np.testing.assert_array_equal(res.nfe, (passes + 1) * blocks, err_msg=f"{policy} {knobs}")
+    assert n.value == 0
 
 
 @pytest.mark.parametrize("kwargs,match", [

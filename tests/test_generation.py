@@ -15,7 +15,7 @@ from flax import nnx
 
 import jaxdlm
 from jaxdlm import Model, ModelConfig
-from jaxdlm.generation import core
+from jaxdlm.testing import count_compilations
 from jaxdlm.hf import model_from_pure_dict
 from gen_reference import Reference, ref_ar, ref_diffusion, ref_linear, ref_quadratic
 
@@ -89,9 +89,15 @@ CASES = [
 ]
 
 
+# The fixed schedule (threshold None) ranks masked positions by confidence at every step: a head scaled by 60
+# makes near-saturated probabilities (0.9999945 vs 0.9999946) that float32 cannot tell apart while the float64
+# reference can, so its diffusion cases use a milder head (top-1 probabilities well inside (0, 1)).
+FIXED_SCHEDULE_HEAD = 8.0
+
+
 @pytest.mark.parametrize("mode,block,threshold,batch", CASES)
 def test_matches_reference(mode, block, threshold, batch, seed, rng):
-    model = make_model(seed)
+    model = make_model(seed, head_scale=FIXED_SCHEDULE_HEAD if mode == "diffusion" and threshold is None else 60.0)
     prompts = random_prompts(rng, batch)
     first = check_against_reference(model, mode, prompts, block, threshold, eos=[])
     assert np.all(first.lengths == MAX_NEW)
@@ -108,7 +114,7 @@ def test_matches_reference(mode, block, threshold, batch, seed, rng):
 def test_fixed_schedule_default_is_one_token_per_step(seed, rng):
     """``threshold=None`` without ``steps_per_block`` is the reference's schedule: one masked token per
     denoise step, ``B-1`` denoise passes + one commit pass per block; ``steps_per_block`` picks another."""
-    model = make_model(seed)
+    model = make_model(seed, head_scale=FIXED_SCHEDULE_HEAD)
     prompts = random_prompts(rng, 2)
     block = 8
     blocks = -(-(MAX_NEW - 1) // block)  # the prefill gives the first token, each block B more
@@ -200,20 +206,21 @@ def test_same_bucket_does_not_recompile(seed, rng):
     model = make_model(seed)
     kw = dict(mode="linear_spec", max_new_tokens=MAX_NEW, block_length=4)
     jaxdlm.generate(model, random_prompts(rng, 3, 3, 10), eos_token_id=[], **kw)
-    before = core.TRACE_COUNTS["linear_spec"]
-    # other prompts (lengths 1..64: same bucket), other EOS ids, seed, model weights: no new trace
-    jaxdlm.generate(model, random_prompts(rng, 3, 1, 64), eos_token_id=[5, 6], seed=3, **kw)
-    jaxdlm.generate(make_model(seed + 1), random_prompts(rng, 3, 20, 40), eos_token_id=[7], **kw)
-    assert core.TRACE_COUNTS["linear_spec"] == before
+    # other prompts (lengths 1..64: same bucket), other EOS ids, seed, model weights: no new compilation
+    with count_compilations() as n:
+        jaxdlm.generate(model, random_prompts(rng, 3, 1, 64), eos_token_id=[5, 6], seed=3, **kw)
+        jaxdlm.generate(make_model(seed + 1), random_prompts(rng, 3, 20, 40), eos_token_id=[7], **kw)
+    assert n.value == 0
     # thresholds are traced too
     kd = dict(mode="diffusion", max_new_tokens=MAX_NEW, block_length=4, eos_token_id=[])
     jaxdlm.generate(model, random_prompts(rng, 3), threshold=0.5, **kd)
-    d_before = core.TRACE_COUNTS["diffusion"]
-    jaxdlm.generate(model, random_prompts(rng, 3), threshold=0.8, **kd)
-    assert core.TRACE_COUNTS["diffusion"] == d_before
-    # a longer prompt lands in the next bucket: exactly one new trace
-    jaxdlm.generate(model, random_prompts(rng, 3, 65, 70), eos_token_id=[], **kw)
-    assert core.TRACE_COUNTS["linear_spec"] == before + 1
+    with count_compilations() as n:
+        jaxdlm.generate(model, random_prompts(rng, 3), threshold=0.8, **kd)
+    assert n.value == 0
+    # a longer prompt lands in the next bucket: exactly one new program
+    with count_compilations() as n:
+        jaxdlm.generate(model, random_prompts(rng, 3, 65, 70), eos_token_id=[], **kw)
+    assert n.value == 1
 
 
 def test_diffusion_sampling_is_seeded_and_never_picks_mask(seed, rng):

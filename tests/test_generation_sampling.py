@@ -12,6 +12,7 @@ from flax import nnx
 
 import jaxdlm
 from jaxdlm import Model, ModelConfig
+from jaxdlm.generation.knobs import Knobs
 from jaxdlm.generation.sampling import Sampler, exact_match_accept, filtered_logits, speculative_accept
 from jaxdlm.hf import model_from_pure_dict
 
@@ -53,7 +54,7 @@ def np_filter(logits, mask_id, temperature, top_k, top_p):
 def test_filters_match_numpy(top_k, top_p, rng):
     logits = rng.normal(size=(6, 20)) * 2
     sampler = Sampler(greedy=False, use_top_k=top_k is not None, use_top_p=top_p < 1, mask_id=3)
-    knobs = dict(temperature=jnp.float32(0.7), top_k=jnp.int32(top_k or 0), top_p=jnp.float32(top_p))
+    knobs = Knobs.make(temperature=0.7, top_k=top_k, top_p=top_p)
     got = np.asarray(filtered_logits(jnp.asarray(logits, jnp.float32), sampler, knobs))
     for i in range(6):
         want = np_filter(logits[i], 3, 0.7, top_k, top_p)

@@ -17,6 +17,7 @@ from flax import nnx
 import jaxdlm
 from jaxdlm import KVCache, Model, ModelConfig, forward
 from jaxdlm.generation import api, core
+from jaxdlm.generation.knobs import Knobs
 from jaxdlm.generation.sampling import Sampler
 from jaxdlm.hf import model_from_pure_dict
 
@@ -83,12 +84,9 @@ def test_generation_programs_loop_over_steps_only(mode, loops):
     """A whole generation program has the decoding loops of its mode (diffusion: blocks and denoise steps) and
     nothing else: every forward inside them is straight-line over the layers."""
     model = _model()
-    knobs = dict(temperature=jnp.float32(0), top_k=jnp.int32(0), top_p=jnp.float32(1), threshold=jnp.float32(0.9),
-                 policy=jnp.int32(0), margin=jnp.float32(0.8), entropy_bound=jnp.float32(0.3),
-                 max_thinking=jnp.int32(0), end_think=jnp.int32(-1))
     args = (model.params, None, jnp.ones((2, 64), jnp.int32), jnp.array([5, 3], jnp.int32), jax.random.PRNGKey(0),
-            knobs, jnp.array([2, -1, -1, -1], jnp.int32))
-    text = api._run.lower(model.graphdef, _plan(mode), *args).as_text()
+            Knobs.make(), jnp.array([2, -1, -1, -1], jnp.int32))
+    text = jax.jit(api.program(model.graphdef, _plan(mode))).lower(*args).as_text()
     assert _while_loops(text) == loops
 
 

@@ -1,10 +1,13 @@
-"""Generation: AR, block diffusion, linear and quadratic self-speculation (SPEC.md section 5).
+"""Generation: AR, block diffusion, linear and quadratic self-speculation (docs/decoding.md).
 
-Each call is one jitted program (a ``lax.while_loop`` with static shapes); see :func:`generate`.
+Each call is one program (a ``lax.while_loop`` with static shapes): :func:`make_generate_fn` gives it as a pure
+function for your own jitted code, :func:`generate` runs it from the host.
 """
 
-from jaxdlm.generation.api import (GenerationResult, ar_generate, auto_mode, bucket_length, diffusion_generate,
-                                   generate, linear_spec_generate, quadratic_spec_generate)
+from jaxdlm.generation.api import (GenerationOutput, GenerationResult, ar_generate, auto_mode, bucket_length,
+                                   diffusion_generate, generate, linear_spec_generate, make_generate_fn,
+                                   quadratic_spec_generate)
+from jaxdlm.generation.knobs import POLICIES, Knobs
 
-__all__ = ["GenerationResult", "ar_generate", "auto_mode", "bucket_length", "diffusion_generate", "generate",
-           "linear_spec_generate", "quadratic_spec_generate"]
+__all__ = ["GenerationOutput", "GenerationResult", "Knobs", "POLICIES", "ar_generate", "auto_mode", "bucket_length",
+           "diffusion_generate", "generate", "linear_spec_generate", "make_generate_fn", "quadratic_spec_generate"]

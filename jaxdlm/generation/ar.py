@@ -15,17 +15,16 @@ from jaxdlm.model import forward
 
 
 def ar_program(module, plan: core.Plan, params_dtype, prompts, lens, key, knobs, eos, lora=None):
-    """The AR generation program (traced inside the one jit of :mod:`jaxdlm.generation.api`)."""
+    """The AR generation program (traced inside the program of :mod:`jaxdlm.generation.api`)."""
     state = core.init_state(module, plan, prompts, lens, key, knobs, eos, params_dtype)
-    state = dict(state, nfe=state["nfe"] + 1, total=state["total"] + 1)  # the prefill's forward
 
-    def body(state):
-        active = ~state["done"]
-        logits, cache = forward(module, state["seed"][:, None], kind="causal", cache=state["cache"],
-                                num_valid=active.astype(jnp.int32), **plan.forward_kw)
-        tok = choose(logits[:, 0], core.step_key(state), plan.sampler, state["knobs"])
-        state = core.count_forward(dict(state, cache=cache), active)
-        return core.emit(state, plan, tok[:, None], jnp.ones_like(tok), active)
+    def body(state: core.DecodeState):
+        active_R = ~state.done
+        logits_Rx1xV, cache = forward(module, state.last_token[:, None], kind="causal", cache=state.cache,
+                                      num_valid=active_R.astype(jnp.int32), **plan.forward_kw)
+        tok_R = choose(logits_Rx1xV[:, 0], core.step_key(state), plan.sampler, state.knobs)
+        state = core.count_forward(state.replace(cache=cache), active_R)
+        return core.emit(state, plan, tok_R[:, None], jnp.ones_like(tok_R), active_R)
 
     state = jax.lax.while_loop(core.not_done, body, state)
     return core.finish(state, plan)

@@ -1,38 +1,40 @@
-"""Shared pieces of the generation programs: the static plan, the loop state, prefill and emission.
+"""Shared pieces of the generation programs: the static plan, the traced knobs, the loop state, prefill and
+emission.
 
-Every mode is one jitted program: a causal prefill, then a ``lax.while_loop`` whose carry holds the
-KV cache, a fixed-size output buffer, per-row counters (emitted tokens, final length, ``nfe``) and
-per-row ``done`` flags.  Rows that are done still ride along in the batched forward passes (static
-shapes) but nothing of theirs changes any more: their cache length, outputs and ``nfe`` are frozen,
-so row ``i`` of a batch gives exactly what it gives alone.
+Every mode is one program: a causal prefill, then a ``lax.while_loop`` whose carry (:class:`DecodeState`) holds
+the KV cache, a fixed-size output buffer, per-row counters (emitted tokens, final length, ``nfe``) and per-row
+``done`` flags.  Rows that are done still ride along in the batched forward passes (static shapes) but nothing
+of theirs changes any more: their cache length, outputs and ``nfe`` are frozen, so row ``i`` of a batch gives
+exactly what it gives alone.
 
-Shapes: ``R`` rows (batch), ``P`` bucketed prompt length, ``S`` cache slots, ``B`` block length,
-``V`` vocabulary, ``W`` output buffer width (``max_new_tokens`` + headroom for the widest emission).
+Shape names (nanodo style suffixes, e.g. ``blk_RxN``): ``R`` rows (the batch), ``P`` bucketed prompt length,
+``S`` cache slots, ``N`` block length (``block_length``), ``V`` vocabulary, ``W`` output buffer width
+(``max_new_tokens`` + headroom for the widest emission), ``E`` EOS id slots.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxdlm.cache import KVCache
-from jaxdlm.generation.sampling import Sampler, choose
+from jaxdlm.generation.sampling import Knobs, Sampler, choose
 from jaxdlm.model import forward
 
-# mode -> number of times its program was traced (a trace precedes every compilation); tests read it
-TRACE_COUNTS: collections.Counter = collections.Counter()
+# modes whose nfe counts the prefill as a forward (it produces the first token); diffusion's accounting does not
+PREFILL_COUNTS = {"ar": 1, "diffusion": 0, "linear_spec": 1, "quadratic_spec": 1}
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Static description of one generation program (hashable: the jit cache key with the graphdef).
 
-    Everything that changes shapes or control flow lives here; numeric knobs (threshold,
-    temperature, top-k / top-p values, EOS ids) are traced arguments and never recompile.
+    Everything that changes shapes or control flow lives here; numeric knobs (:class:`Knobs`: threshold,
+    policy, temperature, top-k / top-p values, thinking budget) and the EOS ids are traced and never recompile.
     """
 
     mode: str
@@ -60,126 +62,156 @@ class Plan:
         return self.max_new + self.block + 1
 
 
+@struct.dataclass
+class DecodeState:
+    """The loop carry of every generation program (a pytree; ``state.replace(field=...)`` makes a new one).
+
+    Attributes:
+      cache: the KV cache (committed tokens only; passes that commit nothing write scratch slots).
+      out: ``int32 [R, W]`` every emitted token, in order (may run past ``max_new`` and past an EOS).
+      count: ``int32 [R]`` tokens emitted so far.
+      length: ``int32 [R]`` final output length so far (capped at ``max_new``, up to the first EOS).
+      ended: ``bool [R]`` an EOS was emitted within the cap.
+      done: ``bool [R]`` the row takes no further part (ended, or ``max_new`` tokens out).
+      last_token: ``int32 [R]`` the last emitted token: the next token the model is conditioned on (it is not
+        in the cache yet).
+      think_done: ``bool [R]`` the end-of-thinking token has been emitted.
+      nfe: ``int32 [R]`` forward passes the row took part in.
+      total: ``int32 []`` batched forward passes run.
+      step: ``int32 []`` PRNG counter (one per forward).
+      key: the call's PRNG key.
+      knobs: the traced numeric settings (:class:`Knobs`).
+      eos: ``int32 [E]`` EOS ids (``-1`` = unused slot).
+      draft: quadratic self-speculation: ``int32 [R, N-1]`` the current drafts (else None).
+      draft_probs: quadratic rejection sampling: ``float32 [R, N-1, V]`` their draft distributions (else None).
+    """
+
+    cache: KVCache
+    out: jax.Array
+    count: jax.Array
+    length: jax.Array
+    ended: jax.Array
+    done: jax.Array
+    last_token: jax.Array
+    think_done: jax.Array
+    nfe: jax.Array
+    total: jax.Array
+    step: jax.Array
+    key: jax.Array
+    knobs: Knobs
+    eos: jax.Array
+    draft: jax.Array | None = None
+    draft_probs: jax.Array | None = None
+
+
 def head(module, hidden):
     """Output-head logits ``float32 [..., V]`` of final normed hidden states ``[..., H]``."""
     return module.project(hidden)
 
 
-def step_key(state, salt: int = 0):
+def step_key(state: DecodeState, salt: int = 0):
     """A fresh PRNG key for the current forward pass (folded from the call's key and a counter)."""
-    return jax.random.fold_in(jax.random.fold_in(state["key"], state["step"]), salt)
+    return jax.random.fold_in(jax.random.fold_in(state.key, state.step), salt)
 
 
-def init_state(module, plan: Plan, prompts, lens, key, knobs, eos, params_dtype, extra: dict | None = None):
+def init_state(module, plan: Plan, prompts_RxP, lens_R, key, knobs: Knobs, eos_E, params_dtype,
+               **mode_fields) -> DecodeState:
     """Causal prefill of the right-padded prompts, the first token, and the initial loop state.
 
-    ``prompts int32 [R, P]`` (row ``i`` valid up to ``lens[i]``).  The prefill writes the K/V of all
-    ``P`` slots but advances each row's length by ``lens[i]`` only (padding slots are scratch).
+    ``prompts_RxP`` int32 (row ``i`` valid up to ``lens_R[i]``).  The prefill writes the K/V of all ``P`` slots
+    but advances each row's length by ``lens_R[i]`` only (padding slots are scratch).  The prefill's forward
+    counts in ``nfe`` as the mode's accounting says (:data:`PREFILL_COUNTS`).  ``mode_fields`` set the
+    mode-specific fields of :class:`DecodeState` (``draft``, ``draft_probs``).
     """
-    r = prompts.shape[0]
+    r = prompts_RxP.shape[0]
     cache = KVCache.init(module.config, r, plan.cache_len, params_dtype)
-    hidden, cache = forward(module, prompts, kind="causal", cache=cache, num_valid=lens, **plan.forward_kw,
-                            return_hidden=True)
-    last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
-    state = dict(
-        cache=cache,
-        out=jnp.full((r, plan.width), plan.pad_id, jnp.int32),
-        count=jnp.zeros((r,), jnp.int32),       # tokens emitted (may run past max_new / EOS)
-        length=jnp.zeros((r,), jnp.int32),      # final output length so far (capped, up to first EOS)
-        ended=jnp.zeros((r,), bool),            # an EOS was emitted within the cap
-        done=jnp.zeros((r,), bool),
-        seed=jnp.zeros((r,), jnp.int32),        # last emitted token = next token fed to the model
-        think_done=jnp.zeros((r,), bool),
-        nfe=jnp.zeros((r,), jnp.int32),
-        total=jnp.zeros((), jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-        key=key,
-        knobs=knobs,
-        eos=eos,
-    )
-    if extra:
-        state.update(extra)
-    t0 = choose(head(module, last), step_key(state), plan.sampler, knobs)
-    state["step"] = state["step"] + 1
-    return emit(state, plan, t0[:, None], jnp.ones((r,), jnp.int32), jnp.ones((r,), bool))
+    hidden_RxPxH, cache = forward(module, prompts_RxP, kind="causal", cache=cache, num_valid=lens_R,
+                                  **plan.forward_kw, return_hidden=True)
+    last_RxH = jnp.take_along_axis(hidden_RxPxH, (lens_R - 1)[:, None, None], axis=1)[:, 0]
+    zeros = jnp.zeros((r,), jnp.int32)
+    state = DecodeState(cache=cache, out=jnp.full((r, plan.width), plan.pad_id, jnp.int32), count=zeros,
+                        length=zeros, ended=zeros.astype(bool), done=zeros.astype(bool), last_token=zeros,
+                        think_done=zeros.astype(bool), nfe=zeros + PREFILL_COUNTS[plan.mode],
+                        total=jnp.int32(PREFILL_COUNTS[plan.mode]), step=jnp.int32(0), key=key, knobs=knobs,
+                        eos=eos_E, **mode_fields)
+    t0_R = choose(head(module, last_RxH), step_key(state), plan.sampler, knobs)
+    state = state.replace(step=state.step + 1)
+    return emit(state, plan, t0_R[:, None], jnp.ones((r,), jnp.int32), jnp.ones((r,), bool))
 
 
-def count_forward(state, active, n: int = 1):
+def count_forward(state: DecodeState, active_R, n: int = 1) -> DecodeState:
     """``nfe += n`` for active rows; one more batched pass (``total``) and a fresh PRNG step."""
-    state = dict(state)
-    state["nfe"] = state["nfe"] + n * active.astype(jnp.int32)
-    state["total"] = state["total"] + n
-    state["step"] = state["step"] + 1
-    return state
+    return state.replace(nfe=state.nfe + n * active_R.astype(jnp.int32), total=state.total + n,
+                         step=state.step + 1)
 
 
-def emit(state, plan: Plan, new, n, active):
-    """Appends ``new[i, :n[i]]`` (``int32 [R, N]``) to each active row's output.
+def _think_budget(state: DecodeState, new_RxN, n_R, active_R):
+    """Thinking budget (always compiled in; traced budget and id, ``end_think < 0`` = off): once a row has emitted
+    ``max_thinking`` tokens without ``end_think``, the last token of this emission becomes ``end_think``.
+    Returns ``(new_RxN, think_done_R)``."""
+    r, nn = new_RxN.shape
+    rows, j = jnp.arange(r), jnp.arange(nn)[None, :]
+    valid = j < n_R[:, None]
+    last = jnp.maximum(n_R - 1, 0)
+    end = state.knobs.end_think
+    seen_before = state.think_done | jnp.any((new_RxN == end) & (j < last[:, None]) & valid, axis=1)
+    force = (active_R & (n_R > 0) & ~seen_before & (end >= 0) & (state.count + last >= state.knobs.max_thinking))
+    new_RxN = new_RxN.at[rows, last].set(jnp.where(force, end, new_RxN[rows, last]))
+    return new_RxN, state.think_done | jnp.any((new_RxN == end) & valid, axis=1)
 
-    The last appended token is the row's new seed (the next token the model is conditioned on).
-    Thinking budget: once a row has emitted ``max_thinking`` tokens without ``end_think``, its new
-    seed is replaced by ``end_think`` before anything is conditioned on it, and the replacement is
-    what is emitted.  A row is done once an EOS lands within ``max_new`` tokens or ``max_new``
-    tokens are out; the stream callback, if any, receives the tokens that became final output.
+
+def emit(state: DecodeState, plan: Plan, new_RxN, n_R, active_R) -> DecodeState:
+    """Appends ``new_RxN[i, :n_R[i]]`` to each active row's output.
+
+    The last appended token is the row's new ``last_token`` (the next token the model is conditioned on).
+    Thinking budget: once a row has emitted ``max_thinking`` tokens without ``end_think``, its last token is
+    replaced by ``end_think`` before anything is conditioned on it, and the replacement is what is emitted.  A
+    row is done once an EOS lands within ``max_new`` tokens or ``max_new`` tokens are out; the stream callback,
+    if any, receives the tokens that became final output.
     """
-    state = dict(state)
-    r, nn = new.shape
-    rows = jnp.arange(r)
-    j = jnp.arange(nn)[None, :]
-    n = jnp.where(active, n, 0)
-    valid = j < n[:, None]
-    last = jnp.maximum(n - 1, 0)
-    # thinking budget (always compiled in; traced budget and id, end_think < 0 = off)
-    end = state["knobs"]["end_think"]
-    seen_before = state["think_done"] | jnp.any((new == end) & (j < last[:, None]) & valid, axis=1)
-    force = (active & (n > 0) & ~seen_before & (end >= 0)
-             & (state["count"] + last >= state["knobs"]["max_thinking"]))
-    new = new.at[rows, last].set(jnp.where(force, end, new[rows, last]))
-    state["think_done"] = state["think_done"] | jnp.any((new == end) & valid, axis=1)
-    pos = state["count"][:, None] + j
-    dest = jnp.where(valid, pos, plan.width)  # out of range: dropped
-    state["out"] = state["out"].at[rows[:, None], dest].set(new, mode="drop")
+    r, nn = new_RxN.shape
+    rows, j = jnp.arange(r), jnp.arange(nn)[None, :]
+    n_R = jnp.where(active_R, n_R, 0)
+    valid = j < n_R[:, None]
+    new_RxN, think_done = _think_budget(state, new_RxN, n_R, active_R)
+    pos = state.count[:, None] + j
+    out = state.out.at[rows[:, None], jnp.where(valid, pos, plan.width)].set(new_RxN, mode="drop")  # past W: dropped
     # final length: up to and including the first EOS, capped at max_new
-    in_cap = valid & (pos < plan.max_new) & ~state["ended"][:, None]
-    is_eos = jnp.any(new[:, :, None] == state["eos"][None, None, :], axis=-1) & in_cap
-    first_eos = jnp.argmax(is_eos, axis=1)
+    in_cap = valid & (pos < plan.max_new) & ~state.ended[:, None]
+    is_eos = jnp.any(new_RxN[:, :, None] == state.eos[None, None, :], axis=-1) & in_cap
     hit = jnp.any(is_eos, axis=1)
-    new_count = state["count"] + n
-    new_length = jnp.where(state["ended"], state["length"],
-                           jnp.where(hit, state["count"] + first_eos + 1, jnp.minimum(new_count, plan.max_new)))
+    count = state.count + n_R
+    length = jnp.where(state.ended, state.length,
+                       jnp.where(hit, state.count + jnp.argmax(is_eos, axis=1) + 1, jnp.minimum(count, plan.max_new)))
     if plan.stream is not None:
-        delta = new_length - state["length"]
-        jax.debug.callback(plan.stream, jnp.where(j < delta[:, None], new, plan.pad_id), delta, ordered=True)
-    state["length"] = new_length
-    state["ended"] = state["ended"] | hit
-    state["count"] = new_count
-    state["done"] = state["done"] | state["ended"] | (new_count >= plan.max_new)
-    state["seed"] = jnp.where(active & (n > 0), new[rows, last], state["seed"])
-    return state
+        delta = length - state.length
+        jax.debug.callback(plan.stream, jnp.where(j < delta[:, None], new_RxN, plan.pad_id), delta, ordered=True)
+    ended = state.ended | hit
+    last = jnp.where(active_R & (n_R > 0), new_RxN[rows, jnp.maximum(n_R - 1, 0)], state.last_token)
+    return state.replace(out=out, count=count, length=length, ended=ended, think_done=think_done,
+                         done=state.done | ended | (count >= plan.max_new), last_token=last)
 
 
-def finish(state, plan: Plan):
+def finish(state: DecodeState, plan: Plan):
     """``(tokens int32 [R, max_new], lengths [R], nfe [R], total [])``; slots past a row's length hold pad."""
-    out = state["out"][:, :plan.max_new]
-    lengths = state["length"]
-    out = jnp.where(jnp.arange(plan.max_new)[None, :] < lengths[:, None], out, plan.pad_id)
-    return out, lengths, state["nfe"], state["total"]
+    out = state.out[:, :plan.max_new]
+    out = jnp.where(jnp.arange(plan.max_new)[None, :] < state.length[:, None], out, plan.pad_id)
+    return out, state.length, state.nfe, state.total
 
 
-def not_done(state):
-    return jnp.any(~state["done"])
+def not_done(state: DecodeState):
+    return jnp.any(~state.done)
 
 
-def block_with_masks(seed, block: int, mask_id: int):
-    """``[seed, MASK * (block - 1)]`` per row: ``int32 [R, block]``."""
-    r = seed.shape[0]
-    return jnp.concatenate([seed[:, None], jnp.full((r, block - 1), mask_id, jnp.int32)], axis=1)
+def block_with_masks(last_R, block: int, mask_id: int):
+    """``[last token, MASK * (block - 1)]`` per row: ``int32 [R, block]``."""
+    r = last_R.shape[0]
+    return jnp.concatenate([last_R[:, None], jnp.full((r, block - 1), mask_id, jnp.int32)], axis=1)
 
 
-def accepted_emission(draft, a, bonus, pad_id: int):
-    """The tokens a speculative cycle emits: ``draft[:, :a]`` then ``bonus`` (``int32 [R, N+1]``)."""
-    r, n = draft.shape
-    j = jnp.arange(n + 1)[None, :]
-    padded = jnp.concatenate([draft, jnp.full((r, 1), pad_id, jnp.int32)], axis=1)
-    return jnp.where(j < a[:, None], padded, jnp.where(j == a[:, None], bonus[:, None], pad_id))
-
+def accepted_emission(draft_RxD, a_R, bonus_R, pad_id: int):
+    """The tokens a speculative cycle emits: ``draft[:, :a]`` then ``bonus`` (``int32 [R, D+1]``)."""
+    r, d = draft_RxD.shape
+    j = jnp.arange(d + 1)[None, :]
+    padded = jnp.concatenate([draft_RxD, jnp.full((r, 1), pad_id, jnp.int32)], axis=1)
+    return jnp.where(j < a_R[:, None], padded, jnp.where(j == a_R[:, None], bonus_R[:, None], pad_id))

@@ -47,12 +47,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxdlm.generation import core
+from jaxdlm.generation.knobs import POLICIES, Knobs
 from jaxdlm.generation.sampling import choose, confidence, entropy, margin
 from jaxdlm.model import forward
 
-
-# policy name -> traced policy id (its index); api.generate checks the name and each policy's knob
-POLICIES = ("confidence", "margin", "entropy", "leftmost")
+__all__ = ["POLICIES", "commit_mask", "diffusion_program", "fixed_schedule_count"]
 
 
 def _best_and_above(score, masked, cut):
@@ -62,14 +61,14 @@ def _best_and_above(score, masked, cut):
     return masked & ((score >= cut) | (idx == best[:, None]))
 
 
-def commit_mask(policy, logits, x0, masked, knobs, mask_id: int | None):
+def commit_mask(policy, logits, x0, masked, knobs: Knobs, mask_id: int | None):
     """The positions one denoise pass commits under the traced ``policy`` id (see the module docstring).
 
     Args:
       policy: ``int32 []`` index into :data:`POLICIES`.
       logits: ``float32 [R, B, V]`` denoise-pass logits; ``x0``: ``int32 [R, B]`` the chosen tokens.
       masked: ``bool [R, B]`` positions still masked (a row with none commits nothing).
-      knobs: traced scalars ``threshold``, ``margin``, ``entropy_bound``.
+      knobs: :class:`Knobs` (reads ``threshold``, ``margin``, ``entropy_bound``).
       mask_id: the MASK id (excluded from the margin's runner-up).
 
     Returns ``bool [R, B]``, a subset of ``masked`` with at least one position in every row that has one.
@@ -78,21 +77,21 @@ def commit_mask(policy, logits, x0, masked, knobs, mask_id: int | None):
     idx = jnp.arange(masked.shape[1])[None, :]
 
     def by_confidence(_):
-        return _best_and_above(confidence(logits, x0), masked, knobs["threshold"])
+        return _best_and_above(confidence(logits, x0), masked, knobs.threshold)
 
     def by_margin(_):
-        return _best_and_above(margin(logits, x0, mask_id), masked, knobs["margin"])
+        return _best_and_above(margin(logits, x0, mask_id), masked, knobs.margin)
 
     def by_entropy(_):
         ent = jnp.where(masked, entropy(logits), jnp.inf)
         order = jnp.argsort(ent, axis=1, stable=True)       # masked positions first, lowest entropy first
         rank = jnp.argsort(order, axis=1, stable=True)
         summed = jnp.take_along_axis(jnp.cumsum(jnp.take_along_axis(ent, order, 1), axis=1), rank, 1)
-        return masked & ((rank == 0) | (summed <= knobs["entropy_bound"]))
+        return masked & ((rank == 0) | (summed <= knobs.entropy_bound))
 
     def by_leftmost(_):
         first = jnp.argmax(masked, axis=1)[:, None]          # leftmost masked position (forced)
-        ok = (masked & (confidence(logits, x0) >= knobs["threshold"])) | (idx == first)
+        ok = (masked & (confidence(logits, x0) >= knobs.threshold)) | (idx == first)
         blocked = jnp.cumsum(((idx >= first) & ~ok).astype(jnp.int32), axis=1) > 0
         return masked & (idx >= first) & ~blocked
 
@@ -105,49 +104,62 @@ def fixed_schedule_count(step, masks: int, steps: int):
     return base + (step < rem).astype(jnp.int32)
 
 
-def diffusion_program(module, plan: core.Plan, params_dtype, prompts, lens, key, knobs, eos, lora=None):
-    """The block diffusion program (traced inside the one jit of :mod:`jaxdlm.generation.api`)."""
-    b = plan.block
-    state = core.init_state(module, plan, prompts, lens, key, knobs, eos, params_dtype)
-    idx = jnp.arange(b)[None, :]
+def _fixed_schedule_commit(logits, x0, masked, step, plan: core.Plan):
+    """The fixed schedule (``threshold=None``, policy ``confidence``): the ``fixed_schedule_count`` most confident
+    masked positions (ties: lower index first)."""
+    conf_m = jnp.where(masked, confidence(logits, x0), -jnp.inf)
+    n_commit = fixed_schedule_count(step, plan.block - 1, plan.fixed_steps)
+    rank = jnp.argsort(jnp.argsort(-conf_m, axis=1, stable=True), axis=1, stable=True)
+    return masked & (rank < n_commit)
 
-    def denoise_step(inner):
-        state, blk, masked, live, i = inner
-        logits, cache = forward(module, blk, kind="denoise", cache=state["cache"], **plan.forward_kw)
-        x0 = choose(logits, core.step_key(state), plan.sampler, state["knobs"])
+
+def _denoise_block(module, plan: core.Plan, state: core.DecodeState, active_R):
+    """Denoise passes over ``[last token, MASK * (N-1)]`` until no MASK is left (at most ``N-1`` passes: every
+    policy commits at least one; the bound keeps a broken rule from looping forever, its MASK ids would reach
+    the output, which the tests reject) or an EOS is committed with no MASK before it.
+    Returns ``(state, blk_RxN)``."""
+    n = plan.block
+    idx = jnp.arange(n)[None, :]
+
+    def denoise_step(carry):
+        state, blk_RxN, masked_RxN, live_R, i = carry
+        logits_RxNxV, cache = forward(module, blk_RxN, kind="denoise", cache=state.cache, **plan.forward_kw)
+        x0_RxN = choose(logits_RxNxV, core.step_key(state), plan.sampler, state.knobs)
         if plan.fixed_steps is None:
-            commit = commit_mask(state["knobs"]["policy"], logits, x0, masked, state["knobs"], plan.mask_id)
-        else:  # the fixed schedule (policy "confidence" only: api.generate checks)
-            conf_m = jnp.where(masked, confidence(logits, x0), -jnp.inf)
-            n_commit = fixed_schedule_count(i, b - 1, plan.fixed_steps)
-            order = jnp.argsort(-conf_m, axis=1, stable=True)
-            rank = jnp.argsort(order, axis=1, stable=True)
-            commit = masked & (rank < n_commit)
-        commit = commit & live[:, None]
-        blk = jnp.where(commit, x0, blk)
-        masked = masked & ~commit
-        state = core.count_forward(dict(state, cache=cache), live)
+            commit = commit_mask(state.knobs.policy, logits_RxNxV, x0_RxN, masked_RxN, state.knobs, plan.mask_id)
+        else:
+            commit = _fixed_schedule_commit(logits_RxNxV, x0_RxN, masked_RxN, i, plan)
+        commit = commit & live_R[:, None]
+        blk_RxN = jnp.where(commit, x0_RxN, blk_RxN)
+        masked_RxN = masked_RxN & ~commit
+        state = core.count_forward(state.replace(cache=cache), live_R)
         # stop a row early once an EOS is committed with no MASK before it
-        is_eos = jnp.any(blk[:, :, None] == state["eos"][None, None, :], axis=-1) & ~masked
-        no_mask_before = jnp.cumsum(masked.astype(jnp.int32), axis=1) == 0
+        is_eos = jnp.any(blk_RxN[:, :, None] == state.eos[None, None, :], axis=-1) & ~masked_RxN
+        no_mask_before = jnp.cumsum(masked_RxN.astype(jnp.int32), axis=1) == 0
         eos_stop = jnp.any(is_eos & no_mask_before, axis=1)
-        live = live & jnp.any(masked, axis=1) & ~eos_stop
-        return state, blk, masked, live, i + 1
+        live_R = live_R & jnp.any(masked_RxN, axis=1) & ~eos_stop
+        return state, blk_RxN, masked_RxN, live_R, i + 1
+
+    blk_RxN = core.block_with_masks(state.last_token, n, plan.mask_id)
+    carry = (state, blk_RxN, jnp.broadcast_to(idx > 0, blk_RxN.shape), active_R, jnp.int32(0))
+    state, blk_RxN, _, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]) & (c[4] < n - 1), denoise_step, carry)
+    return state, blk_RxN
+
+
+def diffusion_program(module, plan: core.Plan, params_dtype, prompts, lens, key, knobs: Knobs, eos, lora=None):
+    """The block diffusion program (traced inside the program of :mod:`jaxdlm.generation.api`)."""
+    n = plan.block
+    state = core.init_state(module, plan, prompts, lens, key, knobs, eos, params_dtype)
 
     def block_step(state):
-        active = ~state["done"]
-        blk = core.block_with_masks(state["seed"], b, plan.mask_id)
-        masked = jnp.broadcast_to(idx > 0, blk.shape)
-        inner = (state, blk, masked, active, jnp.int32(0))
-        # at most B-1 passes (every policy commits at least one mask per pass; the bound keeps a broken rule
-        # from looping forever: its MASK tokens would then reach the output, which the tests reject)
-        state, blk, masked, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]) & (c[4] < b - 1), denoise_step, inner)
-        hidden, cache = forward(module, blk, kind="causal", cache=state["cache"],
-                                num_valid=jnp.where(active, b, 0), **plan.forward_kw, return_hidden=True)
-        seed = choose(core.head(module, hidden[:, -1]), core.step_key(state), plan.sampler, state["knobs"])
-        state = core.count_forward(dict(state, cache=cache), active)
-        new = jnp.concatenate([blk[:, 1:], seed[:, None]], axis=1)
-        return core.emit(state, plan, new, jnp.full_like(seed, b), active)
+        active_R = ~state.done
+        state, blk_RxN = _denoise_block(module, plan, state, active_R)
+        hidden_RxNxH, cache = forward(module, blk_RxN, kind="causal", cache=state.cache,
+                                      num_valid=jnp.where(active_R, n, 0), **plan.forward_kw, return_hidden=True)
+        nxt_R = choose(core.head(module, hidden_RxNxH[:, -1]), core.step_key(state), plan.sampler, state.knobs)
+        state = core.count_forward(state.replace(cache=cache), active_R)
+        new_RxN = jnp.concatenate([blk_RxN[:, 1:], nxt_R[:, None]], axis=1)
+        return core.emit(state, plan, new_RxN, jnp.full_like(nxt_R, n), active_R)
 
     state = jax.lax.while_loop(core.not_done, block_step, state)
     return core.finish(state, plan)

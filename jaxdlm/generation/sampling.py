@@ -7,8 +7,8 @@ choice (argmax, sampling, the sampling distribution) but kept in the softmax den
 diffusion policies' margin and entropy are read from the same temperature-1 distribution.
 
 :class:`Sampler` holds the static part (greedy or not, whether top-k / top-p filters are on, the MASK
-id); the numeric knobs (temperature, top_k, top_p) are traced values so that changing them does not
-recompile a generation program.
+id); the numeric knobs (:class:`~jaxdlm.generation.knobs.Knobs`: temperature, top_k, top_p) are traced values so
+that changing them does not recompile a generation program.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from jaxdlm.generation.knobs import Knobs
 
 NEG_INF = -jnp.inf
 
@@ -43,37 +45,37 @@ def _exclude_mask(logits, mask_id):
     return logits.at[..., mask_id].set(NEG_INF)
 
 
-def filtered_logits(logits, sampler: Sampler, knobs):
+def filtered_logits(logits, sampler: Sampler, knobs: Knobs):
     """Logits of the sampling distribution: ``logits / T`` with MASK and filtered tokens at ``-inf``.
 
-    ``knobs``: dict of traced scalars ``temperature``, ``top_k`` (int, ``<= 0`` = off), ``top_p``.
+    ``knobs``: :class:`Knobs`; reads ``temperature``, ``top_k`` (``<= 0`` = off) and ``top_p``.
     Top-k keeps the ``k`` largest (ties at the k-th value are all kept); top-p keeps the smallest
     prefix of the sorted distribution whose mass reaches ``top_p`` (the top token always survives).
     """
     x = _exclude_mask(logits.astype(jnp.float32), sampler.mask_id)
     if sampler.greedy:
         return x
-    x = x / jnp.maximum(knobs["temperature"], 1e-6)
+    x = x / jnp.maximum(knobs.temperature, 1e-6)
     v = x.shape[-1]
     if sampler.use_top_k or sampler.use_top_p:
         sorted_x = -jnp.sort(-x, axis=-1)  # descending
     if sampler.use_top_k:
-        k = jnp.clip(knobs["top_k"], 1, v)
+        k = jnp.clip(knobs.top_k, 1, v)
         kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(k - 1, x.shape[:-1] + (1,)).astype(jnp.int32), -1)
-        keep = jnp.where(knobs["top_k"] > 0, x >= kth, True)
+        keep = jnp.where(knobs.top_k > 0, x >= kth, True)
         x = jnp.where(keep, x, NEG_INF)
-        sorted_x = jnp.where(jnp.arange(v) < jnp.where(knobs["top_k"] > 0, k, v), sorted_x, NEG_INF)
+        sorted_x = jnp.where(jnp.arange(v) < jnp.where(knobs.top_k > 0, k, v), sorted_x, NEG_INF)
     if sampler.use_top_p:
         p_sorted = jax.nn.softmax(sorted_x, axis=-1)
         mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
         # number of sorted tokens kept: those whose preceding mass is < top_p (at least one)
-        n_keep = jnp.maximum(jnp.sum(mass_before < knobs["top_p"], axis=-1, keepdims=True), 1)
+        n_keep = jnp.maximum(jnp.sum(mass_before < knobs.top_p, axis=-1, keepdims=True), 1)
         cutoff = jnp.take_along_axis(sorted_x, n_keep - 1, -1)
         x = jnp.where(x >= cutoff, x, NEG_INF)
     return x
 
 
-def choose(logits, key, sampler: Sampler, knobs):
+def choose(logits, key, sampler: Sampler, knobs: Knobs):
     """Chosen tokens ``int32 [...]``: argmax (greedy) or Gumbel-max over :func:`filtered_logits`."""
     x = filtered_logits(logits, sampler, knobs)
     if not sampler.greedy:
@@ -110,7 +112,7 @@ def entropy(logits):
     return -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)
 
 
-def probs(logits, sampler: Sampler, knobs):
+def probs(logits, sampler: Sampler, knobs: Knobs):
     """The sampling distribution ``float32 [..., V]`` (one-hot argmax when greedy)."""
     x = filtered_logits(logits, sampler, knobs)
     if sampler.greedy:

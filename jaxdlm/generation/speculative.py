@@ -42,50 +42,50 @@ from jaxdlm.generation.sampling import choose, exact_match_accept, probs, specul
 from jaxdlm.model import forward
 
 
-def _accept(plan, state, draft, verify_logits, q, key):
-    """``(a, bonus)`` for drafts ``[R, B-1]`` given verify logits ``[R, B, V]`` (see module docstring)."""
+def _accept(plan, state: core.DecodeState, draft_RxD, verify_logits_RxNxV, q_RxDxV, key):
+    """``(a_R, bonus_R)`` for drafts ``[R, N-1]`` given verify logits ``[R, N, V]`` (see module docstring)."""
     if plan.sampler.greedy or plan.spec_sampling == "exact":
-        ar = choose(verify_logits, key, plan.sampler, state["knobs"])
-        return exact_match_accept(draft, ar)
-    return speculative_accept(draft, probs(verify_logits, plan.sampler, state["knobs"]), q, key)
+        ar_RxN = choose(verify_logits_RxNxV, key, plan.sampler, state.knobs)
+        return exact_match_accept(draft_RxD, ar_RxN)
+    return speculative_accept(draft_RxD, probs(verify_logits_RxNxV, plan.sampler, state.knobs), q_RxDxV, key)
 
 
-def _draft(plan, state, logits, key):
-    """Draft tokens from draft logits ``[R, N, V]`` and, for rejection sampling, their distribution."""
+def _draft(plan, state: core.DecodeState, logits_RxDxV, key):
+    """Draft tokens from draft logits ``[R, D, V]`` and, for rejection sampling, their distribution."""
     if plan.sampler.greedy or plan.spec_sampling == "exact":
         greedy = type(plan.sampler)(greedy=True, mask_id=plan.sampler.mask_id)
-        return choose(logits, key, greedy, state["knobs"]), None
-    q = probs(logits, plan.sampler, state["knobs"])
-    return choose(logits, key, plan.sampler, state["knobs"]), q
+        return choose(logits_RxDxV, key, greedy, state.knobs), None
+    q_RxDxV = probs(logits_RxDxV, plan.sampler, state.knobs)
+    return choose(logits_RxDxV, key, plan.sampler, state.knobs), q_RxDxV
 
 
-def _finish_cycle(state, plan, active, old_len, cache, draft, a, bonus):
-    cache = cache.with_length(jnp.where(active, old_len + a + 1, old_len))
-    new = core.accepted_emission(draft, a, bonus, plan.pad_id)
-    return core.emit(dict(state, cache=cache), plan, new, a + 1, active)
+def _finish_cycle(state: core.DecodeState, plan, active_R, old_len_R, cache, draft_RxD, a_R, bonus_R):
+    """Crop each active row's cache to ``old length + a + 1`` and emit its ``a`` accepted drafts + the bonus."""
+    cache = cache.with_length(jnp.where(active_R, old_len_R + a_R + 1, old_len_R))
+    new = core.accepted_emission(draft_RxD, a_R, bonus_R, plan.pad_id)
+    return core.emit(state.replace(cache=cache), plan, new, a_R + 1, active_R)
 
 
 def linear_program(module, plan: core.Plan, params_dtype, prompts, lens, key, knobs, eos, lora=None):
     """Linear self-speculation: a draft denoise pass (LoRA on) then a causal verify pass (LoRA off)."""
-    b = plan.block
+    n = plan.block
     state = core.init_state(module, plan, prompts, lens, key, knobs, eos, params_dtype)
-    state = dict(state, nfe=state["nfe"] + 1, total=state["total"] + 1)  # SPEC: the prefill counts one
     draft_lora = lora if plan.use_lora else None
 
-    def body(state):
-        active = ~state["done"]
-        old_len = state["cache"].length
-        blk = core.block_with_masks(state["seed"], b, plan.mask_id)
-        dlogits, cache = forward(module, blk, kind="denoise", cache=state["cache"], lora=draft_lora,
-                                 **plan.forward_kw)
-        draft, q = _draft(plan, state, dlogits[:, 1:], core.step_key(state))
-        state = core.count_forward(dict(state, cache=cache), active)
-        blk = jnp.concatenate([state["seed"][:, None], draft], axis=1)
-        vlogits, cache = forward(module, blk, kind="causal", cache=state["cache"],
-                                 num_valid=jnp.where(active, b, 0), **plan.forward_kw)
-        a, bonus = _accept(plan, state, draft, vlogits, q, core.step_key(state))
-        state = core.count_forward(state, active)
-        return _finish_cycle(state, plan, active, old_len, cache, draft, a, bonus)
+    def body(state: core.DecodeState):
+        active_R = ~state.done
+        old_len_R = state.cache.length
+        blk_RxN = core.block_with_masks(state.last_token, n, plan.mask_id)
+        dlogits_RxNxV, cache = forward(module, blk_RxN, kind="denoise", cache=state.cache, lora=draft_lora,
+                                       **plan.forward_kw)
+        draft_RxD, q_RxDxV = _draft(plan, state, dlogits_RxNxV[:, 1:], core.step_key(state))
+        state = core.count_forward(state.replace(cache=cache), active_R)
+        blk_RxN = jnp.concatenate([state.last_token[:, None], draft_RxD], axis=1)
+        vlogits_RxNxV, cache = forward(module, blk_RxN, kind="causal", cache=state.cache,
+                                       num_valid=jnp.where(active_R, n, 0), **plan.forward_kw)
+        a_R, bonus_R = _accept(plan, state, draft_RxD, vlogits_RxNxV, q_RxDxV, core.step_key(state))
+        state = core.count_forward(state, active_R)
+        return _finish_cycle(state, plan, active_R, old_len_R, cache, draft_RxD, a_R, bonus_R)
 
     state = jax.lax.while_loop(core.not_done, body, state)
     return core.finish(state, plan)
@@ -123,34 +123,34 @@ def quadratic_infos(length, block: int, max_len: int):
 
 def quadratic_program(module, plan: core.Plan, params_dtype, prompts, lens, key, knobs, eos, lora=None):
     """Quadratic self-speculation: one forward per cycle verifies the drafts and drafts the next block."""
-    b = plan.block
+    n = plan.block
     r = prompts.shape[0]
-    extra = dict(draft=jnp.full((r, b - 1), plan.mask_id, jnp.int32))
+    fields = dict(draft=jnp.full((r, n - 1), plan.mask_id, jnp.int32))  # no draft yet: never accepted
     if not (plan.sampler.greedy or plan.spec_sampling == "exact"):
         v = module.config.vocab_size
-        extra["q"] = jnp.broadcast_to(jax.nn.one_hot(plan.mask_id, v, dtype=jnp.float32), (r, b - 1, v))
-    state = core.init_state(module, plan, prompts, lens, key, knobs, eos, params_dtype, extra)
-    state = dict(state, nfe=state["nfe"] + 1, total=state["total"] + 1)  # the prefill counts one
+        fields["draft_probs"] = jnp.broadcast_to(jax.nn.one_hot(plan.mask_id, v, dtype=jnp.float32), (r, n - 1, v))
+    state = core.init_state(module, plan, prompts, lens, key, knobs, eos, params_dtype, **fields)
     rows = jnp.arange(r)
 
-    def body(state):
-        active = ~state["done"]
-        cache = state["cache"]
-        old_len = cache.length
-        draft = state["draft"]
-        tokens = jnp.concatenate([state["seed"][:, None], draft, jnp.full((r, b * b), plan.mask_id, jnp.int32)], 1)
-        q_info, k_info = quadratic_infos(old_len, b, cache.max_len)
-        hidden, cache = module(tokens, q_info.pos, q_info, k_info, cache=cache, **plan.forward_kw, return_hidden=True)
-        vlogits = core.head(module, hidden[:, :b])
+    def body(state: core.DecodeState):
+        active_R = ~state.done
+        old_len_R = state.cache.length
+        draft_RxD = state.draft
+        tokens = jnp.concatenate([state.last_token[:, None], draft_RxD,
+                                  jnp.full((r, n * n), plan.mask_id, jnp.int32)], axis=1)
+        q_info, k_info = quadratic_infos(old_len_R, n, state.cache.max_len)
+        hidden, cache = module(tokens, q_info.pos, q_info, k_info, cache=state.cache, **plan.forward_kw,
+                               return_hidden=True)
+        vlogits_RxNxV = core.head(module, hidden[:, :n])
         key_a, key_d = jax.random.split(core.step_key(state))
-        a, bonus = _accept(plan, state, draft, vlogits, state.get("q"), key_a)
-        groups = hidden[:, b:].reshape(r, b, b, -1)[rows, a]          # [R, B, H] at the acceptance point
-        new_draft, new_q = _draft(plan, state, core.head(module, groups[:, 1:]), key_d)
-        state = core.count_forward(state, active)
-        state["draft"] = jnp.where(active[:, None], new_draft, draft)
+        a_R, bonus_R = _accept(plan, state, draft_RxD, vlogits_RxNxV, state.draft_probs, key_a)
+        group_RxNxH = hidden[:, n:].reshape(r, n, n, -1)[rows, a_R]          # the group at the acceptance point
+        new_draft, new_q = _draft(plan, state, core.head(module, group_RxNxH[:, 1:]), key_d)
+        state = core.count_forward(state, active_R)
+        state = state.replace(draft=jnp.where(active_R[:, None], new_draft, draft_RxD))
         if new_q is not None:
-            state["q"] = jnp.where(active[:, None, None], new_q, state["q"])
-        return _finish_cycle(state, plan, active, old_len, cache, draft, a, bonus)
+            state = state.replace(draft_probs=jnp.where(active_R[:, None, None], new_q, state.draft_probs))
+        return _finish_cycle(state, plan, active_R, old_len_R, cache, draft_RxD, a_R, bonus_R)
 
     state = jax.lax.while_loop(core.not_done, body, state)
     return core.finish(state, plan)
