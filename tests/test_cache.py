@@ -69,7 +69,7 @@ def test_crop_and_reappend_reproduces_logits(model, rng):
     # rejected draft: different tokens were appended, then cropped back
     junk = rng.integers(0, 80, size=(2, 8))
     _, dirty = forward(module, jnp.asarray(junk), kind="causal", cache=cache)
-    cropped = dirty.crop(12)
+    cropped = dirty.with_length(12)
     np.testing.assert_array_equal(cropped.length, [12, 12])
     again, _ = forward(module, jnp.asarray(tokens[:, 12:]), kind="causal", cache=cropped)
     np.testing.assert_allclose(np.asarray(again), np.asarray(first), rtol=0, atol=1e-6)
