@@ -82,8 +82,10 @@ def load_trained(run_dir: str, step: int | None = None):
         meta = ck.restore_meta(step)
         abstract = Model.abstract(mcfg)
         if meta.get("kind") == "lora":
+            from jaxdlm.lora import OProjLoRA
+
             base = load_trained(meta["base_run"], meta.get("base_step"))
-            target = {"step": jax.ShapeDtypeStruct((), np.int32), "lora": meta_lora_shapes(mcfg, meta),
+            target = {"step": jax.ShapeDtypeStruct((), np.int32), "lora": OProjLoRA.abstract(mcfg, meta["lora_rank"]),
                       "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
             state = _restore_partial(ck, step, target)
             return Model(mcfg, base.graphdef, base.params, lora=state["lora"], tokenizer=base.tokenizer)
@@ -92,15 +94,6 @@ def load_trained(run_dir: str, step: int | None = None):
         return Model(mcfg, abstract.graphdef, state["params"])
     finally:
         ck.close()
-
-
-def meta_lora_shapes(mcfg, meta):
-    import jax
-
-    r = meta["lora_rank"]
-    return {"a": jax.ShapeDtypeStruct((mcfg.num_layers, mcfg.num_heads * mcfg.head_dim, r), np.float32),
-            "b": jax.ShapeDtypeStruct((mcfg.num_layers, r, mcfg.hidden_size), np.float32),
-            "scale": jax.ShapeDtypeStruct((), np.float32)}
 
 
 def _restore_partial(ck, step, target):
@@ -116,6 +109,7 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
+    from jaxdlm.lora import OProjLoRA
     from jaxdlm.model import Model
     from jaxdlm.training import config as config_lib
     from jaxdlm.training import lora as lora_lib
@@ -146,7 +140,7 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
     tx, schedule, run_step, eval_step = _steps(model.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)
     compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
     if cfg.lora.enabled:
-        lora0 = lora_lib.init_lora(mcfg, cfg.lora.rank, cfg.lora.alpha, jax.random.PRNGKey(cfg.run.seed))
+        lora0 = OProjLoRA.init(mcfg, cfg.lora.rank, cfg.lora.alpha, jax.random.PRNGKey(cfg.run.seed))
         state = dict(lora_lib.init_lora_state(lora0, tx), rng=jax.random.PRNGKey(cfg.run.seed))
         base_params = step_lib.cast_floating(model.params, compute)
         lstep = lora_lib.make_lora_step(model.graphdef, tx, target=cfg.lora.target, donate=False)
