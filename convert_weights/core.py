@@ -142,6 +142,7 @@ def find_tensors(hf: Path) -> dict[str, TensorEntry]:
 def plan(config, entries: dict[str, TensorEntry]) -> list[Group]:
     """Checks names / shapes / dtypes against ``jaxdlm.hf.tensor_specs`` and groups tensors by parameter."""
     from jaxdlm.hf import optional_keys, tensor_specs
+    from jaxdlm.model import param_layout
 
     specs = list(tensor_specs(config))
     wanted = {s.hf_key for s in specs}
@@ -157,6 +158,7 @@ def plan(config, entries: dict[str, TensorEntry]) -> list[Group]:
         raise ConversionError(f"unexpected tensor {unexpected[0]}{more} for model_type={config.model_type} "
                               f"({'encoder.*' if config.is_nld else 'model.*'} layout); check that config.json "
                               "matches the weights")
+    layout = param_layout(config)
     groups: dict[tuple[str, ...], Group] = {}
     for s in specs:
         e = entries[s.hf_key]
@@ -166,10 +168,7 @@ def plan(config, entries: dict[str, TensorEntry]) -> list[Group]:
         if e.dtype not in FLOAT_DTYPES:
             raise ConversionError(f"tensor {s.hf_key} has dtype {e.dtype}, expected BF16, F16 or F32 weights; "
                                   "re-export the checkpoint in a floating dtype")
-        shape = s.hf_shape[::-1] if s.transpose else s.hf_shape
-        if s.layer is not None:
-            shape = (config.num_layers,) + shape
-        groups.setdefault(s.path, Group(s.path, [], shape)).specs.append(s)
+        groups.setdefault(s.path, Group(s.path, [], layout[s.path].shape)).specs.append(s)
     return list(groups.values())
 
 
@@ -188,23 +187,43 @@ def output_dtype(dtype: str, groups: list[Group], entries: dict[str, TensorEntry
 # ------------------------------------------------------------------------------------------- LoRA
 
 
-def read_lora(lora_dir: Path, config, dtype: np.dtype) -> dict:
-    """PEFT draft adapter (o_proj only) -> ``{"a": [L, heads*head_dim, r], "b": [L, r, H], "scale": ()}``.
+def read_lora(lora_dir: Path, config, dtype: np.dtype):
+    """PEFT draft adapter (o_proj only) -> a :class:`jaxdlm.lora.OProjLoRA` of numpy arrays.
 
     PEFT stores ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` (``delta W = scale * B @ A`` in the
     PyTorch ``[out, in]`` layout); jaxdlm uses ``y = x @ W`` so ``a = A.T`` and ``b = B.T``.
     ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
     """
+    from jaxdlm.lora import OProjLoRA
+
+    weights = _adapter_files(lora_dir)
+    r, scale = _adapter_config(lora_dir / "adapter_config.json")
+    target = OProjLoRA.abstract(config, r, dtype)
+    found = _adapter_tensors(weights, config, target)
+    a, b = np.empty(target.a.shape, dtype), np.empty(target.b.shape, dtype)
+    for layer in range(config.num_layers):
+        np.copyto(a[layer], read_into(found[(layer, "A")]).T, casting="unsafe")
+        np.copyto(b[layer], read_into(found[(layer, "B")]).T, casting="unsafe")
+    return OProjLoRA(a, b, np.asarray(scale, np.float32))
+
+
+def _adapter_files(lora_dir: Path) -> Path:
+    """The adapter's weight file, after checking that the folder holds a PEFT adapter (config + safetensors)."""
     if not lora_dir.is_dir():
         raise ConversionError(f"LoRA folder {lora_dir} does not exist; pass a PEFT adapter folder "
                               "(adapter_config.json + adapter_model.safetensors)")
-    cfg_path, weights = lora_dir / "adapter_config.json", lora_dir / "adapter_model.safetensors"
+    weights = lora_dir / "adapter_model.safetensors"
     if not weights.is_file():
         _refuse_pickles(lora_dir, "LoRA folder")
-    for p in (cfg_path, weights):
+    for p in (lora_dir / "adapter_config.json", weights):
         if not p.is_file():
             raise ConversionError(f"LoRA folder {lora_dir} has no {p.name}; a PEFT adapter needs adapter_config.json "
                                   "and adapter_model.safetensors")
+    return weights
+
+
+def _adapter_config(cfg_path: Path) -> tuple[int, float]:
+    """``(rank, scale)`` from a PEFT ``adapter_config.json``; refuses what jaxdlm's o_proj LoRA cannot hold."""
     try:
         with open(cfg_path, encoding="utf-8") as f:
             ac = json.load(f)
@@ -225,13 +244,16 @@ def read_lora(lora_dir: Path, config, dtype: np.dtype) -> dict:
                                   "rank and alpha for every layer")
     if ac.get("use_dora"):
         raise ConversionError(f"{cfg_path}: use_dora=true is not supported; pass a plain LoRA adapter")
-    scale = alpha / math.sqrt(r) if ac.get("use_rslora") else alpha / r
+    return r, alpha / math.sqrt(r) if ac.get("use_rslora") else alpha / r
 
-    entries = read_header(os.fspath(weights))
-    n_layers, h = config.num_layers, config.hidden_size
-    d_in = config.num_heads * config.head_dim
+
+def _adapter_tensors(weights: Path, config, target) -> dict[tuple[int, str], TensorEntry]:
+    """``(layer, "A" | "B") -> tensor`` for every layer, each checked against the shapes of ``target`` (the
+    abstract :class:`~jaxdlm.lora.OProjLoRA`, transposed per layer) and a floating dtype."""
+    n_layers, r = config.num_layers, target.rank
+    want = {"A": target.a.shape[:0:-1], "B": target.b.shape[:0:-1]}  # PEFT's [r, in] and [out, r]
     found: dict[tuple[int, str], TensorEntry] = {}
-    for key, e in entries.items():
+    for key, e in read_header(os.fspath(weights)).items():
         m = _LORA_KEY.match(key)
         if m is None:
             raise ConversionError(f"unexpected tensor {key} in {weights.name}; the draft LoRA must hold only "
@@ -242,10 +264,10 @@ def read_lora(lora_dir: Path, config, dtype: np.dtype) -> dict:
                                   f"(0..{n_layers - 1}); pass the adapter made for this model")
         if e.dtype not in FLOAT_DTYPES:
             raise ConversionError(f"tensor {key} has dtype {e.dtype}, expected BF16, F16 or F32; re-export the adapter")
-        want = (r, d_in) if which == "A" else (h, r)
-        if e.shape != want:
-            raise ConversionError(f"tensor {key} has shape {list(e.shape)}, expected {list(want)} (rank r={r} from "
-                                  f"adapter_config.json, o_proj {d_in} -> {h}); pass the adapter made for this model")
+        if e.shape != want[which]:
+            raise ConversionError(f"tensor {key} has shape {list(e.shape)}, expected {list(want[which])} (rank r={r} "
+                                  f"from adapter_config.json, o_proj {want['A'][1]} -> {want['B'][0]}); pass the "
+                                  "adapter made for this model")
         found[(layer, which)] = e
     for layer in range(n_layers):
         for which in "AB":
@@ -253,12 +275,7 @@ def read_lora(lora_dir: Path, config, dtype: np.dtype) -> dict:
                 have = len({k[0] for k in found})
                 raise ConversionError(f"{weights.name} has no o_proj lora_{which} for layer {layer} (LoRA for {have} "
                                       f"layers, the model has {n_layers}); pass the adapter made for this model")
-    a = np.empty((n_layers, d_in, r), dtype)
-    b = np.empty((n_layers, r, h), dtype)
-    for layer in range(n_layers):
-        np.copyto(a[layer], read_into(found[(layer, "A")]).T, casting="unsafe")
-        np.copyto(b[layer], read_into(found[(layer, "B")]).T, casting="unsafe")
-    return {"a": a, "b": b, "scale": np.asarray(scale, np.float32)}
+    return found
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -390,12 +407,7 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
     groups = plan(config, entries)
     out_dtype = output_dtype(dtype, groups, entries)
 
-    lora_dir = None
-    if lora is not None:
-        lora_dir = Path(lora)
-    elif (hf / LORA_SUBFOLDER).is_dir():
-        lora_dir = hf / LORA_SUBFOLDER
-        say(f"found draft LoRA adapter {lora_dir} (auto-detected); converting it too")
+    lora_dir = _lora_dir(hf, lora, say)
     lora_params = read_lora(lora_dir, config, out_dtype) if lora_dir is not None else None
 
     total = sum(entries[s.hf_key].nbytes for g in groups for s in g.specs)
@@ -421,7 +433,18 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
     seconds = time.perf_counter() - t0
     say(f"converted {sum(len(g.specs) for g in groups)} tensors ({total / 1e9:.2f} GB, {config.model_type}, "
         f"{config.num_layers} layers) to {out} as {out_dtype.name} in {seconds:.1f} s"
-        + (f"; draft LoRA rank {lora_params['a'].shape[-1]}, scale {float(lora_params['scale']):g}"
-           if lora_params is not None else "")
+        + (f"; draft LoRA rank {lora_params.rank}, scale {float(lora_params.scale):g}" if lora_params is not None
+           else "")
         + (f"; tokenizer files: {', '.join(copied)}" if copied else "; no tokenizer files"))
     return {**meta, "seconds": seconds, "bytes_read": total}
+
+
+def _lora_dir(hf: Path, lora, say: Callable[[str], None]) -> Path | None:
+    """The draft-LoRA folder to convert: ``lora`` when given, else ``hf/linear_spec_lora`` when present
+    (and said so), else None."""
+    if lora is not None:
+        return Path(lora)
+    if (hf / LORA_SUBFOLDER).is_dir():
+        say(f"found draft LoRA adapter {hf / LORA_SUBFOLDER} (auto-detected); converting it too")
+        return hf / LORA_SUBFOLDER
+    return None

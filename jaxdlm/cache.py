@@ -48,13 +48,9 @@ class KVCache:
         n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), self.length.shape)
         return dataclasses.replace(self, length=jnp.minimum(self.length + n, self.max_len))
 
-    def crop(self, length) -> "KVCache":
-        """Keeps only the first ``length`` (scalar or ``[batch]``) slots per row (never grows a row)."""
-        length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape)
-        return dataclasses.replace(self, length=jnp.clip(length, 0, self.length))
-
     def with_length(self, length) -> "KVCache":
-        """Sets the per-row lengths (no checks: the caller guarantees the slots hold valid K/V)."""
+        """Sets the per-row lengths to ``length`` (scalar or ``[batch]``): shorter crops rejected tokens (a
+        self-speculation verify), longer claims slots (no checks: the caller guarantees they hold valid K/V)."""
         length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape)
         return dataclasses.replace(self, length=length)
 

@@ -5,7 +5,8 @@ Layout of a checkpoint folder::
     jaxdlm.json        metadata: format version, ModelConfig, dtype, source, array manifest, LoRA flag
     params/gNN/        Orbax PyTree checkpoints, each holding a few parameter arrays (a sub-tree of
                        the pure-dict parameter tree, [in, out] layout, layers stacked on axis 0)
-    lora/              Orbax PyTree checkpoint of the draft LoRA {"a", "b", "scale"} (optional)
+    lora/              Orbax PyTree checkpoint of the draft LoRA (optional; entries a, b, scale: the fields
+                       of jaxdlm.lora.OProjLoRA)
     config.json        the original Hugging Face config (converted checkpoints only)
     tokenizer.json ... tokenizer files (optional; loaded with transformers.AutoTokenizer)
 
@@ -21,6 +22,7 @@ renamed at the end; on failure the target is untouched and the temporary folder 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -51,6 +53,11 @@ _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.mode
 
 def _join(path: tuple[str, ...]) -> str:
     return "/".join(path)
+
+
+def _fields(lora) -> dict[str, Any]:
+    """Field name -> value of an :class:`~jaxdlm.lora.OProjLoRA` (its entries on disk)."""
+    return {f.name: getattr(lora, f.name) for f in dataclasses.fields(lora)}
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -206,12 +213,12 @@ class CheckpointWriter:
             self.on_written(self._pending_bytes)
         self._pending, self._pending_bytes = [], 0
 
-    def write_lora(self, lora: dict) -> None:
-        """The draft LoRA ``{"a": [L, heads*head_dim, r], "b": [L, r, H], "scale": ()}``."""
-        tree = {"a": np.asarray(lora["a"]), "b": np.asarray(lora["b"]),
-                "scale": np.asarray(lora["scale"], np.float32)}
+    def write_lora(self, lora) -> None:
+        """The draft LoRA (an :class:`~jaxdlm.lora.OProjLoRA` of host arrays; the scale is stored as float32)."""
+        tree = dataclasses.replace(lora, a=np.asarray(lora.a), b=np.asarray(lora.b),
+                                   scale=np.asarray(lora.scale, np.float32))
         _orbax_save(self.root / "lora", tree)
-        self.lora_manifest = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tree.items()}
+        self.lora_manifest = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in _fields(tree).items()}
 
     def finish(self, config, *, dtype: str, source: str | None, extra: dict | None = None) -> dict:
         """Flushes pending arrays and writes ``jaxdlm.json``; returns the metadata."""
@@ -369,7 +376,8 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules
     Args:
       path: the checkpoint folder.
       dtype: restore every floating array as this dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the
-        stored dtype.  Orbax casts while reading (``jax.ShapeDtypeStruct`` targets).
+        stored dtype.  Orbax casts while reading (``jax.ShapeDtypeStruct`` targets).  The LoRA scale
+        stays float32.
       sharding: ``None`` (first device), one ``jax.sharding.Sharding`` for every array, or a function
         ``path tuple -> Sharding`` (e.g. ``("layers", "q_proj")``; the LoRA uses ``("lora", "a")``...).
       mesh: a mesh from :func:`jaxdlm.make_mesh`: restore every array straight into the shardings
@@ -379,9 +387,7 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules
 
     Returns a :class:`~jaxdlm.model.Model` (config, params, lora or None, tokenizer or None).
     """
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from jaxdlm.config import ModelConfig
     from jaxdlm.model import Model
@@ -389,50 +395,78 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules
     root = Path(path)
     meta = read_metadata(root)
     config = ModelConfig.from_dict(meta["config"])
-    if mesh is not None:
-        from jaxdlm import sharding as sh
-
-        if sharding is not None:
-            raise ValueError("pass either mesh= or sharding= to jaxdlm.load, not both")
-        rules = sh.DEFAULT_RULES if rules is None else rules
-        sh.check_divisible(config, mesh, rules)
-        sharding = sh.sharding_for_path(mesh, rules)
-    target_dtype = jnp.dtype(dtype if dtype is not None else meta["dtype"])
-    abstract = Model.abstract(config, dtype=target_dtype)
-    expected = dict(_leaves(nnx.to_pure_dict(abstract.params)))
-    manifest = meta["arrays"]
-    missing = sorted(set(map(_join, expected)) - set(manifest))
-    if missing:
-        raise ValueError(f"{root} lacks parameter {missing[0]} ({len(missing)} missing); re-create the checkpoint")
-    extra = sorted(set(manifest) - set(map(_join, expected)))
-    if extra:
-        raise ValueError(f"{root} holds unexpected parameter {extra[0]}; re-create the checkpoint")
-
-    groups: dict[str, dict] = {}
-    for leaf_path, leaf in expected.items():
-        entry = manifest[_join(leaf_path)]
-        if tuple(entry["shape"]) != tuple(leaf.shape):
-            raise ValueError(f"{root}: parameter {_join(leaf_path)} has shape {tuple(entry['shape'])}, the config "
-                             f"needs {tuple(leaf.shape)}; re-create the checkpoint")
-        target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_resolve_sharding(sharding, leaf_path))
-        _set(groups.setdefault(entry["group"], {}), leaf_path, target)
-
-    pure: dict = {}
-    for name, target in groups.items():
-        restored = _orbax_restore(root / "params" / name, target)
-        for leaf_path, value in _leaves(restored):
-            _set(pure, leaf_path, value)
-    params = abstract.params
-    nnx.replace_by_pure_dict(params, pure)
-
-    lora = None
-    if meta.get("has_lora"):
-        lm = meta["lora"]
-        lora_dtype = {k: jnp.dtype(dtype if dtype is not None and k != "scale" else lm[k]["dtype"])
-                      for k in ("a", "b", "scale")}
-        target = {k: jax.ShapeDtypeStruct(tuple(lm[k]["shape"]), lora_dtype[k],
-                                          sharding=_resolve_sharding(sharding, ("lora", k)))
-                  for k in ("a", "b", "scale")}
-        lora = _orbax_restore(root / "lora", target)
+    sharding = _mesh_sharding(config, mesh, sharding, rules)
+    abstract = Model.abstract(config, dtype=jnp.dtype(dtype if dtype is not None else meta["dtype"]))
+    params = _restore_params(root, meta["arrays"], abstract.params, sharding)
+    lora = _restore_lora(root, meta["lora"], config, dtype, sharding) if meta.get("has_lora") else None
     tok = load_tokenizer(root) if tokenizer else None
     return Model(config, abstract.graphdef, params, lora=lora, tokenizer=tok, mesh=mesh)
+
+
+def _mesh_sharding(config, mesh, sharding, rules):
+    """:func:`load`'s ``sharding`` argument, or with ``mesh`` the function giving each path its sharding
+    under ``rules`` (after checking that the mesh divides the model)."""
+    if mesh is None:
+        return sharding
+    from jaxdlm import sharding as sh
+
+    if sharding is not None:
+        raise ValueError("pass either mesh= or sharding= to jaxdlm.load, not both")
+    rules = sh.DEFAULT_RULES if rules is None else rules
+    sh.check_divisible(config, mesh, rules)
+    return sh.sharding_for_path(mesh, rules)
+
+
+def _restore_params(root: Path, manifest: dict, params, sharding):
+    """Restores every parameter of the abstract ``params`` (an ``nnx.State`` of ``ShapeDtypeStruct``) from
+    its group, in its target dtype and sharding; returns ``params`` filled with the arrays."""
+    import jax
+    from flax import nnx
+
+    expected = dict(_leaves(nnx.to_pure_dict(params)))
+    _check_manifest(root, manifest, expected)
+    groups: dict[str, dict] = {}
+    for leaf_path, leaf in expected.items():
+        target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_resolve_sharding(sharding, leaf_path))
+        _set(groups.setdefault(manifest[_join(leaf_path)]["group"], {}), leaf_path, target)
+    pure: dict = {}
+    for name, target in groups.items():
+        for leaf_path, value in _leaves(_orbax_restore(root / "params" / name, target)):
+            _set(pure, leaf_path, value)
+    nnx.replace_by_pure_dict(params, pure)
+    return params
+
+
+def _check_manifest(root: Path, manifest: dict, expected: dict) -> None:
+    """``ValueError`` naming the first missing, unexpected or wrongly-shaped parameter of a checkpoint."""
+    names = set(map(_join, expected))
+    missing = sorted(names - set(manifest))
+    if missing:
+        raise ValueError(f"{root} lacks parameter {missing[0]} ({len(missing)} missing); re-create the checkpoint")
+    extra = sorted(set(manifest) - names)
+    if extra:
+        raise ValueError(f"{root} holds unexpected parameter {extra[0]}; re-create the checkpoint")
+    for leaf_path, leaf in expected.items():
+        shape = tuple(manifest[_join(leaf_path)]["shape"])
+        if shape != tuple(leaf.shape):
+            raise ValueError(f"{root}: parameter {_join(leaf_path)} has shape {shape}, the config needs "
+                             f"{tuple(leaf.shape)}; re-create the checkpoint")
+
+
+def _restore_lora(root: Path, manifest: dict, config, dtype, sharding):
+    """The draft :class:`~jaxdlm.lora.OProjLoRA` of ``root/lora``: ``a`` and ``b`` in ``dtype`` (``None``: as
+    stored), the scale float32; ``manifest`` is ``jaxdlm.json``'s ``lora`` entry."""
+    import jax
+
+    from jaxdlm.lora import OProjLoRA
+
+    abstract = OProjLoRA.abstract(config, manifest["a"]["shape"][-1],
+                                  dtype if dtype is not None else manifest["a"]["dtype"])
+    targets = {}
+    for name, leaf in _fields(abstract).items():
+        if tuple(manifest[name]["shape"]) != leaf.shape:
+            raise ValueError(f"{root}: LoRA entry {name} has shape {tuple(manifest[name]['shape'])}, the config "
+                             f"needs {leaf.shape}; re-create the checkpoint")
+        targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                             sharding=_resolve_sharding(sharding, ("lora", name)))
+    return _orbax_restore(root / "lora", OProjLoRA(**targets))

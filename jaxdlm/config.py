@@ -152,18 +152,7 @@ class ModelConfig:
         Raises ``ValueError`` naming the field for an unsupported ``model_type``, a missing required
         field or inconsistent values.
         """
-        if not isinstance(config, Mapping):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise ValueError(f"config file not found: {path} (expected a Hugging Face config.json)")
-            with open(path, encoding="utf-8") as f:
-                try:
-                    config = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} is not valid JSON: {e}") from None
-        config = dict(config)
+        config = _read_hf_config(config)
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -175,44 +164,16 @@ class ModelConfig:
                 raise ValueError(f"config.json (model_type={model_type!r}) is missing required field {name!r}")
             return config[name]
 
-        for flag in ("attention_bias", "mlp_bias"):
-            if config.get(flag):
-                raise ValueError(f"{flag}=true is not supported (jaxdlm models have no biases); set it to false")
-        act = config.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ValueError(f"hidden_act={act!r} is not supported; supported: 'silu'")
-
+        _refuse_unsupported_layers(config)
         hidden = int(req("hidden_size"))
         heads = int(req("num_attention_heads"))
         kv_heads = config.get("num_key_value_heads")
-        kv_heads = heads if kv_heads is None else int(kv_heads)
-        head_dim = config.get("head_dim") or hidden // heads
-
         rope = _parse_rope(config, model_type)
-
-        eos = config.get("eos_token_id")
-        if eos is None:
-            eos_ids: tuple[int, ...] = ()
-        elif isinstance(eos, (list, tuple)):
-            eos_ids = tuple(int(e) for e in eos)
-        else:
-            eos_ids = (int(eos),)
-
-        sliding = config.get("sliding_window")
-        if model_type == "qwen3" and not config.get("use_sliding_window", False):
-            sliding = None
-        layer_types = config.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types) and sliding is not None:
-            raise ValueError(
-                f"layer_types={sorted(set(layer_types))} (per-layer sliding windows) is not supported; "
-                "only full attention in every layer, optionally with one global sliding_window"
-            )
-
-        is_nld = model_type in NLD_MODEL_TYPES
+        eos_ids = _eos_ids(config.get("eos_token_id"))
+        sliding = _sliding_window(config, model_type)
         mask_id = config.get("mask_token_id")
-        if mask_id is None and is_nld:
+        if mask_id is None and model_type in NLD_MODEL_TYPES:
             raise ValueError("config.json (nemotron_labs_diffusion) is missing required field 'mask_token_id'")
-        block = config.get("block_size") or config.get("block_length") or 32
         return cls(
             model_type=model_type,
             vocab_size=int(req("vocab_size")),
@@ -220,8 +181,8 @@ class ModelConfig:
             intermediate_size=int(req("intermediate_size")),
             num_layers=int(req("num_hidden_layers")),
             num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=int(head_dim),
+            num_kv_heads=heads if kv_heads is None else int(kv_heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-5 if model_type != "qwen3" else 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qk_norm=model_type == "qwen3",
@@ -232,7 +193,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=config.get("bos_token_id"),
             pad_token_id=config.get("pad_token_id"),
-            block_size=int(block),
+            block_size=int(config.get("block_size") or config.get("block_length") or 32),
             torch_dtype=config.get("dtype") or config.get("torch_dtype"),
         )
 
@@ -253,6 +214,55 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(fields)}")
         return cls(**d)
+
+
+def _read_hf_config(config: str | os.PathLike | Mapping[str, Any]) -> dict:
+    """The ``config.json`` dict: ``config`` itself, or read from the file or the folder holding it."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path} (expected a Hugging Face config.json)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _refuse_unsupported_layers(config: Mapping[str, Any]) -> None:
+    """Biases and activations other than SiLU are not part of jaxdlm's layer."""
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise ValueError(f"{flag}=true is not supported (jaxdlm models have no biases); set it to false")
+    act = config.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act={act!r} is not supported; supported: 'silu'")
+
+
+def _eos_ids(eos) -> tuple[int, ...]:
+    """``eos_token_id`` (absent, one id or a list) as a tuple of ids."""
+    if eos is None:
+        return ()
+    if isinstance(eos, (list, tuple)):
+        return tuple(int(e) for e in eos)
+    return (int(eos),)
+
+
+def _sliding_window(config: Mapping[str, Any], model_type: str) -> int | None:
+    """The one global sliding window (Qwen3 only with ``use_sliding_window``); per-layer windows are refused."""
+    sliding = config.get("sliding_window")
+    if model_type == "qwen3" and not config.get("use_sliding_window", False):
+        sliding = None
+    layer_types = config.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types) and sliding is not None:
+        raise ValueError(
+            f"layer_types={sorted(set(layer_types))} (per-layer sliding windows) is not supported; "
+            "only full attention in every layer, optionally with one global sliding_window"
+        )
+    return sliding
 
 
 def _parse_rope(config: Mapping[str, Any], model_type: str) -> RopeConfig:

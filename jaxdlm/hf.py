@@ -25,7 +25,7 @@ class TensorSpec:
 
     hf_key: str
     path: tuple[str, ...]       # path in the pure-dict parameter tree
-    hf_shape: tuple[int, ...]   # shape in the safetensors file
+    hf_shape: tuple[int, ...]   # shape in the safetensors file (from jaxdlm.model.param_layout)
     layer: int | None = None    # index on the stacked layer axis, or None
     transpose: bool = False     # [out, in] -> [in, out]
 
@@ -34,37 +34,47 @@ def _prefix(config: ModelConfig) -> str:
     return "encoder." if config.is_nld else "model."
 
 
+def _head_key(config: ModelConfig) -> str:
+    return "diffusion_head.weight" if config.is_nld else "lm_head.weight"
+
+
 def tensor_specs(config: ModelConfig) -> Iterator[TensorSpec]:
-    """Every tensor a checkpoint of ``config`` must contain, in file order."""
-    c = config
-    p = _prefix(c)
-    h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
-    yield TensorSpec(f"{p}embed_tokens.weight", ("embed",), (c.vocab_size, h))
-    for n in range(c.num_layers):
+    """Every tensor a checkpoint of ``config`` must contain, in file order (docs/model.md section 5).
+
+    The name map is written here; each file shape is the jaxdlm parameter's shape
+    (:func:`jaxdlm.model.param_layout`) without the layer axis, reversed when transposed.
+    """
+    from jaxdlm.model import param_layout
+
+    layout = param_layout(config)
+
+    def spec(hf_key: str, path: tuple[str, ...], layer: int | None = None, transpose: bool = False) -> TensorSpec:
+        shape = layout[path].shape[0 if layer is None else 1:]
+        return TensorSpec(hf_key, path, shape[::-1] if transpose else shape, layer, transpose)
+
+    p = _prefix(config)
+    yield spec(f"{p}embed_tokens.weight", ("embed",))
+    for n in range(config.num_layers):
         lp = f"{p}layers.{n}."
-        yield TensorSpec(lp + "input_layernorm.weight", ("layers", "attn_norm", "weight"), (h,), n)
-        yield TensorSpec(lp + "self_attn.q_proj.weight", ("layers", "q_proj"), (c.num_heads * d, h), n, True)
-        yield TensorSpec(lp + "self_attn.k_proj.weight", ("layers", "k_proj"), (c.num_kv_heads * d, h), n, True)
-        yield TensorSpec(lp + "self_attn.v_proj.weight", ("layers", "v_proj"), (c.num_kv_heads * d, h), n, True)
-        yield TensorSpec(lp + "self_attn.o_proj.weight", ("layers", "o_proj"), (h, c.num_heads * d), n, True)
-        if c.qk_norm:
-            yield TensorSpec(lp + "self_attn.q_norm.weight", ("layers", "q_norm", "weight"), (d,), n)
-            yield TensorSpec(lp + "self_attn.k_norm.weight", ("layers", "k_norm", "weight"), (d,), n)
-        yield TensorSpec(lp + "post_attention_layernorm.weight", ("layers", "mlp_norm", "weight"), (h,), n)
-        yield TensorSpec(lp + "mlp.gate_proj.weight", ("layers", "gate_proj"), (i, h), n, True)
-        yield TensorSpec(lp + "mlp.up_proj.weight", ("layers", "up_proj"), (i, h), n, True)
-        yield TensorSpec(lp + "mlp.down_proj.weight", ("layers", "down_proj"), (h, i), n, True)
-    yield TensorSpec(f"{p}norm.weight", ("final_norm", "weight"), (h,))
-    if not c.tie_word_embeddings:
-        head = "diffusion_head.weight" if c.is_nld else "lm_head.weight"
-        yield TensorSpec(head, ("head",), (c.vocab_size, h), None, True)
+        yield spec(lp + "input_layernorm.weight", ("layers", "attn_norm", "weight"), n)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            yield spec(f"{lp}self_attn.{proj}.weight", ("layers", proj), n, transpose=True)
+        if config.qk_norm:
+            yield spec(lp + "self_attn.q_norm.weight", ("layers", "q_norm", "weight"), n)
+            yield spec(lp + "self_attn.k_norm.weight", ("layers", "k_norm", "weight"), n)
+        yield spec(lp + "post_attention_layernorm.weight", ("layers", "mlp_norm", "weight"), n)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            yield spec(f"{lp}mlp.{proj}.weight", ("layers", proj), n, transpose=True)
+    yield spec(f"{p}norm.weight", ("final_norm", "weight"))
+    if not config.tie_word_embeddings:
+        yield spec(_head_key(config), ("head",), transpose=True)
 
 
 def optional_keys(config: ModelConfig) -> set[str]:
     """Tensors a checkpoint may hold that jaxdlm ignores (a tied model may still store its lm_head)."""
     keys = set()
     if config.tie_word_embeddings:
-        keys.add("diffusion_head.weight" if config.is_nld else "lm_head.weight")
+        keys.add(_head_key(config))
     return keys
 
 

@@ -1,4 +1,14 @@
-"""The decoder (Ministral-3 / Mistral / Llama / Qwen3 / NLD) as Flax NNX modules, plus a pure forward.
+"""The decoder (Ministral-3 / Mistral / Llama / Qwen3 / NLD) as Flax NNX modules, a pure forward and the
+user-facing :class:`Model`.
+
+* :class:`RMSNorm`, :class:`Block` (one decoder layer) and :class:`Transformer` (embedding, stacked
+  layers, final norm, output head) are the modules.  Every parameter is created with its logical axes
+  (``out_sharding`` metadata, e.g. ``("layers", "embed", "heads")`` for ``q_proj``); :func:`param_layout`
+  reads shapes and axes from an abstract model, and :mod:`jaxdlm.sharding` and :mod:`jaxdlm.hf` derive
+  their tables from it.
+* :meth:`Transformer.__call__` is the general forward (mask metadata given directly); :func:`forward`
+  covers the common kinds (below); :class:`Model` bundles config, parameters, the optional draft LoRA
+  (:class:`~jaxdlm.lora.OProjLoRA`) and a tokenizer.
 
 Layers are stacked on a leading axis (one array per parameter, ``[L, ...]``).  Two layer loops give the same
 result (:data:`LAYER_LOOPS`): ``"unrolled"`` (straight-line code with static layer indices) and ``"scan"`` (a
@@ -6,8 +16,7 @@ result (:data:`LAYER_LOOPS`): ``"unrolled"`` (straight-line code with static lay
 XLA copy every layer's weight slice out of the stacked arrays (measured on an H100: 2.6x the weight-bandwidth
 floor per forward, against 0.92x unrolled), and scanned on a CPU, where the opposite holds (XLA's CPU backend
 copies static slices: the default model's AR decoding ran 1.9x slower unrolled) and the unrolled program
-compiles 5-8x longer.  Every pass goes through :meth:`Transformer.__call__`, which takes the mask
-metadata directly; :func:`forward` covers the common kinds:
+compiles 5-8x longer.
 
 ==================  =======================================  ============================
 kind                queries attend to                        cache
@@ -21,10 +30,10 @@ kind                queries attend to                        cache
 ``two_stream_bidirectional`` is ``two_stream`` with a fully bidirectional noisy half that sees no clean
 keys (the comparison baseline of AR-to-diffusion conversion studies).
 
-Shapes: ``B`` batch, ``T`` new tokens, ``S`` cache slots, ``H`` hidden, ``V`` vocabulary.
-
-Parameters use the ``[in, out]`` layout (``y = x @ W``).  Optional LoRA on ``o_proj`` for draft
-passes is a separate pytree ``{"a": [L, heads*head_dim, r], "b": [L, r, H], "scale": ()}``.
+Shapes (also the suffixes of local names such as ``q_BxTxNxD``): ``B`` batch, ``T`` new tokens, ``S`` cache
+slots, ``H`` hidden, ``N`` query heads, ``K`` kv heads, ``D`` head dim, ``F = N * D``, ``I`` MLP hidden,
+``V`` vocabulary, ``L`` layers.  Parameters use the ``[in, out]`` layout (``y = x @ W``); docs/model.md
+section 4 lists them.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +54,13 @@ from jaxdlm.attention import attention, masks
 from jaxdlm.attention.masks import TokenInfo
 from jaxdlm.cache import KVCache, write
 from jaxdlm.config import ModelConfig
+from jaxdlm.lora import OProjLoRA
 from jaxdlm.sharding import CACHE_AXES, constrain
 
 _INIT_STD = 0.02
 
 CACHED_KINDS = ("causal", "denoise")
+UNCACHED_KINDS = ("causal", "bidirectional", "two_stream", "two_stream_bidirectional")
 LAYER_LOOPS = ("unrolled", "scan")
 
 
@@ -64,18 +75,31 @@ def resolve_layers(layers: str = "auto") -> str:
     if layers not in LAYER_LOOPS:
         raise ValueError(f"layers={layers!r} is not a layer loop; expected 'auto' or one of {LAYER_LOOPS}")
     return layers
-UNCACHED_KINDS = ("causal", "bidirectional", "two_stream", "two_stream_bidirectional")
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, std=_INIT_STD):
-    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+def _param(value, axes: tuple[str, ...]) -> nnx.Param:
+    """A parameter with its logical axes, one name per dimension (``out_sharding`` metadata).
+
+    :mod:`jaxdlm.sharding` maps the names to mesh axes with its own rules, so Flax's eager sharding (which
+    would place the value at creation and needs a mesh) is off.
+    """
+    if len(axes) != np.ndim(value):
+        raise ValueError(f"logical axes {axes} do not match a parameter of shape {np.shape(value)}")
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, axes: tuple[str, ...], std=_INIT_STD) -> nnx.Param:
+    return _param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype), axes)
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm with the variance in float32; ``weight * normalized.astype(x.dtype)``."""
+    """RMSNorm with the variance in float32; ``weight * normalized.astype(x.dtype)``.
 
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    ``axis``: the logical axis of the weight (``"norm"`` for the model dimension, ``"head_dim"`` for q/k norms).
+    """
+
+    def __init__(self, dim: int, eps: float, dtype, axis: str = "norm"):
+        self.weight = _param(jnp.ones((dim,), dtype), (axis,))
         self.eps = eps
 
     def __call__(self, x):
@@ -86,52 +110,57 @@ class RMSNorm(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One decoder layer: pre-norm attention and a SwiGLU MLP, both residual."""
+    """One decoder layer: pre-norm attention and a SwiGLU MLP, both residual.
+
+    :class:`Transformer` creates ``num_layers`` of them at once (``nnx.vmap``), which prepends the ``layers``
+    axis to every shape and logical-axes tuple.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = config
-        h, d = c.hidden_size, c.head_dim
+        h, f, kvf, i = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
         self.attn_norm = RMSNorm(h, c.rms_norm_eps, dtype)
-        self.q_proj = nnx.Param(_normal(rngs, (h, c.num_heads * d), dtype))
-        self.k_proj = nnx.Param(_normal(rngs, (h, c.num_kv_heads * d), dtype))
-        self.v_proj = nnx.Param(_normal(rngs, (h, c.num_kv_heads * d), dtype))
-        self.o_proj = nnx.Param(_normal(rngs, (c.num_heads * d, h), dtype))
+        self.q_proj = _normal(rngs, (h, f), dtype, ("embed", "heads"))
+        self.k_proj = _normal(rngs, (h, kvf), dtype, ("embed", "kv_heads"))
+        self.v_proj = _normal(rngs, (h, kvf), dtype, ("embed", "kv_heads"))
+        self.o_proj = _normal(rngs, (f, h), dtype, ("heads", "embed"))
         if c.qk_norm:
-            self.q_norm = RMSNorm(d, c.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(d, c.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, axis="head_dim")
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, axis="head_dim")
         self.mlp_norm = RMSNorm(h, c.rms_norm_eps, dtype)
-        self.gate_proj = nnx.Param(_normal(rngs, (h, c.intermediate_size), dtype))
-        self.up_proj = nnx.Param(_normal(rngs, (h, c.intermediate_size), dtype))
-        self.down_proj = nnx.Param(_normal(rngs, (c.intermediate_size, h), dtype))
+        self.gate_proj = _normal(rngs, (h, i), dtype, ("embed", "mlp"))
+        self.up_proj = _normal(rngs, (h, i), dtype, ("embed", "mlp"))
+        self.down_proj = _normal(rngs, (i, h), dtype, ("mlp", "embed"))
         self.config = config
 
-    def qkv(self, x, cos, sin, qscale):
-        """Projections with q/k norm, RoPE and the query scale: q ``[B,T,Hq,D]``, k/v ``[B,T,Hkv,D]``."""
+    def qkv(self, x_BxTxH, cos, sin, qscale):
+        """Projections with q/k norm, RoPE and the query scale: q ``[B,T,N,D]``, k/v ``[B,T,K,D]``."""
         c = self.config
-        b, t, _ = x.shape
-        a = self.attn_norm(x)
-        q = (a @ self.q_proj[...]).reshape(b, t, c.num_heads, c.head_dim)
-        k = (a @ self.k_proj[...]).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = (a @ self.v_proj[...]).reshape(b, t, c.num_kv_heads, c.head_dim)
+        b, t, _ = x_BxTxH.shape
+        a_BxTxH = self.attn_norm(x_BxTxH)
+        q_BxTxNxD = (a_BxTxH @ self.q_proj[...]).reshape(b, t, c.num_heads, c.head_dim)
+        k_BxTxKxD = (a_BxTxH @ self.k_proj[...]).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v_BxTxKxD = (a_BxTxH @ self.v_proj[...]).reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+            q_BxTxNxD, k_BxTxKxD = self.q_norm(q_BxTxNxD), self.k_norm(k_BxTxKxD)
+        q_BxTxNxD = rope_lib.apply_rope(q_BxTxNxD, cos, sin)
+        k_BxTxKxD = rope_lib.apply_rope(k_BxTxKxD, cos, sin)
         if qscale is not None:
-            q = q * qscale[:, :, None, None].astype(q.dtype)
-        return q, k, v
+            q_BxTxNxD = q_BxTxNxD * qscale[:, :, None, None].astype(q_BxTxNxD.dtype)
+        return q_BxTxNxD, k_BxTxKxD, v_BxTxKxD
 
-    def finish(self, x, attn_out, lora=None):
-        """Output projection (+ LoRA delta) and the MLP, both added to the residual ``x``."""
-        b, t = x.shape[:2]
-        o = attn_out.reshape(b, t, -1)
-        y = o @ self.o_proj[...]
+    def finish(self, x_BxTxH, attn_BxTxNxD, lora: OProjLoRA | None = None):
+        """Output projection (+ the LoRA delta, ``lora`` sliced to this layer) and the MLP, both added to the
+        residual ``x``: ``[B, T, H]``."""
+        b, t = x_BxTxH.shape[:2]
+        o_BxTxF = attn_BxTxNxD.reshape(b, t, -1)
+        y_BxTxH = o_BxTxF @ self.o_proj[...]
         if lora is not None:
-            y = y + ((o @ lora["a"]) @ lora["b"] * lora["scale"]).astype(y.dtype)
-        x = x + y
-        m = self.mlp_norm(x)
-        gate = jax.nn.silu(m @ self.gate_proj[...])
-        x = x + (gate * (m @ self.up_proj[...])) @ self.down_proj[...]
-        return x
+            y_BxTxH = y_BxTxH + lora.delta(o_BxTxF).astype(y_BxTxH.dtype)
+        x_BxTxH = x_BxTxH + y_BxTxH
+        m_BxTxH = self.mlp_norm(x_BxTxH)
+        gate_BxTxI = jax.nn.silu(m_BxTxH @ self.gate_proj[...])
+        return x_BxTxH + (gate_BxTxI * (m_BxTxH @ self.up_proj[...])) @ self.down_proj[...]
 
 
 class Transformer(nnx.Module):
@@ -140,17 +169,17 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = config
         self.config = config
-        self.embed = nnx.Param(_normal(rngs, (c.vocab_size, c.hidden_size), dtype))
+        self.embed = _normal(rngs, (c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
         keys = jax.random.split(rngs.params(), c.num_layers)
 
-        def one_layer(key):
-            return nnx.split(Block(c, rngs=nnx.Rngs(params=key), dtype=dtype))[1]
+        @nnx.vmap(transform_metadata={nnx.PARTITION_NAME: "layers"})  # "layers" leads every block's axes
+        def stacked_blocks(key):
+            return Block(c, rngs=nnx.Rngs(params=key), dtype=dtype)
 
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(c, rngs=nnx.Rngs(0), dtype=dtype)))
-        self.layers = nnx.merge(graphdef, jax.vmap(one_layer)(keys))
+        self.layers = stacked_blocks(keys)
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         if not c.tie_word_embeddings:
-            self.head = nnx.Param(_normal(rngs, (c.hidden_size, c.vocab_size), dtype))
+            self.head = _normal(rngs, (c.hidden_size, c.vocab_size), dtype, ("embed", "vocab"))
 
     def head_weight(self):
         """Output projection ``[H, V]`` (the transposed embedding when tied)."""
@@ -163,7 +192,7 @@ class Transformer(nnx.Module):
         return jnp.matmul(hidden, self.head_weight().astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions, q_info: TokenInfo, k_info: TokenInfo, *, cache: KVCache | None = None,
-                 lora: dict | None = None, impl: str | None = None, return_hidden: bool = False,
+                 lora: OProjLoRA | None = None, impl: str | None = None, return_hidden: bool = False,
                  layers: str = "auto"):
         """General forward.
 
@@ -176,7 +205,7 @@ class Transformer(nnx.Module):
           cache: optional KV cache; all ``T`` new tokens are written at slots ``cache.length + i``
             (in place; slots past ``S`` are dropped, so size the cache for the widest pass) and
             ``k_info`` describes what every slot then holds.  The cache length is NOT changed here.
-          lora: optional o_proj LoRA pytree (draft passes).
+          lora: optional o_proj LoRA (draft passes).
           return_hidden: return the final normed hidden states ``[B, T, H]`` instead of logits.
           layers: ``"unrolled"`` runs the layers as straight-line code with static indices into the stacked
             parameters and the stacked cache; ``"scan"`` runs them in a ``lax.scan`` (~L times smaller
@@ -187,45 +216,88 @@ class Transformer(nnx.Module):
         """
         layers = resolve_layers(layers)
         c = self.config
-        x_BxTxH = constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", None))
         cos, sin = rope_lib.cos_sin(c.rope, c.head_dim, positions)
         qscale = rope_lib.query_scale(c.rope, positions)
         graphdef, stacked = nnx.split(self.layers)
-        lora_ab = None if lora is None else (lora["a"], lora["b"])
-        kv = None if cache is None else (cache.k, cache.v)
 
-        def layer_step(i, layer_params, lora_l, x_BxTxH, kv):
+        def layer_step(i, per_layer, x_BxTxH, kv):
             """One decoder layer; ``i`` is a Python int (unrolled) or a traced index (scan)."""
+            layer_params, lora_ab = per_layer
             layer = nnx.merge(graphdef, layer_params)
-            q, k, v = layer.qkv(x_BxTxH, cos, sin, qscale)
-            if kv is None:
-                out = attention(q, k, v, q_info, k_info, scale=c.head_dim ** -0.5, sliding_window=c.sliding_window,
-                                impl=impl)
-            else:
-                ck = constrain(write(kv[0], i, k, cache.length), CACHE_AXES)
-                cv = constrain(write(kv[1], i, v, cache.length), CACHE_AXES)
-                out = attention(q, ck, cv, q_info, k_info, scale=c.head_dim ** -0.5,
-                                sliding_window=c.sliding_window, impl=impl, layer=i)
-                kv = (ck, cv)
-            lora_full = None if lora_l is None else {"a": lora_l[0], "b": lora_l[1], "scale": lora["scale"]}
-            return layer.finish(x_BxTxH, out, lora_full), kv
+            q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = layer.qkv(x_BxTxH, cos, sin, qscale)
+            attn_BxTxNxD, kv = self._attend(i, q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, q_info, k_info, kv,
+                                            None if cache is None else cache.length, impl)
+            lora_l = None if lora_ab is None else dataclasses.replace(lora, a=lora_ab[0], b=lora_ab[1])
+            return layer.finish(x_BxTxH, attn_BxTxNxD, lora_l), kv
 
-        if layers == "unrolled":
-            take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731  (static index: no copy)
-            for i in range(c.num_layers):
-                x_BxTxH, kv = layer_step(i, take(stacked, i), None if lora_ab is None else take(lora_ab, i),
-                                         x_BxTxH, kv)
-        else:
-            def body(carry, xs):
-                layer_params, lora_l, i = xs
-                return layer_step(i, layer_params, lora_l, *carry), None
-
-            (x_BxTxH, kv), _ = jax.lax.scan(body, (x_BxTxH, kv), (stacked, lora_ab, jnp.arange(c.num_layers)))
+        x_BxTxH = constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", None))
+        lora_ab = None if lora is None else (lora.a, lora.b)  # stacked like the params; the scale is shared
+        kv = None if cache is None else (cache.k, cache.v)
+        x_BxTxH, kv = _layer_loop(layers, layer_step, c.num_layers, (stacked, lora_ab), x_BxTxH, kv)
         new_cache = None if cache is None else dataclasses.replace(cache, k=kv[0], v=kv[1])
         x_BxTxH = self.final_norm(x_BxTxH)
         if return_hidden:
             return x_BxTxH, new_cache
         return constrain(self.project(x_BxTxH), ("batch", "seq", "vocab")), new_cache
+
+    def _attend(self, i, q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, q_info, k_info, kv, cache_length, impl):
+        """Attention of layer ``i``: over the new tokens' k/v when ``kv`` is None, else over the stacked cache
+        ``kv = (k, v)`` after writing the new k/v at ``cache_length``.  Returns ``(out [B,T,N,D], kv)``."""
+        c = self.config
+        scale = c.head_dim ** -0.5
+        if kv is None:
+            out = attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, q_info, k_info, scale=scale,
+                            sliding_window=c.sliding_window, impl=impl)
+            return out, None
+        k_cache = constrain(write(kv[0], i, k_BxTxKxD, cache_length), CACHE_AXES)
+        v_cache = constrain(write(kv[1], i, v_BxTxKxD, cache_length), CACHE_AXES)
+        out = attention(q_BxTxNxD, k_cache, v_cache, q_info, k_info, scale=scale, sliding_window=c.sliding_window,
+                        impl=impl, layer=i)
+        return out, (k_cache, v_cache)
+
+
+def _layer_loop(layers: str, layer_step, num_layers: int, per_layer, x_BxTxH, kv):
+    """``layer_step(i, per_layer[i], x, kv) -> (x, kv)`` for ``i = 0 .. num_layers - 1``; ``per_layer`` is a pytree
+    of arrays stacked on axis 0.  ``"unrolled"``: static indices (a static slice, no copy); ``"scan"``: a
+    ``lax.scan`` with a traced index."""
+    if layers == "unrolled":
+        for i in range(num_layers):
+            x_BxTxH, kv = layer_step(i, jax.tree.map(lambda a: a[i], per_layer), x_BxTxH, kv)
+        return x_BxTxH, kv
+
+    def body(carry, xs):
+        layer_xs, i = xs
+        return layer_step(i, layer_xs, *carry), None
+
+    (x_BxTxH, kv), _ = jax.lax.scan(body, (x_BxTxH, kv), (per_layer, jnp.arange(num_layers)))
+    return x_BxTxH, kv
+
+
+class ParamInfo(NamedTuple):
+    """Shape and logical axes of one parameter (see :func:`param_layout`)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(config: ModelConfig) -> tuple[tuple[tuple[str, ...], ParamInfo], ...]:
+    out = []
+    for path, var in nnx.to_flat_state(Model.abstract(config).params):
+        path = tuple(str(k) for k in path)
+        axes = var.get_metadata().get("out_sharding")
+        if axes is None or len(axes) != len(var.shape):
+            raise ValueError(f"parameter {'/'.join(path)} of shape {var.shape} declares logical axes {axes}; "
+                             "create it with one axis name per dimension (model._param)")
+        out.append((path, ParamInfo(tuple(var.shape), tuple(axes))))
+    return tuple(out)
+
+
+def param_layout(config: ModelConfig) -> dict[tuple[str, ...], ParamInfo]:
+    """Every parameter of a model of ``config``: its path in the pure-dict parameter tree (e.g.
+    ``("layers", "q_proj")``) -> :class:`ParamInfo` (shape, logical axes), read from an abstract model (no
+    memory; cached per config).  The single source of the layout for sharding and checkpoint name maps."""
+    return dict(_layout(config))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,7 +305,7 @@ class Transformer(nnx.Module):
 
 
 def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache | None = None,
-            num_valid=None, lora: dict | None = None, impl: str | None = None, return_hidden: bool = False,
+            num_valid=None, lora: OProjLoRA | None = None, impl: str | None = None, return_hidden: bool = False,
             layers: str = "auto"):
     """Forward pass of one kind (see the module docstring).
 
@@ -307,7 +379,7 @@ class Model:
     your own jitted functions and ``nnx.merge(model.graphdef, params)`` inside them.
     """
 
-    def __init__(self, config: ModelConfig, graphdef, params, *, lora: dict | None = None, tokenizer: Any = None,
+    def __init__(self, config: ModelConfig, graphdef, params, *, lora: OProjLoRA | None = None, tokenizer: Any = None,
                  mesh=None):
         self.config = config
         self.graphdef = graphdef

@@ -1,7 +1,10 @@
 """SPMD partitioning with jax.sharding: logical axis names, rules, meshes.
 
 Every parameter (and the KV cache) carries logical axis names; a rule table maps logical names to the
-mesh axes ``data``, ``fsdp`` and ``tensor``.  XLA's GSPMD partitioner does the rest (collectives are
+mesh axes ``data``, ``fsdp`` and ``tensor``.  Parameters declare their axes where they are created
+(:mod:`jaxdlm.model`, read back by :func:`jaxdlm.model.param_layout`), the draft LoRA on its fields
+(:class:`jaxdlm.lora.OProjLoRA`), the KV cache here (:data:`CACHE_AXES`); :func:`named_sharding` turns
+axes into a sharding.  XLA's GSPMD partitioner does the rest (collectives are
 inserted by the compiler, not written by hand).  Inside ``with jax.set_mesh(mesh):`` the model pins the
 sharding of its residual stream, KV cache writes and logits (:func:`constrain`); without a mesh those
 constraints vanish.
@@ -27,11 +30,11 @@ import math
 from typing import Mapping, Sequence
 
 import jax
-import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdlm.config import ModelConfig
+from jaxdlm.lora import OProjLoRA
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -49,24 +52,6 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("lora", None),
 )
 
-# logical axes of each parameter, keyed by its path in the pure-dict parameter tree
-PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("embed",): ("vocab", "embed"),
-    ("head",): ("embed", "vocab"),
-    ("final_norm", "weight"): ("norm",),
-    ("layers", "attn_norm", "weight"): ("layers", "norm"),
-    ("layers", "mlp_norm", "weight"): ("layers", "norm"),
-    ("layers", "q_norm", "weight"): ("layers", "head_dim"),
-    ("layers", "k_norm", "weight"): ("layers", "head_dim"),
-    ("layers", "q_proj"): ("layers", "embed", "heads"),
-    ("layers", "k_proj"): ("layers", "embed", "kv_heads"),
-    ("layers", "v_proj"): ("layers", "embed", "kv_heads"),
-    ("layers", "o_proj"): ("layers", "heads", "embed"),
-    ("layers", "gate_proj"): ("layers", "embed", "mlp"),
-    ("layers", "up_proj"): ("layers", "embed", "mlp"),
-    ("layers", "down_proj"): ("layers", "mlp", "embed"),
-}
-LORA_AXES = {"a": ("layers", "heads", "lora"), "b": ("layers", "lora", "embed"), "scale": ()}
 CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
@@ -111,6 +96,14 @@ def make_mesh(spec: str | Mapping[str, int] = "", *, devices: Sequence | None = 
     return jax.make_mesh(shape, MESH_AXES, axis_types, devices=devices)
 
 
+def mesh_axes(target: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A rule's mesh-axis target (or a PartitionSpec entry) as a tuple: ``None`` -> ``()``,
+    ``"tensor"`` -> ``("tensor",)``, ``("data", "fsdp")`` unchanged."""
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
 def logical_spec(axes: Sequence[str], rules=DEFAULT_RULES, mesh: Mesh | None = None) -> PartitionSpec:
     """PartitionSpec for logical ``axes`` under ``rules`` (mesh axes of size 1 are dropped)."""
     table = dict(rules)
@@ -122,14 +115,18 @@ def logical_spec(axes: Sequence[str], rules=DEFAULT_RULES, mesh: Mesh | None = N
             continue
         if name not in table:
             raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
-        target = table[name]
-        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        targets = mesh_axes(table[name])
         if mesh is not None:
             targets = tuple(t for t in targets if mesh.shape.get(t, 1) > 1)
         targets = tuple(t for t in targets if t not in used)  # a mesh axis shards one dim at most
         used.update(targets)
         out.append(None if not targets else (targets[0] if len(targets) == 1 else targets))
     return PartitionSpec(*out)
+
+
+def named_sharding(axes: Sequence[str], mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """The sharding of an array with logical ``axes`` on ``mesh`` (:func:`logical_spec` under ``rules``)."""
+    return NamedSharding(mesh, logical_spec(axes, rules, mesh))
 
 
 def constrain(x, axes: Sequence[str | None], rules=DEFAULT_RULES):
@@ -150,8 +147,7 @@ def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch:
     if batch is not None:
         dims["batch"] = ("batch", batch)
     for logical, (field, size) in dims.items():
-        target = table.get(logical)
-        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        targets = mesh_axes(table.get(logical))
         n = math.prod(mesh.shape.get(t, 1) for t in targets)
         if size % n:
             axes = "x".join(f"{t}={mesh.shape.get(t, 1)}" for t in targets)
@@ -159,75 +155,70 @@ def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch:
                              f"choose a {'/'.join(targets)} size that divides {size}")
 
 
-def param_axes(params) -> dict:
-    """Logical axes of each parameter, as a pure dict shaped like ``nnx.to_pure_dict(params)``."""
-    pure = nnx.to_pure_dict(params) if not isinstance(params, dict) else params
+def param_axes(config: ModelConfig) -> dict:
+    """Logical axes of each parameter of a model of ``config``, as a pure dict shaped like
+    ``nnx.to_pure_dict(params)`` (from :func:`jaxdlm.model.param_layout`: the axes each parameter declares)."""
+    from jaxdlm.model import param_layout
 
-    def walk(tree, path):
-        if isinstance(tree, Mapping):
-            return {k: walk(v, path + (k,)) for k, v in tree.items()}
-        if path not in PARAM_AXES:
-            raise ValueError(f"parameter {'/'.join(path)} has no logical axes in jaxdlm.sharding.PARAM_AXES")
-        axes = PARAM_AXES[path]
-        if len(axes) != np.ndim(tree):
-            raise ValueError(f"parameter {'/'.join(path)} has rank {np.ndim(tree)}, axes {axes}")
-        return axes
-
-    return walk(pure, ())
-
-
-def _shardings_like(params, mesh, rules):
-    axes = param_axes(params)
-    shardings = jax.tree.map(lambda a: NamedSharding(mesh, logical_spec(a, rules, mesh)), axes,
-                             is_leaf=lambda x: isinstance(x, tuple))
-    return shardings
+    return traverse_util.unflatten_dict({path: info.axes for path, info in param_layout(config).items()})
 
 
 def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for ``model.params`` (an ``nnx.State`` with NamedSharding leaves)."""
     check_divisible(model.config, mesh, rules)
+    shardings = jax.tree.map(lambda axes: named_sharding(axes, mesh, rules), param_axes(model.config),
+                             is_leaf=lambda x: isinstance(x, tuple))
     target = jax.tree.map(lambda x: x, model.params)
-    nnx.replace_by_pure_dict(target, _shardings_like(model.params, mesh, rules))
+    nnx.replace_by_pure_dict(target, shardings)
     return target
+
+
+# A config with every optional parameter (q/k norms, an untied head): logical axes do not depend on sizes,
+# so its layout names the axes of every parameter path any model can have.
+_EVERY_PARAMETER = ModelConfig(model_type="qwen3", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                               num_heads=1, num_kv_heads=1, head_dim=2, qk_norm=True, tie_word_embeddings=False)
 
 
 def sharding_for_path(mesh: Mesh, rules=DEFAULT_RULES):
     """A function ``parameter path tuple -> NamedSharding`` (LoRA leaves are ``("lora", "a")`` ...),
     the form :func:`jaxdlm.load` takes to restore straight into the target shardings."""
+    from jaxdlm.model import param_layout
+
+    layout = param_layout(_EVERY_PARAMETER)
+    lora_axes = OProjLoRA.logical_axes()
 
     def fn(path: tuple[str, ...]) -> NamedSharding:
-        if path and path[0] == "lora":
-            return NamedSharding(mesh, logical_spec(LORA_AXES[path[1]], rules, mesh))
-        if path not in PARAM_AXES:
-            raise ValueError(f"parameter {'/'.join(path)} has no logical axes in jaxdlm.sharding.PARAM_AXES")
-        return NamedSharding(mesh, logical_spec(PARAM_AXES[path], rules, mesh))
+        if len(path) == 2 and path[0] == "lora" and path[1] in lora_axes:
+            return named_sharding(lora_axes[path[1]], mesh, rules)
+        if path not in layout:
+            known = sorted("/".join(p) for p in layout) + [f"lora/{name}" for name in lora_axes]
+            raise ValueError(f"{'/'.join(path)} is not a jaxdlm parameter path; known: {', '.join(known)}")
+        return named_sharding(layout[path].axes, mesh, rules)
 
     return fn
 
 
-def lora_shardings(mesh: Mesh, rules=DEFAULT_RULES) -> dict:
-    """NamedShardings for a LoRA pytree ``{"a", "b", "scale"}``."""
-    return {k: NamedSharding(mesh, logical_spec(v, rules, mesh)) for k, v in LORA_AXES.items()}
+def lora_shardings(mesh: Mesh, rules=DEFAULT_RULES) -> OProjLoRA:
+    """NamedShardings for an :class:`~jaxdlm.lora.OProjLoRA` (an ``OProjLoRA`` with sharding leaves)."""
+    return OProjLoRA(**{name: named_sharding(axes, mesh, rules) for name, axes in OProjLoRA.logical_axes().items()})
 
 
 def cache_sharding(mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a :class:`~jaxdlm.cache.KVCache` (k, v over batch and kv heads; length over batch)."""
     from jaxdlm.cache import KVCache
 
-    kv = NamedSharding(mesh, logical_spec(CACHE_AXES, rules, mesh))
-    return KVCache(kv, kv, NamedSharding(mesh, logical_spec(("batch",), rules, mesh)))
+    kv = named_sharding(CACHE_AXES, mesh, rules)
+    return KVCache(kv, kv, named_sharding(("batch",), mesh, rules))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of a ``[B, ...]`` activation or token array: rows over ``batch``'s mesh axes."""
-    return NamedSharding(mesh, logical_spec(("batch",) + ("seq",) * (ndim - 1), rules, mesh))
+    return named_sharding(("batch",) + ("seq",) * (ndim - 1), mesh, rules)
 
 
 def batch_size_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
     """How many ways the ``batch`` logical axis is split on ``mesh`` (batch sizes must be multiples)."""
-    entry = logical_spec(("batch",), rules, mesh)[0]
-    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in mesh_axes(logical_spec(("batch",), rules, mesh)[0]))
 
 
 def shard_model(model, mesh: Mesh, rules=DEFAULT_RULES):

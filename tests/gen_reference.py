@@ -10,6 +10,7 @@ many steps.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -48,7 +49,7 @@ class Reference:
         valid = np.asarray([True] * n + [False] * pad)[None]
         if lora is not None:
             on = (np.arange(size) >= lora_from) & (np.arange(size) < n)
-            lora = dict(lora, scale=lora["scale"] * jnp.asarray(on, jnp.float32)[None, :, None])
+            lora = dataclasses.replace(lora, scale=lora.scale * jnp.asarray(on, jnp.float32)[None, :, None])
         out = _dense_forward(self.model.graphdef, self.model.params, lora, arr(toks, 0), arr(pos, 10**6),
                              arr(block, 0), arr(stream, CLEAN), valid)
         return np.asarray(out, np.float64)[0, :n]  # slicing on the host: a jax slice compiles per length

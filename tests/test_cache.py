@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxdlm import KVCache, Model, ModelConfig, RopeConfig, forward
 from jaxdlm.hf import model_from_pure_dict
+from jaxdlm.lora import OProjLoRA
 from numerics import rel_err
 
 TOL = 1e-5
@@ -69,7 +70,7 @@ def test_crop_and_reappend_reproduces_logits(model, rng):
     # rejected draft: different tokens were appended, then cropped back
     junk = rng.integers(0, 80, size=(2, 8))
     _, dirty = forward(module, jnp.asarray(junk), kind="causal", cache=cache)
-    cropped = dirty.crop(12)
+    cropped = dirty.with_length(12)
     np.testing.assert_array_equal(cropped.length, [12, 12])
     again, _ = forward(module, jnp.asarray(tokens[:, 12:]), kind="causal", cache=cropped)
     np.testing.assert_allclose(np.asarray(again), np.asarray(first), rtol=0, atol=1e-6)
@@ -108,13 +109,13 @@ def test_lora_on_o_proj_equals_merged_weight(model, rng, seed):
     r = 3
     key = jax.random.PRNGKey(seed)
     ka, kb = jax.random.split(key)
-    lora = {"a": 0.1 * jax.random.normal(ka, (c.num_layers, c.num_heads * c.head_dim, r)),
-            "b": 0.1 * jax.random.normal(kb, (c.num_layers, r, c.hidden_size)), "scale": jnp.float32(4.0)}
+    lora = OProjLoRA(0.1 * jax.random.normal(ka, (c.num_layers, c.num_heads * c.head_dim, r)),
+                     0.1 * jax.random.normal(kb, (c.num_layers, r, c.hidden_size)), jnp.float32(4.0))
     tokens = jnp.asarray(rng.integers(0, 80, size=(2, 8)))
     with_lora, _ = forward(model.module, tokens, kind="bidirectional", lora=lora)
     w = nnx.to_pure_dict(model.params)["layers"]["o_proj"]
     pure = nnx.to_pure_dict(model.params)
-    pure["layers"]["o_proj"] = w + 4.0 * jnp.einsum("lir,lro->lio", lora["a"], lora["b"])
+    pure["layers"]["o_proj"] = w + 4.0 * jnp.einsum("lir,lro->lio", lora.a, lora.b)
     merged = model_from_pure_dict(model.config, pure)
     ref, _ = forward(merged.module, tokens, kind="bidirectional")
     plain, _ = forward(model.module, tokens, kind="bidirectional")

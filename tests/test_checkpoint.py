@@ -10,6 +10,7 @@ from flax import nnx
 
 import jaxdlm
 from jaxdlm.checkpoint import CheckpointWriter, load_arrays
+from jaxdlm.lora import OProjLoRA
 
 
 def tiny_config():
@@ -28,9 +29,9 @@ def _model_with_lora(seed, rng):
     cfg = tiny_config()
     model = jaxdlm.Model.init(cfg, seed=seed)
     d_in, r = cfg.num_heads * cfg.head_dim, 3
-    model.lora = {"a": jnp.asarray(rng.standard_normal((cfg.num_layers, d_in, r)), jnp.float32),
-                  "b": jnp.asarray(rng.standard_normal((cfg.num_layers, r, cfg.hidden_size)), jnp.float32),
-                  "scale": jnp.asarray(2.5, jnp.float32)}
+    model.lora = OProjLoRA(jnp.asarray(rng.standard_normal((cfg.num_layers, d_in, r)), jnp.float32),
+                           jnp.asarray(rng.standard_normal((cfg.num_layers, r, cfg.hidden_size)), jnp.float32),
+                           jnp.asarray(2.5, jnp.float32))
     return model
 
 
@@ -46,7 +47,7 @@ def test_save_load_round_trip(tmp_path, seed, rng, monkeypatch):
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(model.params)), jax.tree.leaves(nnx.to_pure_dict(loaded.params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for k in ("a", "b", "scale"):
-        np.testing.assert_array_equal(np.asarray(loaded.lora[k]), np.asarray(model.lora[k]))
+        np.testing.assert_array_equal(np.asarray(getattr(loaded.lora, k)), np.asarray(getattr(model.lora, k)))
     tokens = rng.integers(0, model.config.vocab_size, size=(1, 7))
     np.testing.assert_array_equal(np.asarray(loaded.logits(tokens)), np.asarray(model.logits(tokens)))
 
@@ -55,7 +56,7 @@ def test_load_casts_and_shards(tmp_path, seed, rng):
     model = _model_with_lora(seed, rng)
     jaxdlm.save(model, tmp_path / "ckpt")
     bf = jaxdlm.load(tmp_path / "ckpt", dtype=jnp.bfloat16)
-    assert bf.dtype == jnp.bfloat16 and bf.lora["a"].dtype == jnp.bfloat16 and bf.lora["scale"].dtype == jnp.float32
+    assert bf.dtype == jnp.bfloat16 and bf.lora.a.dtype == jnp.bfloat16 and bf.lora.scale.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(bf.params["embed"][...], np.float32),
                                   np.asarray(model.params["embed"][...].astype(jnp.bfloat16), np.float32))
     seen = []

@@ -152,8 +152,8 @@ def test_lora_is_w_plus_scaled_ba(tmp_path, seed, rng, capsys):
     rc, out, err = run([tmp_path / "hf", tmp_path / "out2"], capsys)  # not quiet: says it found the adapter
     assert rc == 0 and "linear_spec_lora" in out and "auto-detected" in out and err == ""
     model = jaxdlm.load(tmp_path / "out")
-    assert model.lora is not None and float(model.lora["scale"]) == alpha / r
-    assert model.lora["a"].shape == (2, 4 * 16, r) and model.lora["b"].shape == (2, r, 48)
+    assert model.lora is not None and float(model.lora.scale) == alpha / r
+    assert model.lora.a.shape == (2, 4 * 16, r) and model.lora.b.shape == (2, r, 48)
 
     tokens = rng.integers(0, 96, size=(2, 10))
     ours, _ = forward(model.module, jnp.asarray(tokens), kind="causal", lora=model.lora)
@@ -172,7 +172,7 @@ def test_lora_is_w_plus_scaled_ba(tmp_path, seed, rng, capsys):
     convert_ok(tmp_path / "hf", tmp_path / "out3", capsys, "--lora", tmp_path / "adapter")
     again = jaxdlm.load(tmp_path / "out3")
     for k in ("a", "b", "scale"):
-        np.testing.assert_array_equal(np.asarray(again.lora[k]), np.asarray(model.lora[k]))
+        np.testing.assert_array_equal(np.asarray(getattr(again.lora, k)), np.asarray(getattr(model.lora, k)))
 
 
 def test_bf16_bit_exact_and_float32_on_request(tmp_path, seed, capsys):

@@ -17,6 +17,7 @@ import jaxdlm
 from jaxdlm import Model, ModelConfig
 from jaxdlm.testing import count_compilations
 from jaxdlm.hf import model_from_pure_dict
+from jaxdlm.lora import OProjLoRA
 from gen_reference import Reference, ref_ar, ref_diffusion, ref_linear, ref_quadratic
 
 MASK = 3
@@ -34,9 +35,8 @@ def make_model(seed, cfg=CFG, head_scale=60.0, lora_rank=None):
     lora = None
     if lora_rank:
         ka, kb = jax.random.split(jax.random.PRNGKey(seed + 1))
-        lora = {"a": 0.3 * jax.random.normal(ka, (cfg.num_layers, cfg.num_heads * cfg.head_dim, lora_rank)),
-                "b": 0.3 * jax.random.normal(kb, (cfg.num_layers, lora_rank, cfg.hidden_size)),
-                "scale": jnp.float32(4.0)}
+        lora = OProjLoRA(0.3 * jax.random.normal(ka, (cfg.num_layers, cfg.num_heads * cfg.head_dim, lora_rank)),
+                         0.3 * jax.random.normal(kb, (cfg.num_layers, lora_rank, cfg.hidden_size)), jnp.float32(4.0))
     return model_from_pure_dict(cfg, pure, lora=lora)
 
 

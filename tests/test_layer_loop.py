@@ -20,6 +20,7 @@ from jaxdlm.generation import api, core
 from jaxdlm.generation.knobs import Knobs
 from jaxdlm.generation.sampling import Sampler
 from jaxdlm.hf import model_from_pure_dict
+from jaxdlm.lora import OProjLoRA
 
 MASK = 3
 CFG = ModelConfig(model_type="nemotron_labs_diffusion", vocab_size=64, hidden_size=32, intermediate_size=48,
@@ -33,8 +34,8 @@ def _model(seed=0):
 
 def _lora(seed=1, rank=4):
     ka, kb = jax.random.split(jax.random.PRNGKey(seed))
-    return {"a": 0.3 * jax.random.normal(ka, (CFG.num_layers, CFG.num_heads * CFG.head_dim, rank)),
-            "b": 0.3 * jax.random.normal(kb, (CFG.num_layers, rank, CFG.hidden_size)), "scale": jnp.float32(2.0)}
+    return OProjLoRA(0.3 * jax.random.normal(ka, (CFG.num_layers, CFG.num_heads * CFG.head_dim, rank)),
+                     0.3 * jax.random.normal(kb, (CFG.num_layers, rank, CFG.hidden_size)), jnp.float32(2.0))
 
 
 def _cached_pass(model, kind, layers, impl="xla"):

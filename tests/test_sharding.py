@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxdlm import KVCache, Model, ModelConfig, forward
 from jaxdlm import sharding as sh
+from jaxdlm.model import param_layout
 from numerics import rel_err
 
 MESHES = ["tensor=2,fsdp=4", "tensor=8", "data=2,fsdp=4"]
@@ -191,7 +192,8 @@ def test_sharded_train_step_keeps_params_sharded(devices, seed, rng):
     for name in ("loss", "ar_loss", "diff_loss", "grad_norm"):
         assert abs(float(metrics[name]) - float(ref_metrics[name])) <= 1e-5 * abs(float(ref_metrics[name])), name
     new = nnx.to_pure_dict(new_state["params"])
+    layout = param_layout(model.config)
     for path in (("layers", "q_proj"), ("embed",), ("layers", "down_proj")):
         arr = new[path[0]] if len(path) == 1 else new[path[0]][path[1]]
-        want = jax.sharding.NamedSharding(mesh, sh.logical_spec(sh.PARAM_AXES[path], mesh=mesh))
+        want = jax.sharding.NamedSharding(mesh, sh.logical_spec(layout[path].axes, mesh=mesh))
         assert arr.sharding.is_equivalent_to(want, arr.ndim), path

@@ -99,8 +99,8 @@ def test_lora_run_from_a_trained_base(straight_run):
     assert final["step"] == 4 and {"eval_match", "eval_accept"} <= set(final)
     base = load_trained(str(tmp_path / "straight"))
     drafted = load_trained(str(tmp_path / "lora"))
-    assert drafted.lora["a"].shape == (base.config.num_layers, base.config.num_heads * base.config.head_dim, 4)
-    assert float(np.abs(drafted.lora["b"]).max()) > 0
+    assert drafted.lora.a.shape == (base.config.num_layers, base.config.num_heads * base.config.head_dim, 4)
+    assert float(np.abs(drafted.lora.b).max()) > 0
     for x, y in zip(jax.tree.leaves(base.params), jax.tree.leaves(drafted.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the base stayed frozen
 

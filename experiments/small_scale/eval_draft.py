@@ -32,6 +32,7 @@ def evaluate(run_dir: str, tokens: np.ndarray, batch: int = 8) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
+    from jaxdlm.lora import OProjLoRA
     from jaxdlm.training import lora as lora_lib
     from jaxdlm.training.losses import ar_loss
     from jaxdlm.training.run import load_trained
@@ -40,7 +41,7 @@ def evaluate(run_dir: str, tokens: np.ndarray, batch: int = 8) -> dict:
     cfg = model.config
     lora = model.lora
     if lora is None:
-        lora = lora_lib.init_lora(cfg, 1, 1.0, jax.random.PRNGKey(0))  # b = 0: the plain denoise pass
+        lora = OProjLoRA.init(cfg, 1, 1.0, jax.random.PRNGKey(0))  # b = 0: the plain denoise pass
     n = cfg.block_size
 
     @jax.jit

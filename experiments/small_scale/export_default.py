@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     card = {
         "name": "jaxdlm default: byte-level Python code model (AR + block diffusion + draft LoRA)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "params": m.config.num_params(), "lora_rank": None if m.lora is None else int(m.lora["a"].shape[-1]),
+        "params": m.config.num_params(), "lora_rank": None if m.lora is None else m.lora.rank,
         "dtype": "float32", "tokenizer": "byte-level (256 byte symbols + <pad> <bos> <eos> <mask>), no merges",
         "recommended": {"block_length": m.config.block_size, "threshold": args.threshold,
                         "eos_token_id": "none (the model writes code until max_new_tokens; <eos> ends a file)"},

@@ -24,6 +24,11 @@ import jax.numpy as jnp
 CLEAN = 0
 NOISY = 1
 
+# A block id after every real block (real ids are ``pos // block_size``, far below 2**30, which still fits
+# int32 with room to spare): NOISY queries see CLEAN keys of strictly earlier blocks only, so CLEAN keys in
+# this block are never their context (the fully bidirectional two-stream layout).
+AFTER_EVERY_BLOCK = 2**30
+
 
 class TokenInfo(NamedTuple):
     """Per-token mask metadata, each field ``int32 [B, N]`` (``valid``: bool ``[B, N]``)."""
@@ -43,14 +48,15 @@ def allowed(q: TokenInfo, k: TokenInfo, sliding_window: int | None = None) -> jn
 
     ``sliding_window`` (Mistral-style) additionally hides keys ``window`` or more positions behind the query.
     """
-    qp, qb, qs = (x[:, :, None] for x in (q.pos, q.block, q.stream))
-    kp, kb, ks, kv = (x[:, None, :] for x in (k.pos, k.block, k.stream, k.valid))
-    causal = (ks == CLEAN) & (kp <= qp)
-    noisy = ((ks == NOISY) & (kb == qb)) | ((ks == CLEAN) & (kb < qb))
-    ok = jnp.where(qs == CLEAN, causal, noisy) & kv
+    qpos_BxTx1, qblk_BxTx1, qstream_BxTx1 = (x[:, :, None] for x in (q.pos, q.block, q.stream))
+    kpos_Bx1xS, kblk_Bx1xS, kstream_Bx1xS, kvalid_Bx1xS = (x[:, None, :] for x in (k.pos, k.block, k.stream, k.valid))
+    causal_BxTxS = (kstream_Bx1xS == CLEAN) & (kpos_Bx1xS <= qpos_BxTx1)
+    noisy_BxTxS = (((kstream_Bx1xS == NOISY) & (kblk_Bx1xS == qblk_BxTx1))
+                   | ((kstream_Bx1xS == CLEAN) & (kblk_Bx1xS < qblk_BxTx1)))
+    ok_BxTxS = jnp.where(qstream_BxTx1 == CLEAN, causal_BxTxS, noisy_BxTxS) & kvalid_Bx1xS
     if sliding_window is not None:
-        ok = ok & (qp - kp < sliding_window)
-    return ok
+        ok_BxTxS = ok_BxTxS & (qpos_BxTx1 - kpos_Bx1xS < sliding_window)
+    return ok_BxTxS
 
 
 def _full(shape, value, dtype=jnp.int32):
@@ -84,7 +90,7 @@ def two_stream_info(batch: int, length: int, block_size: int, *, bidirectional: 
     pos = jnp.arange(length, dtype=jnp.int32)
     if bidirectional:
         noisy_block = _full((length,), 0)
-        clean_block = _full((length,), 2**30)  # never strictly before a noisy block
+        clean_block = _full((length,), AFTER_EVERY_BLOCK)
     else:
         noisy_block = clean_block = pos // block_size
     info = TokenInfo(

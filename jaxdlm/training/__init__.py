@@ -21,7 +21,7 @@ _EXPORTS = {
     "make_train_step": "step", "make_eval_step": "step",
     "Dataset": "data", "pack": "data", "pack_stream": "data", "chat_tokens": "data", "sft_batch": "data",
     "Checkpointer": "checkpointing",
-    "init_lora": "lora", "draft_loss": "lora", "make_lora_step": "lora", "init_lora_state": "lora",
+    "draft_loss": "lora", "make_lora_step": "lora", "init_lora_state": "lora",
     "TrainConfig": "config", "load_config": "config", "parse_config": "config",
     "train": "run", "load_trained": "run",
 }

@@ -202,7 +202,16 @@ def parse_config(data: Mapping[str, Any], base_dir: str = ".") -> TrainConfig:
     optim, extra = _build(OptimConfig, "optim", data.get("optim", {}), _OPTIM_EXTRA)
     lora, _ = _build(LoraSection, "lora", data.get("lora", {}))
     run, _ = _build(RunSection, "run", data.get("run", {}))
+    batch_size, accum, compute_dtype = _optim_extras(extra)
+    _check_sections(model, dsec, lora, run)
+    cfg = TrainConfig(model=model, data=dsec, objective=objective, optim=optim, batch_size=batch_size,
+                      accum=accum, compute_dtype=compute_dtype, lora=lora, run=run, base_dir=base_dir)
+    _check_files_and_model(cfg)
+    return cfg
 
+
+def _optim_extras(extra: Mapping[str, Any]) -> tuple[int, int, str]:
+    """``(batch_size, accum, compute_dtype)``: the [optim] entries that are not :class:`OptimConfig` fields."""
     batch_size = extra.get("batch_size", 8)
     accum = extra.get("accum", 1)
     compute_dtype = extra.get("compute_dtype", "float32")
@@ -211,7 +220,11 @@ def parse_config(data: Mapping[str, Any], base_dir: str = ".") -> TrainConfig:
             raise ValueError(f"optim.{name}={v!r} must be a positive integer")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"optim.compute_dtype={compute_dtype!r} is not supported; allowed: {list(COMPUTE_DTYPES)}")
+    return batch_size, accum, compute_dtype
 
+
+def _check_sections(model: ModelSection, dsec: DataSection, lora: LoraSection, run: RunSection) -> None:
+    """Values and ranges of the [data], [lora], [run] and [model] fields."""
     if dsec.format not in FORMATS:
         raise ValueError(f"data.format={dsec.format!r} is not supported; allowed: {list(FORMATS)}")
     if not dsec.train:
@@ -239,9 +252,11 @@ def parse_config(data: Mapping[str, Any], base_dir: str = ".") -> TrainConfig:
     if not isinstance(model.overrides, Mapping):
         raise ValueError(f"model.overrides={model.overrides!r} must be a table")
 
-    cfg = TrainConfig(model=model, data=dsec, objective=objective, optim=optim, batch_size=batch_size,
-                      accum=accum, compute_dtype=compute_dtype, lora=lora, run=run, base_dir=base_dir)
-    # files that must exist
+
+def _check_files_and_model(cfg: TrainConfig) -> None:
+    """The files the config names exist, the initial model is a run folder where it must be, and the model
+    config (read, no arrays) suits the data and the objective."""
+    model, dsec, lora = cfg.model, cfg.data, cfg.lora
     for name, p in (("data.train", dsec.train), ("data.eval", dsec.eval), ("data.tokenizer", dsec.tokenizer)):
         if p is not None and not os.path.exists(cfg.path(p)):
             raise ValueError(f"{name}={p!r}: file not found ({cfg.path(p)})")
@@ -252,15 +267,13 @@ def parse_config(data: Mapping[str, Any], base_dir: str = ".") -> TrainConfig:
                          "not 'random'")
     if model.init != "random" and not os.path.isdir(cfg.path(model.init)):
         raise ValueError(f"model.init={model.init!r} must be 'random' or an existing run folder")
-    # the model config itself (cheap: no arrays)
     mcfg = model_config(cfg)
     if dsec.seq_len % mcfg.block_size:
         raise ValueError(f"data.seq_len={dsec.seq_len} must be a multiple of the model's block_size="
                          f"{mcfg.block_size}")
-    if (objective.objective == "joint" or lora.enabled) and mcfg.mask_token_id is None:
+    if (cfg.objective.objective == "joint" or lora.enabled) and mcfg.mask_token_id is None:
         raise ValueError("model mask_token_id is None but the joint objective / draft LoRA needs one; "
                          "set model.overrides.mask_token_id")
-    return cfg
 
 
 def model_config(cfg: TrainConfig):

@@ -1,6 +1,6 @@
 """Training the draft LoRA of linear self-speculation (o_proj only; the base model stays frozen).
 
-At inference (SPEC.md section 5) a draft is ONE denoise pass with the LoRA over ``[seed, MASK * (n-1)]``
+At inference (docs/decoding.md section 6) a draft is ONE denoise pass with the LoRA over ``[seed, MASK * (n-1)]``
 placed right after the committed cache (whose K/V come from LoRA-free causal passes); the verify pass
 (causal, LoRA off) then accepts the longest prefix where the draft equals the AR prediction.  So the
 draft at position ``c + i`` should predict what the AR model predicts for position ``c + i``, i.e. the AR
@@ -25,34 +25,20 @@ number of leading draft tokens per block that verification would accept.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from jaxdlm.attention import masks
 from jaxdlm.attention.masks import TokenInfo
 from jaxdlm.cache import KVCache
-from jaxdlm.config import ModelConfig
+from jaxdlm.lora import OProjLoRA
 from jaxdlm.model import Transformer, forward
 
 TARGETS = ("soft", "hard")
-
-
-def init_lora(config: ModelConfig, rank: int, alpha: float, key, dtype=jnp.float32) -> dict:
-    """A fresh o_proj LoRA ``{"a": [L, heads*head_dim, r], "b": [L, r, H], "scale": alpha / r}``.
-
-    ``a`` is Kaiming-uniform-like random, ``b`` zero (the draft starts equal to the base denoise pass).
-    """
-    if rank < 1:
-        raise ValueError(f"rank={rank} must be a positive integer")
-    c = config
-    fan_in = c.num_heads * c.head_dim
-    bound = 1.0 / np.sqrt(fan_in)
-    a = jax.random.uniform(key, (c.num_layers, fan_in, rank), jnp.float32, -bound, bound).astype(dtype)
-    b = jnp.zeros((c.num_layers, rank, c.hidden_size), dtype)
-    return {"a": a, "b": b, "scale": jnp.asarray(alpha / rank, jnp.float32)}
 
 
 def draft_inputs(tokens, block_size: int, mask_id: int):
@@ -64,7 +50,7 @@ def draft_inputs(tokens, block_size: int, mask_id: int):
     return jnp.where(is_seed[None, :], tokens, jnp.int32(mask_id))
 
 
-def draft_and_verify_logits(module: Transformer, tokens, lora: dict):
+def draft_and_verify_logits(module: Transformer, tokens, lora: OProjLoRA):
     """``(draft_logits, ar_logits)``, both float32 ``[B, L, V]``; see the module docstring.
 
     ``ar_logits`` come from a LoRA-free causal pass; ``draft_logits`` from one pass with the LoRA over
@@ -89,7 +75,7 @@ def draft_and_verify_logits(module: Transformer, tokens, lora: dict):
     return draft_logits, ar_logits
 
 
-def draft_loss(module: Transformer, tokens, lora: dict, *, target: str = "soft", loss_mask=None):
+def draft_loss(module: Transformer, tokens, lora: OProjLoRA, *, target: str = "soft", loss_mask=None):
     """Loss pulling the draft toward the verify (AR) prediction: ``(loss, metrics)``; see module docstring.
 
     ``loss_mask [B, L]`` (optional) excludes positions (padding) from the loss.
@@ -127,36 +113,31 @@ def draft_loss(module: Transformer, tokens, lora: dict, *, target: str = "soft",
     return loss, metrics
 
 
-def trainable(lora: dict) -> dict:
-    """The trained part of a LoRA pytree (``a`` and ``b``; ``scale`` is fixed)."""
-    return {"a": lora["a"], "b": lora["b"]}
-
-
 def make_lora_step(graphdef, tx: optax.GradientTransformation, *, target: str = "soft", donate: bool = True):
     """A jitted ``step(params, lora_state, batch) -> (lora_state, metrics)``.
 
     ``params`` (the frozen base ``nnx.State``) is an input only: no gradient is taken with respect to
-    it and it is never returned.  ``lora_state = {"lora": lora_pytree, "opt_state": tx.init(trainable(lora)),
-    "step": int32}``; ``batch = {"tokens": [B, L], "loss_mask": [B, L] (optional)}``.
+    it and it is never returned.  ``lora_state`` is :func:`init_lora_state`'s dict; ``batch = {"tokens":
+    [B, L], "loss_mask": [B, L] (optional)}``.  ``a`` and ``b`` train; the scale is fixed (no gradient
+    flows into it and the update leaves it as it was, whatever the optimizer does with a zero gradient).
     """
 
-    def loss_fn(train, scale, params, batch):
+    def loss_fn(lora, params, batch):
         module = nnx.merge(graphdef, params)
-        lora = dict(train, scale=scale)
+        lora = dataclasses.replace(lora, scale=jax.lax.stop_gradient(lora.scale))
         return draft_loss(module, batch["tokens"], lora, target=target, loss_mask=batch.get("loss_mask"))
 
     def step(params, lora_state, batch):
         lora = lora_state["lora"]
-        train = trainable(lora)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train, lora["scale"], params, batch)
-        updates, opt_state = tx.update(grads, lora_state["opt_state"], train)
-        train = optax.apply_updates(train, updates)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, params, batch)
+        updates, opt_state = tx.update(grads, lora_state["opt_state"], lora)
+        new_lora = dataclasses.replace(optax.apply_updates(lora, updates), scale=lora.scale)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        new = {"lora": dict(train, scale=lora["scale"]), "opt_state": opt_state, "step": lora_state["step"] + 1}
-        return new, metrics
+        return {"lora": new_lora, "opt_state": opt_state, "step": lora_state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=(1,) if donate else ())
 
 
-def init_lora_state(lora: dict, tx: optax.GradientTransformation) -> dict:
-    return {"lora": lora, "opt_state": tx.init(trainable(lora)), "step": jnp.zeros((), jnp.int32)}
+def init_lora_state(lora: OProjLoRA, tx: optax.GradientTransformation) -> dict:
+    """``{"lora": lora, "opt_state": tx.init(lora), "step": int32 0}``: the state :func:`make_lora_step` updates."""
+    return {"lora": lora, "opt_state": tx.init(lora), "step": jnp.zeros((), jnp.int32)}

@@ -15,8 +15,14 @@ import json
 import os
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import numpy as np
+
+# The noise of evaluations (masks and noise levels) comes from this fixed seed, not from the run's: every
+# evaluation of every run then scores the same noised batches, so eval losses compare across steps, across
+# resumed and uninterrupted runs, and across runs with different seeds.
+EVAL_NOISE_SEED = 12345
 
 
 def _load_tokenizer(path: str):
@@ -82,8 +88,10 @@ def load_trained(run_dir: str, step: int | None = None):
         meta = ck.restore_meta(step)
         abstract = Model.abstract(mcfg)
         if meta.get("kind") == "lora":
+            from jaxdlm.lora import OProjLoRA
+
             base = load_trained(meta["base_run"], meta.get("base_step"))
-            target = {"step": jax.ShapeDtypeStruct((), np.int32), "lora": meta_lora_shapes(mcfg, meta),
+            target = {"step": jax.ShapeDtypeStruct((), np.int32), "lora": OProjLoRA.abstract(mcfg, meta["lora_rank"]),
                       "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
             state = _restore_partial(ck, step, target)
             return Model(mcfg, base.graphdef, base.params, lora=state["lora"], tokenizer=base.tokenizer)
@@ -94,32 +102,26 @@ def load_trained(run_dir: str, step: int | None = None):
         ck.close()
 
 
-def meta_lora_shapes(mcfg, meta):
-    import jax
-
-    r = meta["lora_rank"]
-    return {"a": jax.ShapeDtypeStruct((mcfg.num_layers, mcfg.num_heads * mcfg.head_dim, r), np.float32),
-            "b": jax.ShapeDtypeStruct((mcfg.num_layers, r, mcfg.hidden_size), np.float32),
-            "scale": jax.ShapeDtypeStruct((), np.float32)}
-
-
 def _restore_partial(ck, step, target):
     """Restores only the entries of ``target`` (others, like the optimizer state, are skipped)."""
     return ck.restore({k: v for k, v in target.items() if v is not None}, step, partial=True)[0]
+
+
+class _Experiment(NamedTuple):
+    """What a run steps: the train state, ``run_step(state, batch) -> (state, metrics)``, ``evaluate(state) ->
+    metrics`` (``None`` without eval data) and the record saved with each checkpoint."""
+
+    state: dict
+    run_step: Callable
+    evaluate: Callable | None
+    meta: dict
 
 
 def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print) -> dict:
     """Runs (or resumes) the experiment ``cfg``; stops after ``max_steps`` optimizer steps in THIS call
     (the schedule still spans ``optim.total_steps``).  Returns the final metrics.
     """
-    import jax
-    import jax.numpy as jnp
-    from tqdm.auto import tqdm
-
-    from jaxdlm.model import Model
     from jaxdlm.training import config as config_lib
-    from jaxdlm.training import lora as lora_lib
-    from jaxdlm.training import step as step_lib
     from jaxdlm.training.checkpointing import Checkpointer
 
     mcfg = config_lib.model_config(cfg)
@@ -129,6 +131,20 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
     eval_ds = load_dataset(cfg, cfg.data.eval, mcfg, cfg.data.seed) if cfg.data.eval else None
     if eval_ds is not None and len(eval_ds) < cfg.batch_size:
         raise ValueError(f"data.eval has {len(eval_ds)} sequences, fewer than optim.batch_size={cfg.batch_size}")
+    exp = _experiment(cfg, mcfg, eval_ds)
+    ck = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.run.keep)
+    try:
+        state, start = _resume(ck, cfg, exp.state, out, log)
+        _write_configs(out, mcfg, cfg)
+        return _loop(cfg, exp._replace(state=state), train_ds, ck, out, start, max_steps, progress, log)
+    finally:
+        ck.close()
+
+
+def _experiment(cfg, mcfg, eval_ds) -> _Experiment:
+    """The model to start from (random, or a trained run's) and the full or draft-LoRA experiment around it."""
+    from jaxdlm.model import Model
+    from jaxdlm.training.checkpointing import Checkpointer
 
     if cfg.model.init == "random":
         model = Model.init(mcfg, seed=cfg.model.seed)
@@ -142,97 +158,133 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
         if model.config.num_params() != mcfg.num_params() or model.config.vocab_size != mcfg.vocab_size:
             raise ValueError(f"model.init={cfg.model.init!r} has a different architecture than model.config")
         model = Model(mcfg, model.graphdef, model.params)
-
-    tx, schedule, run_step, eval_step = _steps(model.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)
-    compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
     if cfg.lora.enabled:
-        lora0 = lora_lib.init_lora(mcfg, cfg.lora.rank, cfg.lora.alpha, jax.random.PRNGKey(cfg.run.seed))
-        state = dict(lora_lib.init_lora_state(lora0, tx), rng=jax.random.PRNGKey(cfg.run.seed))
-        base_params = step_lib.cast_floating(model.params, compute)
-        lstep = lora_lib.make_lora_step(model.graphdef, tx, target=cfg.lora.target, donate=False)
+        return _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step)
+    return _full_experiment(cfg, model, eval_ds)
 
-        def run_step(state, batch):
-            flat = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}
-            new, metrics = lstep(base_params, {k: state[k] for k in ("lora", "opt_state", "step")}, flat)
-            return dict(new, rng=state["rng"]), metrics
 
-        graphdef = model.graphdef
-        eval_fn = jax.jit(lambda lora, params, b: lora_lib.draft_loss(
-            _merge(graphdef, params), b["tokens"], lora, target=cfg.lora.target, loss_mask=b["loss_mask"])[1])
+def _full_experiment(cfg, model, eval_ds) -> _Experiment:
+    """All parameters train on the configured objective."""
+    import jax
 
-        def evaluate(state):
-            return _mean_metrics(eval_fn(state["lora"], base_params, b) for b in eval_ds.eval_batches(cfg.batch_size,
-                                                                                           cfg.run.eval_batches))
-        meta_extra = {"kind": "lora", "base_run": base_run, "base_step": base_step, "lora_rank": cfg.lora.rank}
-    else:
-        state = step_lib.init_state(model.params, tx, cfg.run.seed)
-        eval_key = jax.random.PRNGKey(12345)
+    from jaxdlm.training import step as step_lib
 
-        def evaluate(state):
-            return _mean_metrics(eval_step(state["params"], b, jax.random.fold_in(eval_key, i))
-                                 for i, b in enumerate(eval_ds.eval_batches(cfg.batch_size, cfg.run.eval_batches)))
-        meta_extra = {"kind": "full"}
-    del model
+    tx, _, run_step, eval_step = _steps(model.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)
+    eval_key = jax.random.PRNGKey(EVAL_NOISE_SEED)
 
-    ck = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.run.keep)
-    start = 0
-    if ck.latest_step() is not None:
-        meta = ck.restore_meta()
-        saved = meta.get("train_config") or {}
-        now = json.loads(json.dumps(cfg.to_dict(), default=str))
-        changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora")
-                   for k in sorted(set(saved.get(sec, {})) | set(now.get(sec, {})))
-                   if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k)]
-        if saved and changed:
-            ck.close()
-            raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
-                             "use a new run.out_dir or restore the original values")
-        state, meta = ck.restore(state)
-        start = int(state["step"])
-        log(f"resumed from step {start} ({meta.get('samples_seen')} samples seen)")
+    def evaluate(state):
+        return _mean_metrics(eval_step(state["params"], b, jax.random.fold_in(eval_key, i))
+                             for i, b in enumerate(eval_ds.eval_batches(cfg.batch_size, cfg.run.eval_batches)))
+
+    return _Experiment(step_lib.init_state(model.params, tx, cfg.run.seed), run_step,
+                       evaluate if eval_ds is not None else None, {"kind": "full"})
+
+
+def _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step) -> _Experiment:
+    """A draft LoRA trains on the frozen ``model`` (training/lora.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdlm.lora import OProjLoRA
+    from jaxdlm.training import lora as lora_lib
+    from jaxdlm.training import step as step_lib
+
+    tx = _steps(model.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)[0]
+    lora0 = OProjLoRA.init(mcfg, cfg.lora.rank, cfg.lora.alpha, jax.random.PRNGKey(cfg.run.seed))
+    state = dict(lora_lib.init_lora_state(lora0, tx), rng=jax.random.PRNGKey(cfg.run.seed))
+    base_params = step_lib.cast_floating(model.params, jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None)
+    lstep = lora_lib.make_lora_step(model.graphdef, tx, target=cfg.lora.target, donate=False)
+
+    def run_step(state, batch):
+        flat = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}
+        new, metrics = lstep(base_params, {k: state[k] for k in ("lora", "opt_state", "step")}, flat)
+        return dict(new, rng=state["rng"]), metrics
+
+    graphdef = model.graphdef
+    eval_fn = jax.jit(lambda lora, params, b: lora_lib.draft_loss(
+        _merge(graphdef, params), b["tokens"], lora, target=cfg.lora.target, loss_mask=b["loss_mask"])[1])
+
+    def evaluate(state):
+        return _mean_metrics(eval_fn(state["lora"], base_params, b)
+                             for b in eval_ds.eval_batches(cfg.batch_size, cfg.run.eval_batches))
+
+    meta = {"kind": "lora", "base_run": base_run, "base_step": base_step, "lora_rank": cfg.lora.rank}
+    return _Experiment(state, run_step, evaluate if eval_ds is not None else None, meta)
+
+
+def _resume(ck, cfg, state, out: str, log) -> tuple[dict, int]:
+    """``(state, first step)``: the latest checkpoint of ``out`` when there is one (refused when the run's
+    config changed since), else the fresh ``state`` at step 0."""
+    if ck.latest_step() is None:
+        return state, 0
+    saved = ck.restore_meta().get("train_config") or {}
+    now = json.loads(json.dumps(cfg.to_dict(), default=str))
+    changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora")
+               for k in sorted(set(saved.get(sec, {})) | set(now.get(sec, {})))
+               if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k)]
+    if saved and changed:
+        raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
+                         "use a new run.out_dir or restore the original values")
+    state, meta = ck.restore(state)
+    start = int(state["step"])
+    log(f"resumed from step {start} ({meta.get('samples_seen')} samples seen)")
+    return state, start
+
+
+def _write_configs(out: str, mcfg, cfg) -> None:
     with open(os.path.join(out, "model_config.json"), "w", encoding="utf-8") as f:
         json.dump(mcfg.to_dict(), f, indent=1)
     with open(os.path.join(out, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=1, default=str)
+
+
+_SHOWN_METRICS = ("loss", "ar_loss", "diff_loss", "match", "accept")
+
+
+def _loop(cfg, exp: _Experiment, train_ds, ck, out: str, start: int, max_steps, progress: bool, log) -> dict:
+    """Steps ``start .. stop - 1`` with the periodic log records, evaluations and checkpoints of ``cfg.run``
+    (all three at the last step); returns the last train metrics with the last eval's as ``eval_*``."""
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
     total = cfg.optim.total_steps
     stop = total if max_steps is None else min(total, start + max_steps)
-    logf = open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8")
+    state, last = exp.state, {}
 
-    def record(kind, step, metrics):
-        rec = {"kind": kind, "step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-        return rec
+    def every(n, done):
+        return n and done % n == 0 or done == stop
 
-    def save(step):
-        meta = dict(meta_extra, step=step, samples_seen=step * cfg.batch_size * cfg.accum,
-                    train_config=cfg.to_dict())
-        ck.save(step, state, json.loads(json.dumps(meta, default=str)))
+    with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as logf:
+        def record(kind, step, metrics):
+            rec = {"kind": kind, "step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            return rec
 
-    last = {}
-    if start == 0 and eval_ds is not None and stop > 0:
-        ev = record("eval", 0, evaluate(state))  # the baseline (e.g. AR loss before conversion)
-        log("step 0: eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()
-                                       if k in ("loss", "ar_loss", "diff_loss", "match", "accept")))
-    bar = tqdm(range(start, stop), initial=start, total=total, disable=not progress, desc="train",
-               dynamic_ncols=True)
-    for s in bar:
-        batch = train_ds.batch(s, cfg.batch_size, cfg.accum)
-        state, metrics = run_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
-        done = s + 1
-        if cfg.run.log_every and done % cfg.run.log_every == 0 or done == stop:
-            last = record("train", done, metrics)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if eval_ds is not None and (cfg.run.eval_every and done % cfg.run.eval_every == 0 or done == stop):
-            ev = record("eval", done, evaluate(state))
-            last.update({f"eval_{k}": v for k, v in ev.items() if k not in ("kind", "step", "time")})
-            log(f"step {done}: eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()
-                                                   if k in ("loss", "ar_loss", "diff_loss", "match", "accept")))
-        if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 or done == stop:
-            save(done)
-    bar.close()
-    logf.close()
-    ck.close()
+        def evaluate(done):
+            ev = record("eval", done, exp.evaluate(state))
+            log(f"step {done}: eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items() if k in _SHOWN_METRICS))
+            return ev
+
+        if start == 0 and exp.evaluate is not None and stop > 0:
+            evaluate(0)  # the baseline (e.g. AR loss before conversion)
+        bar = tqdm(range(start, stop), initial=start, total=total, disable=not progress, desc="train",
+                   dynamic_ncols=True)
+        for s in bar:
+            batch = train_ds.batch(s, cfg.batch_size, cfg.accum)
+            state, metrics = exp.run_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+            done = s + 1
+            if every(cfg.run.log_every, done):
+                last = record("train", done, metrics)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if exp.evaluate is not None and every(cfg.run.eval_every, done):
+                ev = evaluate(done)
+                last.update({f"eval_{k}": v for k, v in ev.items() if k not in ("kind", "step", "time")})
+            if every(cfg.run.checkpoint_every, done):
+                meta = dict(exp.meta, step=done, samples_seen=done * cfg.batch_size * cfg.accum,
+                            train_config=cfg.to_dict())
+                ck.save(done, state, json.loads(json.dumps(meta, default=str)))
+        bar.close()
     return last
 
 
