@@ -39,7 +39,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 import traceback
 

@@ -1,6 +1,6 @@
 """Benchmark: convert a synthetic 3B-shaped NLD checkpoint (about 7.7 GB bf16) and measure time and memory.
 
-Builds the checkpoint of SPEC.md's 3B column (hidden 3072, 26 layers, intermediate 9216, 32/8 heads,
+Builds the checkpoint of docs/model.md's 3B column (hidden 3072, 26 layers, intermediate 9216, 32/8 heads,
 head_dim 128, vocab 131072, untied ``diffusion_head``) with random bf16 values (random sign and
 mantissa, exponent in [2^-11, 2^-4]: never zero, never inf/nan), sharded like Hugging Face
 (``model-0000i-of-0000n.safetensors`` of about 3 GB + ``model.safetensors.index.json``), plus a
@@ -31,7 +31,6 @@ import ml_dtypes
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHARD_BYTES = 3 * 1024**3
 

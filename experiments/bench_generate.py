@@ -36,13 +36,12 @@ MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 
 
 def model_config(preset: str, tiny: bool):
-    from jaxdlm.config import ModelConfig, RopeConfig
+    from jaxdlm.config import ModelConfig
+    from jaxdlm.testing import NLD_ROPE
 
-    yarn = RopeConfig(rope_type="yarn", theta=1e6, factor=16.0, original_max_position_embeddings=16384,
-                      beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama4_scaling_beta=0.1)
     common = dict(model_type="nemotron_labs_diffusion", mask_token_id=100, eos_token_ids=(11,), bos_token_id=1,
-                  block_size=32, rope=yarn, max_position_embeddings=262144)
-    if preset == "gpu8b" and not tiny:  # NLD-8B shape (SPEC.md section 1)
+                  block_size=32, rope=NLD_ROPE, max_position_embeddings=262144)
+    if preset == "gpu8b" and not tiny:  # NLD-8B shape (docs/model.md)
         return ModelConfig(vocab_size=131072, hidden_size=4096, intermediate_size=14336, num_layers=34,
                            num_heads=32, num_kv_heads=8, head_dim=128, **common)
     if preset == "gpu8b":  # tiny dry run of the GPU code path

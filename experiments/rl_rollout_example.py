@@ -93,7 +93,6 @@ def main(argv=None) -> int:
 
     import flax
     import jax
-    import jax.numpy as jnp
     import optax
 
     import jaxdlm

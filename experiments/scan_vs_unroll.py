@@ -8,7 +8,7 @@ copy-bandwidth floor), list 6.15 ms; see experiments/results/decode_bandwidth_no
     python experiments/scan_vs_unroll.py          # 8B shapes (needs ~17 GB of device memory)
     python experiments/scan_vs_unroll.py tiny     # tiny shapes, any device
 """
-import sys, time, functools
+import sys, time
 import jax, jax.numpy as jnp, numpy as np
 TINY = len(sys.argv) > 1 and sys.argv[1] == "tiny"
 L, H, Q, KV, I, V = (2, 64, 64, 32, 128, 512) if TINY else (34, 4096, 4096, 1024, 14336, 131072)

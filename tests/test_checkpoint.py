@@ -15,14 +15,14 @@ from jaxdlm.lora import OProjLoRA
 
 def tiny_config():
     """A tiny random NLD-shaped config (untied head, YaRN)."""
-    from jaxdlm.config import ModelConfig, RopeConfig
+    from jaxdlm.config import ModelConfig
+    from jaxdlm.testing import NLD_ROPE
 
     return ModelConfig(
         model_type="nemotron_labs_diffusion", vocab_size=512, hidden_size=64, intermediate_size=128,
         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, mask_token_id=100, eos_token_ids=(11,),
         bos_token_id=1, block_size=32,
-        rope=RopeConfig(rope_type="yarn", theta=1e6, factor=16.0, original_max_position_embeddings=16384,
-                        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama4_scaling_beta=0.1))
+        rope=NLD_ROPE)
 
 
 def _model_with_lora(seed, rng):

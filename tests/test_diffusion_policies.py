@@ -1,5 +1,5 @@
 """Diffusion commit policies (``generate(policy=...)``): every policy's commit rule equal to the plain rule of
-tests/gen_reference.py on synthetic scores, every policy token- and nfe-exact against the plain reference
+jaxdlm.testing on synthetic scores, every policy token- and nfe-exact against the plain reference
 decoder on ragged batches (with an early EOS), the policy and its knobs traced (no recompiles), and bad
 policy arguments rejected.  The default ``policy="confidence"`` is what test_generation.py's diffusion cases
 check; here it is checked through the same policy switch.
@@ -14,9 +14,10 @@ import pytest
 import jaxdlm
 from jaxdlm.generation.diffusion import POLICIES, commit_mask
 from jaxdlm.generation.knobs import Knobs
-from jaxdlm.testing import count_compilations
-from gen_reference import Reference, commit_rule, ref_diffusion, scores
-from test_generation import MASK, MAX_NEW, eos_from_output, make_model, random_prompts
+from jaxdlm.testing import (TINY_MASK as MASK, Reference, commit_rule, count_compilations, eos_from_output,
+                            random_prompts, ref_diffusion, scores, tiny_model)
+
+MAX_NEW = 24
 
 KNOB = {"confidence": "threshold", "margin": "margin", "entropy": "entropy_bound", "leftmost": "threshold"}
 SAFE = 1e-4  # every score keeps this distance from a knob: float32 and float64 agree on each comparison
@@ -31,7 +32,7 @@ def _far_knob(rng, values, lo, hi):
 
 
 def test_commit_rules_match_the_plain_rules(rng):
-    """``commit_mask`` (one jit, policy and knobs traced) against ``gen_reference.commit_rule`` on synthetic
+    """``commit_mask`` (one jit, policy and knobs traced) against ``jaxdlm.testing.commit_rule`` on synthetic
     logits whose per-position sharpness varies, so the scores spread over their whole range and a pass
     commits some, all or only the forced position; masks are arbitrary (not only suffixes), and the first
     trial has a row with none."""
@@ -65,15 +66,15 @@ def test_commit_rules_match_the_plain_rules(rng):
 
 
 def calibrated_model(seed, prompt, block, top=0.75):
-    """``make_model(seed)`` with its head scaled so that the first denoise pass after ``prompt`` has a best
+    """``tiny_model(seed)`` with its head scaled so that the first denoise pass after ``prompt`` has a best
     masked confidence near ``top``: far from saturation (where float32 and float64 probabilities round to
     different sides of 1) whatever the seed.  Logits are linear in the head scale, so one pass decides it."""
-    R = Reference(make_model(seed, head_scale=1.0))
+    R = Reference(tiny_model(seed, head_scale=1.0))
     seed_tok = int(R.pick(R.causal(list(prompt))[-1])[0])  # argmax: the same at every head scale
     logits = R.denoise(list(prompt), [seed_tok] + [MASK] * (block - 1))[1:]
     scales = np.geomspace(2.0, 400.0, 60)
     best = [scores(s * logits, MASK)[1].max() for s in scales]
-    return make_model(seed, head_scale=float(scales[int(np.argmin(np.abs(np.asarray(best) - top)))]))
+    return tiny_model(seed, head_scale=float(scales[int(np.argmin(np.abs(np.asarray(best) - top)))]))
 
 
 def check_policy(model, prompts, block, eos, policy, knob):
@@ -136,7 +137,7 @@ def test_policy_matches_reference(policy, level, block, seed, rng):
 def test_policy_and_knobs_are_traced(seed, rng):
     """Switching policy or knob reuses the compiled program, and the new values take effect: knobs that admit
     every mask give one denoise pass per block, a knob that admits none gives B-1 (one forced commit each)."""
-    model = make_model(seed)
+    model = tiny_model(seed)
     prompts = random_prompts(rng, 3)
     b = 4
     kw = dict(mode="diffusion", max_new_tokens=MAX_NEW, block_length=b, eos_token_id=[])
@@ -170,4 +171,4 @@ def test_bad_policy_arguments_raise(kwargs, match):
     kwargs = dict(kwargs)
     kwargs.setdefault("mode", "diffusion")
     with pytest.raises(ValueError, match=re.escape(match)):
-        jaxdlm.generate(make_model(0), [[5, 6, 7]], max_new_tokens=8, **kwargs)
+        jaxdlm.generate(tiny_model(0), [[5, 6, 7]], max_new_tokens=8, **kwargs)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import jaxdlm
-from jaxdlm.testing import count_compilations
-from test_generation import CFG, make_model
+from jaxdlm.testing import count_compilations, tiny_config, tiny_model
+
+CFG = tiny_config()
 
 MAX_NEW = 12
 BLOCK = 4
@@ -29,7 +30,7 @@ def _prompts(rng, lengths=(3, 9, 5)):
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_fn_in_user_jit_equals_generate(mode, temperature, seed, rng):
     """Inside a user jit that also post-processes the output (ragged prompts, T = 0 and seeded T > 0)."""
-    model = make_model(seed, head_scale=60.0 if temperature == 0 else 5.0, lora_rank=4)
+    model = tiny_model(seed, head_scale=60.0 if temperature == 0 else 5.0, lora_rank=4)
     rows, prompts, lens = _prompts(rng)
     fn = jaxdlm.make_generate_fn(model, mode=mode, batch=3, prompt_length=P_LEN, max_new_tokens=MAX_NEW,
                                  block_length=BLOCK, sample=temperature > 0)
@@ -55,7 +56,7 @@ def test_fn_in_user_jit_equals_generate(mode, temperature, seed, rng):
 
 
 def test_fn_program_has_no_host_callback_and_knobs_do_not_recompile(seed, rng):
-    model = make_model(seed)
+    model = tiny_model(seed)
     _, prompts, lens = _prompts(rng)
     fn = jaxdlm.make_generate_fn(model, mode="diffusion", batch=3, prompt_length=P_LEN, max_new_tokens=MAX_NEW,
                                  block_length=BLOCK)
@@ -75,7 +76,7 @@ def test_fn_program_has_no_host_callback_and_knobs_do_not_recompile(seed, rng):
 def test_grad_of_logits_over_generated_tokens_in_the_same_jit(seed, rng):
     """RL-style: sample, then differentiate the AR log-likelihood of the samples (tokens as constants) through
     Model.logits with the traced parameters, all in one jitted program."""
-    model = make_model(seed, head_scale=5.0)
+    model = tiny_model(seed, head_scale=5.0)
     rows, prompts, lens = _prompts(rng)
     fn = jaxdlm.make_generate_fn(model, mode="linear_spec", batch=3, prompt_length=P_LEN, max_new_tokens=MAX_NEW,
                                  block_length=BLOCK, sample=True)
@@ -105,7 +106,7 @@ def test_grad_of_logits_over_generated_tokens_in_the_same_jit(seed, rng):
 def test_fn_under_vmap_over_keys_and_scan_over_batches(seed, rng):
     """``jax.vmap`` over PRNG keys gives each key's generate() output; ``lax.scan`` over prompt batches gives
     each batch's."""
-    model = make_model(seed, head_scale=5.0)
+    model = tiny_model(seed, head_scale=5.0)
     rows, prompts, lens = _prompts(rng)
     fn = jaxdlm.make_generate_fn(model, mode="ar", batch=3, prompt_length=P_LEN, max_new_tokens=MAX_NEW,
                                  sample=True)
@@ -132,7 +133,7 @@ def test_fn_under_vmap_over_keys_and_scan_over_batches(seed, rng):
 
 def test_sharded_params_give_the_same_tokens(seed, rng):
     """Parameters sharded over a tensor=2,fsdp=4 mesh of 8 fake CPU devices, fn jitted under jax.set_mesh."""
-    model = make_model(seed)
+    model = tiny_model(seed)
     rows, prompts, lens = _prompts(rng, (3, 9, 5, 6))
     mesh = jaxdlm.make_mesh("tensor=2,fsdp=4")
     sharded = jaxdlm.shard_model(model, mesh)
@@ -158,11 +159,11 @@ def test_bad_static_arguments_raise(kwargs, match):
     args = dict(mode="diffusion", batch=2, prompt_length=8, max_new_tokens=8, block_length=4)
     args.update(kwargs)
     with pytest.raises(ValueError, match=re.escape(match)):
-        jaxdlm.make_generate_fn(make_model(0), **args)
+        jaxdlm.make_generate_fn(tiny_model(0), **args)
 
 
 def test_wrong_prompt_shape_raises(rng):
-    model = make_model(0)
+    model = tiny_model(0)
     fn = jaxdlm.make_generate_fn(model, mode="ar", batch=3, prompt_length=P_LEN, max_new_tokens=4)
     with pytest.raises(ValueError, match=r"made for \[batch=3, prompt_length=64\]"):
         fn(model.params, None, jnp.zeros((2, P_LEN), jnp.int32), jnp.ones((2,), jnp.int32), jax.random.PRNGKey(0))

@@ -1,4 +1,4 @@
-"""Generation engine: every mode against the plain references of tests/gen_reference.py (T=0, float32,
+"""Generation engine: every mode against the plain reference decoders of jaxdlm.testing (T=0, float32,
 token for token, equal nfe), self-speculation equal to AR, batch parity, no recompiles, sampling,
 thinking budget, streaming, and bad-input errors.
 
@@ -8,40 +8,17 @@ prompts, thresholds and EOS ids inside a few plans.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import jaxdlm
-from jaxdlm import Model, ModelConfig
-from jaxdlm.testing import count_compilations
 from jaxdlm.hf import model_from_pure_dict
-from jaxdlm.lora import OProjLoRA
-from gen_reference import Reference, ref_ar, ref_diffusion, ref_linear, ref_quadratic
+from jaxdlm.testing import (TINY_MASK as MASK, Reference, count_compilations, eos_from_output, random_prompts,
+                            ref_ar, ref_diffusion, ref_linear, ref_quadratic, tiny_config, tiny_model)
 
-MASK = 3
 MAX_NEW = 24
-CFG = ModelConfig(model_type="ministral3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, mask_token_id=MASK, eos_token_ids=(2,), block_size=4)
-
-
-def make_model(seed, cfg=CFG, head_scale=60.0, lora_rank=None):
-    """A tiny random model whose head is scaled up so that distributions are peaked (top-1 probability
-    around 0.7): thresholds in 0.3..1.0 then matter, and float32 argmax ties are practically absent."""
-    m = Model.init(cfg, seed=seed)
-    pure = nnx.to_pure_dict(m.params)
-    pure["head"] = pure["head"] * head_scale
-    lora = None
-    if lora_rank:
-        ka, kb = jax.random.split(jax.random.PRNGKey(seed + 1))
-        lora = OProjLoRA(0.3 * jax.random.normal(ka, (cfg.num_layers, cfg.num_heads * cfg.head_dim, lora_rank)),
-                         0.3 * jax.random.normal(kb, (cfg.num_layers, lora_rank, cfg.hidden_size)), jnp.float32(4.0))
-    return model_from_pure_dict(cfg, pure, lora=lora)
-
-
-def random_prompts(rng, batch, lo=2, hi=20):
-    return [rng.integers(4, CFG.vocab_size, size=int(n)) for n in rng.integers(lo, hi + 1, size=batch)]
+CFG = tiny_config()
 
 
 def run_reference(mode, R, prompt, eos, block, threshold, lora=None):
@@ -69,12 +46,6 @@ def check_against_reference(model, mode, prompts, block, threshold, eos, lora=No
     return res
 
 
-def eos_from_output(res, rng):
-    """An EOS id that the previous run emitted mid-output (so the next run hits it)."""
-    row = res.tokens[0, :res.lengths[0]]
-    return [int(row[rng.integers(1, max(2, len(row) // 2))])]
-
-
 # (mode, block, threshold, batch): 4 modes x blocks 4..32 x thresholds 0.3..0.99 and None; each case
 # runs twice (no EOS, then an EOS taken from the first output), comparing every row with the reference.
 # (Not threshold 1.0: with these peaked heads float32 confidences saturate to exactly 1.0 in one
@@ -97,7 +68,7 @@ FIXED_SCHEDULE_HEAD = 8.0
 
 @pytest.mark.parametrize("mode,block,threshold,batch", CASES)
 def test_matches_reference(mode, block, threshold, batch, seed, rng):
-    model = make_model(seed, head_scale=FIXED_SCHEDULE_HEAD if mode == "diffusion" and threshold is None else 60.0)
+    model = tiny_model(seed, head_scale=FIXED_SCHEDULE_HEAD if mode == "diffusion" and threshold is None else 60.0)
     prompts = random_prompts(rng, batch)
     first = check_against_reference(model, mode, prompts, block, threshold, eos=[])
     assert np.all(first.lengths == MAX_NEW)
@@ -114,7 +85,7 @@ def test_matches_reference(mode, block, threshold, batch, seed, rng):
 def test_fixed_schedule_default_is_one_token_per_step(seed, rng):
     """``threshold=None`` without ``steps_per_block`` is the reference's schedule: one masked token per
     denoise step, ``B-1`` denoise passes + one commit pass per block; ``steps_per_block`` picks another."""
-    model = make_model(seed, head_scale=FIXED_SCHEDULE_HEAD)
+    model = tiny_model(seed, head_scale=FIXED_SCHEDULE_HEAD)
     prompts = random_prompts(rng, 2)
     block = 8
     blocks = -(-(MAX_NEW - 1) // block)  # the prefill gives the first token, each block B more
@@ -132,7 +103,7 @@ def test_fixed_schedule_default_is_one_token_per_step(seed, rng):
 
 def test_linear_spec_with_draft_lora_matches_reference_and_ar(seed, rng):
     """The LoRA acts in draft passes only: output still equals AR, drafts follow the LoRA model."""
-    model = make_model(seed, lora_rank=4)
+    model = tiny_model(seed, lora_rank=4)
     prompts = random_prompts(rng, 3)
     res = check_against_reference(model, "linear_spec", prompts, 8, None, eos=[], lora=model.lora)
     ar = jaxdlm.ar_generate(model, prompts, max_new_tokens=MAX_NEW, eos_token_id=[])
@@ -147,9 +118,9 @@ def test_linear_spec_with_draft_lora_matches_reference_and_ar(seed, rng):
 
 
 def biased_model(seed, strength=0.05):
-    """``make_model`` plus a shared component in every embedding: hidden states then lean one way, so
+    """``tiny_model`` plus a shared component in every embedding: hidden states then lean one way, so
     drafts and AR predictions agree often enough for multi-token acceptance (random models rarely do)."""
-    m = make_model(seed)
+    m = tiny_model(seed)
     pure = nnx.to_pure_dict(m.params)
     u = np.random.default_rng(seed).normal(size=CFG.hidden_size)
     pure["embed"] = pure["embed"] + strength * u / np.linalg.norm(u)
@@ -181,7 +152,7 @@ def test_accepted_drafts_and_cache_crops_match_reference(seed):
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "linear_spec", "quadratic_spec"])
 def test_batch_rows_equal_rows_alone(mode, seed, rng):
-    model = make_model(seed)
+    model = tiny_model(seed)
     prompts = random_prompts(rng, 3, lo=1, hi=30)
     kw = dict(mode=mode, max_new_tokens=MAX_NEW, block_length=4, threshold=0.6, eos_token_id=[])
     first = jaxdlm.generate(model, prompts, **kw)
@@ -195,7 +166,7 @@ def test_batch_rows_equal_rows_alone(mode, seed, rng):
 
 
 def test_two_d_array_prompts_equal_list_prompts(seed, rng):
-    model = make_model(seed)
+    model = tiny_model(seed)
     arr = rng.integers(4, 64, size=(3, 7))
     a = jaxdlm.generate(model, arr, mode="ar", max_new_tokens=MAX_NEW, eos_token_id=[])
     b = jaxdlm.generate(model, list(arr), mode="ar", max_new_tokens=MAX_NEW, eos_token_id=[])
@@ -203,13 +174,13 @@ def test_two_d_array_prompts_equal_list_prompts(seed, rng):
 
 
 def test_same_bucket_does_not_recompile(seed, rng):
-    model = make_model(seed)
+    model = tiny_model(seed)
     kw = dict(mode="linear_spec", max_new_tokens=MAX_NEW, block_length=4)
     jaxdlm.generate(model, random_prompts(rng, 3, 3, 10), eos_token_id=[], **kw)
     # other prompts (lengths 1..64: same bucket), other EOS ids, seed, model weights: no new compilation
     with count_compilations() as n:
         jaxdlm.generate(model, random_prompts(rng, 3, 1, 64), eos_token_id=[5, 6], seed=3, **kw)
-        jaxdlm.generate(make_model(seed + 1), random_prompts(rng, 3, 20, 40), eos_token_id=[7], **kw)
+        jaxdlm.generate(tiny_model(seed + 1), random_prompts(rng, 3, 20, 40), eos_token_id=[7], **kw)
     assert n.value == 0
     # thresholds are traced too
     kd = dict(mode="diffusion", max_new_tokens=MAX_NEW, block_length=4, eos_token_id=[])
@@ -226,7 +197,7 @@ def test_same_bucket_does_not_recompile(seed, rng):
 def test_diffusion_sampling_is_seeded_and_never_picks_mask(seed, rng):
     """T > 0 with top-k / top-p in diffusion mode (the self-speculative and AR modes are checked the same
     way, plus their distribution, in test_generation_sampling.py)."""
-    model = make_model(seed, head_scale=5.0)
+    model = tiny_model(seed, head_scale=5.0)
     prompts = random_prompts(rng, 3)
     kw = dict(mode="diffusion", max_new_tokens=MAX_NEW, block_length=4, temperature=1.5, top_k=40, top_p=0.95,
               eos_token_id=[])
@@ -239,7 +210,7 @@ def test_diffusion_sampling_is_seeded_and_never_picks_mask(seed, rng):
 
 
 def test_thinking_budget_emits_what_the_model_is_conditioned_on(seed, rng):
-    model = make_model(seed)
+    model = tiny_model(seed)
     prompt = random_prompts(rng, 1, 4, 8)
     end_think, budget = 9, 5
     for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
@@ -257,7 +228,7 @@ def test_thinking_budget_emits_what_the_model_is_conditioned_on(seed, rng):
 
 
 def test_stream_callback_receives_the_output(seed, rng):
-    model = make_model(seed)
+    model = tiny_model(seed)
     prompts = random_prompts(rng, 3)
     for mode in ("quadratic_spec",):
         got = [[], [], []]
@@ -275,7 +246,7 @@ def test_stream_callback_receives_the_output(seed, rng):
 
 
 def test_auto_mode_rule(seed, rng):
-    model = make_model(seed)
+    model = tiny_model(seed)
     p = random_prompts(rng, 1)
     from jaxdlm.generation import auto_mode
 
@@ -320,7 +291,7 @@ def test_auto_mode_rule(seed, rng):
     (dict(mode="diffusion", threshold=None, steps_per_block=9, block_length=8), "steps_per_block=9"),
 ])
 def test_bad_arguments_raise(kwargs, match):
-    model = make_model(0)
+    model = tiny_model(0)
     kwargs = dict(kwargs)
     prompts = kwargs.pop("prompts", [[5, 6, 7]])
     kwargs.setdefault("mode", "ar")
@@ -332,7 +303,7 @@ def test_bad_arguments_raise(kwargs, match):
 def test_non_diffusion_model_rejects_diffusion_modes():
     import dataclasses
 
-    model = make_model(0, cfg=dataclasses.replace(CFG, mask_token_id=None))
+    model = tiny_model(0, cfg=dataclasses.replace(CFG, mask_token_id=None))
     from jaxdlm.generation import auto_mode
 
     with pytest.raises(ValueError, match="mask_token_id"):

@@ -14,7 +14,9 @@ from flax import nnx
 import jaxdlm
 from jaxdlm import cli
 from jaxdlm.default import DEFAULT_MODEL_DIR, card
-from test_generation import make_model, CFG
+from jaxdlm.testing import tiny_config, tiny_model
+
+CFG = tiny_config()
 
 WORDS = ["<pad>", "<s>", "</s>", "<mask>"] + [f"w{i}" for i in range(CFG.vocab_size - 4)]
 MAX_NEW = 24
@@ -48,7 +50,7 @@ def free_run(model, **kw):
 
 
 def test_generate_command_prints_prompt_continuation_stop_reason_and_figures(seed):
-    model, tok = make_model(seed), tiny_tokenizer()
+    model, tok = tiny_model(seed), tiny_tokenizer()
     ids = PROMPT_IDS
     free, absent = free_run(model)          # absent: never emitted, the row stops at --max-new-tokens
     eos = free[len(free) // 2]              # hit: the row stops at its first occurrence
@@ -83,7 +85,7 @@ def test_prompt_is_dimmed_on_a_terminal(monkeypatch):
 
 
 def test_progress_line_counts_committed_tokens(seed):
-    model, tok = make_model(seed), tiny_tokenizer()
+    model, tok = tiny_model(seed), tiny_tokenizer()
     err = io.StringIO()
     _, absent = free_run(model)
     cli.run_generate(model, tok, generate_args("--mode", "quadratic_spec", "--eos-token-id", str(absent),
@@ -94,7 +96,7 @@ def test_progress_line_counts_committed_tokens(seed):
 
 def test_threshold_none_runs_the_fixed_schedule(seed):
     """``--threshold none``: one masked token per denoise step, B-1 denoise passes + 1 commit per block."""
-    model, tok = make_model(seed), tiny_tokenizer()
+    model, tok = tiny_model(seed), tiny_tokenizer()
     free, absent = free_run(model, mode="diffusion", block_length=4, threshold=None)
     info = cli.run_generate(model, tok, generate_args("--mode", "diffusion", "--threshold", "none",
                                                       "--eos-token-id", str(absent)), out=io.StringIO())
@@ -106,11 +108,11 @@ def test_threshold_none_runs_the_fixed_schedule(seed):
 def test_generate_command_needs_a_tokenizer_and_a_template_for_chat(seed):
     args = cli.build_parser().parse_args(["generate", "--checkpoint", "x", "--prompt", "w5"])
     with pytest.raises(ValueError, match="no tokenizer"):
-        cli.run_generate(make_model(seed), None, args)
+        cli.run_generate(tiny_model(seed), None, args)
     tok = tiny_tokenizer()
     tok.chat_template = None
     with pytest.raises(ValueError, match="tokenizer has none: drop --chat"):
-        cli.run_generate(make_model(seed), tok, generate_args())
+        cli.run_generate(tiny_model(seed), tok, generate_args())
 
 
 def test_cli_silences_transformers_advice_on_missing_torch(monkeypatch, capsys):
@@ -185,7 +187,7 @@ def test_unexpected_errors_name_their_type_and_debug(monkeypatch, capsys):
 
 
 def test_info_prints_a_jaxdlm_checkpoint(tmp_path, seed, capsys):
-    model = make_model(seed, lora_rank=4)
+    model = tiny_model(seed, lora_rank=4)
     model.tokenizer = tiny_tokenizer()
     path = jaxdlm.save(model, tmp_path / "ckpt")
     assert cli.main(["info", "--config", str(path), "--no-compile-cache"]) == 0
@@ -243,7 +245,7 @@ def test_generate_command_passes_the_diffusion_policy(seed):
     """--policy and its knob reach generate(): entropy bound 0 commits one mask per pass (3 passes per block of
     4), a huge bound all of them (1 pass); the default confidence rule cannot give both.  (The EOS is the MASK
     id, which is never emitted: rows run to --max-new-tokens.)"""
-    model, tok = make_model(seed), tiny_tokenizer()
+    model, tok = tiny_model(seed), tiny_tokenizer()
     argv = ["generate", "--checkpoint", "unused", "--prompt", "w5 w9 w7", "--mode", "diffusion", "--max-new-tokens",
             "24", "--block-length", "4", "--eos-token-id", str(CFG.mask_token_id), "--policy", "entropy"]
     blocks = -(-23 // 4)

@@ -20,6 +20,7 @@ from jaxdlm.generation import api, core
 from jaxdlm.generation.knobs import Knobs
 from jaxdlm.generation.sampling import Sampler
 from jaxdlm.hf import model_from_pure_dict
+from jaxdlm.testing import Reference, ref_ar, ref_diffusion, ref_linear, ref_quadratic
 from jaxdlm.lora import OProjLoRA
 
 MASK = 3
@@ -137,8 +138,6 @@ def test_generate_same_tokens_with_either_layer_loop(rng):
 def test_generate_unrolled_equals_reference(rng):
     """The GPU's loop (unrolled) in every generation program, token for token against the plain reference
     decoders (the rest of the suite runs the CPU's default, the scanned loop)."""
-    from gen_reference import Reference, ref_ar, ref_diffusion, ref_linear, ref_quadratic
-
     model = _model(3)
     head = nnx.to_pure_dict(model.params)
     head["head"] = head["head"] * 60.0  # peaked distributions: no float32 argmax near-ties

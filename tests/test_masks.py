@@ -1,4 +1,4 @@
-"""Attention patterns of SPEC.md section 3 against transformers run with dense masks built here."""
+"""Attention patterns of docs/attention.md against transformers run with dense masks built here."""
 
 import itertools
 
@@ -14,7 +14,7 @@ RULES = ("xt_xt", "xt_x0", "x0_x0", "x0_xt")
 
 
 def two_stream_reference_mask(length: int, block: int, flip: str | None = None) -> np.ndarray:
-    """The 2L x 2L mask written straight from SPEC.md's four rules (``flip`` negates one of them)."""
+    """The 2L x 2L mask written straight from the four rules of docs/attention.md (``flip`` negates one of them)."""
     n = 2 * length
     allowed = np.zeros((n, n), bool)
     for qi, ki in itertools.product(range(n), range(n)):

@@ -2,17 +2,18 @@
 
 import numpy as np
 
+from jaxdlm import testing
 from jaxdlm.config import ModelConfig
 
-MASK_ID = 3
+MASK_ID = testing.TINY_MASK
 
 
 def tiny_config(block_size: int = 4, vocab: int = 48, **kw) -> ModelConfig:
-    base = dict(model_type="nemotron_labs_diffusion", vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mask_token_id=MASK_ID, eos_token_ids=(2,),
+    """``jaxdlm.testing.tiny_config`` as an NLD model (vocab 48, MLP 64, head_dim 8) for the training tests."""
+    base = dict(model_type="nemotron_labs_diffusion", vocab_size=vocab, intermediate_size=64, head_dim=8,
                 bos_token_id=1, block_size=block_size)
     base.update(kw)
-    return ModelConfig(**base)
+    return testing.tiny_config(**base)
 
 
 def counting_data(rng, n: int, length: int, vocab: int, step: int = 1) -> np.ndarray:

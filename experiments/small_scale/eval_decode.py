@@ -4,7 +4,7 @@ For each run folder, ``jaxdlm.generate`` (greedy, float32, no EOS) on the same h
 ``ar``, ``diffusion`` (confidence-threshold sweep), ``linear_spec`` (with and without the draft LoRA when the
 run has one) and ``quadratic_spec``, all at the study's block size. Per mode:
 
-* ``tpf``: generated tokens / forward passes (``sum(lengths) / sum(nfe)``, nfe as in SPEC.md section 5);
+* ``tpf``: generated tokens / forward passes (``sum(lengths) / sum(nfe)``, nfe as in docs/decoding.md);
 * ``agree_ar``: fraction of output positions equal to the same model's AR greedy output;
 * ``agree_true``: fraction of output positions equal to the true continuation of the held-out text;
 * ``equal_ar_rows``: rows whose whole output equals AR's (the self-speculative modes must reach all rows).
@@ -208,7 +208,7 @@ def summary(out: dict) -> str:
 def markdown(out: dict) -> str:
     lines = [f"{out['prompts']} held-out prompts x {out['prompt_len']} tokens, {out['max_new_tokens']} new tokens, "
              f"greedy float32, no EOS, block {out['results'][0]['block_length']}. TPF = generated tokens / "
-             f"forward passes (SPEC.md section 5 counting).", "",
+             f"forward passes (docs/decoding.md counting).", "",
              "| run | mode | TPF | agree with AR | agree with truth | repeat frac | rows equal to AR |",
              "|---|---|---|---|---|---|---|"]
     for res in out["results"]:

@@ -1,14 +1,14 @@
 """Why block diffusion collapses on a weak model: a step-by-step trace of threshold decoding (issue 6 study).
 
-Decodes with the deliberately plain reference decoder of the tests (``tests/gen_reference.py``: one full
-uncached forward per step, masks written from SPEC.md section 3), so every denoise pass can be printed:
+Decodes with the deliberately plain reference decoder of the tests (``jaxdlm.testing``: one full uncached
+forward per step, masks written from the rules of docs/attention.md), so every denoise pass can be printed:
 which masked positions it commits, their bytes and confidences, and the confidence at the leftmost masked
 position (what an AR model would have to predict next).
 
 ``--policy`` is one of ``jaxdlm.generate``'s diffusion commit policies (``confidence``, the default: the most
 confident masked position and every one at or above ``--threshold``; ``margin`` with ``--margin``,
 ``entropy`` with ``--entropy-bound``, ``leftmost``: the leftmost masked position and the confident run after
-it), decoded by the reference's plain rule (``gen_reference.commit_rule``).
+it), decoded by the reference's plain rule (``jaxdlm.testing.commit_rule``).
 
     python experiments/small_scale/trace_diffusion.py [--run RUN_DIR] [--prompt-index 6] [--blocks 2]
         [--threshold 0.9] [--policy confidence|margin|entropy|leftmost] [--margin M] [--entropy-bound E]
@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))  # gen_reference: the tests' plain decoder
 
 
 def decode_block(R, ctx, seed, block, threshold, policy, log=None, tok=None):
     """One block from ``[seed, MASK * (block - 1)]``: returns ``(block tokens, denoise passes)``."""
-    from gen_reference import diffusion_block
+    from jaxdlm.testing import diffusion_block
 
     passes = [0]
 
@@ -51,7 +48,7 @@ def decode_block(R, ctx, seed, block, threshold, policy, log=None, tok=None):
 
 
 def decode(R, prompt, new, block, threshold, policy, log=None, tok=None, blocks=None):
-    """Whole continuation (no EOS): returns ``(tokens [new], nfe)`` counted as in SPEC.md section 5."""
+    """Whole continuation (no EOS): returns ``(tokens [new], nfe)`` counted as in docs/decoding.md."""
     ctx, nfe = list(prompt), 0
     seed = int(R.pick(R.causal(ctx)[-1])[0])
     out, b = [seed], 0
@@ -90,7 +87,7 @@ def main(argv=None) -> int:
 
     jax.config.update("jax_default_matmul_precision", "highest")
     import jaxdlm
-    from gen_reference import Reference
+    from jaxdlm.testing import Reference
     from jaxdlm.default import heldout_prompts, load_default
 
     from eval_decode import repeat_frac

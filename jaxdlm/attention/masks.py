@@ -2,7 +2,7 @@
 
 Every query and key token carries a :class:`TokenInfo`: its RoPE position, a block id, a stream flag
 (``CLEAN`` = causal / clean tokens, ``NOISY`` = tokens of a diffusion block) and, for keys, a validity
-flag.  One rule decides every pass of SPEC.md section 3:
+flag.  One rule decides every pass of docs/attention.md:
 
 * a CLEAN query sees CLEAN keys at positions ``<=`` its own (plain causal attention, the AR model);
 * a NOISY query sees NOISY keys of its own block (bidirectional inside the block) and CLEAN keys of

@@ -361,7 +361,7 @@ def _train_fwd(q, k, v, q_info, k_info, scale, window, cfg: KernelConfig, layer=
     s, kvh = _kv_shape(k, layer)
     group = h // kvh
     bq, bk = min(cfg.block_q, t), min(cfg.block_k, s)
-    nq, nk = t // bq, s // bk
+    nq = t // bq
     sched = _schedule(masks.tile_classes(q_info, k_info, bq, bk, window), cfg.schedule)
     kernel = functools.partial(_fwd_kernel, kind=cfg.schedule, scale=scale, block_k=bk, window=window,
                                num_splits=None)

@@ -5,7 +5,6 @@ Runs everywhere and is the oracle for every kernel.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxdlm.attention.masks import TokenInfo, allowed

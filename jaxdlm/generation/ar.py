@@ -1,7 +1,7 @@
-"""Autoregressive decoding (SPEC.md section 5, "AR"): one token per forward over the KV cache.
+"""Autoregressive decoding (docs/decoding.md, "AR"): one token per forward over the KV cache.
 
 ``nfe`` accounting: the prefill produces the first token and counts as its forward, every further
-token costs one forward, so ``nfe == tokens emitted`` and TPF = 1 (as SPEC.md states).
+token costs one forward, so ``nfe == tokens emitted`` and TPF = 1 (docs/decoding.md).
 """
 
 from __future__ import annotations

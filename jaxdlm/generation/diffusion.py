@@ -1,4 +1,4 @@
-"""Block diffusion decoding (SPEC.md section 5, "Diffusion").
+"""Block diffusion decoding (docs/decoding.md, "Block diffusion").
 
 Per block ``blk = [seed, MASK * (B-1)]``: denoise passes (bidirectional over the block, the cache
 read-only) commit tokens until no MASK is left (at most ``B-1`` steps) or an EOS is committed with no
@@ -37,7 +37,7 @@ Committed tokens are final under every policy (no re-masking or token-to-token e
 ``joint_threshold``), so the reference's early stop at EOS applies unchanged.
 
 ``nfe``: the prefill is not counted; every denoise pass and every commit pass counts one (the commit
-pass runs for every block, the last one included, as in SPEC.md's pseudo-code).  The draft LoRA is
+pass runs for every block, the last one included, as in the reference's pseudo-code, docs/decoding.md).  The draft LoRA is
 not used here (the reference's plain diffusion runs the base weights).
 """
 

@@ -3,7 +3,7 @@ distribution-preserving speculative acceptance rule.
 
 Every function takes logits ``float32 [..., V]``.  The MASK id is never chosen: it is removed from the
 choice (argmax, sampling, the sampling distribution) but kept in the softmax denominator of the
-*confidence* (SPEC.md section 5), so a confidence is ``softmax(logits)[chosen]`` at temperature 1; the
+*confidence* (docs/decoding.md), so a confidence is ``softmax(logits)[chosen]`` at temperature 1; the
 diffusion policies' margin and entropy are read from the same temperature-1 distribution.
 
 :class:`Sampler` holds the static part (greedy or not, whether top-k / top-p filters are on, the MASK

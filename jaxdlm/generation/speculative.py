@@ -1,4 +1,4 @@
-"""Self-speculative decoding (SPEC.md section 5): linear (draft pass + verify pass) and quadratic
+"""Self-speculative decoding (docs/decoding.md): linear (draft pass + verify pass) and quadratic
 (TiDAR-style: verification and the next draft in one forward over ``B(B+1)`` tokens).
 
 Both keep the row's seed (last emitted token, not yet in the cache) in front of ``B-1`` drafts, verify
@@ -18,7 +18,7 @@ Acceptance (``spec_sampling``):
   sequence is distributed exactly as AR sampling with the same temperature / top-k / top-p.  At T=0
   both flavours coincide.
 
-``nfe``: the prefill counts one (SPEC.md); linear counts two per cycle (draft, verify), quadratic one.
+``nfe``: the prefill counts one (docs/decoding.md); linear counts two per cycle (draft, verify), quadratic one.
 
 Quadratic layout (``T = B + B*B`` tokens, order ``[d_0..d_{B-1}, group_0 masks, ..., group_{B-1} masks]``,
 ``c`` = cache length): ``d_0`` is the seed and ``d_1..d_{B-1}`` the current drafts, CLEAN tokens at

@@ -1,4 +1,4 @@
-"""AR-to-block-diffusion training (SPEC.md section 4): noise schedules, the joint loss, an optax train
+"""AR-to-block-diffusion training (docs/training.md): noise schedules, the joint loss, an optax train
 step, data packing / SFT format, resumable Orbax checkpoints, draft-LoRA training and a config-driven
 runner (``jaxdlm train CONFIG``).
 

@@ -1,4 +1,4 @@
-"""The joint AR + block-diffusion training loss (SPEC.md section 4).
+"""The joint AR + block-diffusion training loss (docs/training.md).
 
 One forward over ``[x_t | x_0]`` (kind ``two_stream``, or ``two_stream_bidirectional`` for the fully
 bidirectional comparison): the x_t half predicts the clean token AT the same position (diffusion), the

@@ -1,4 +1,4 @@
-"""Noise schedules for block-diffusion training (SPEC.md section 4).
+"""Noise schedules for block-diffusion training (docs/training.md).
 
 Every function is jittable and keyed by a JAX PRNG key.  Shapes: ``B`` batch, ``L`` sequence length.
 Each returns ``Noised(x_t, masked, weight)``:
