@@ -301,9 +301,7 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 def test_non_diffusion_model_rejects_diffusion_modes():
-    import dataclasses
-
-    model = tiny_model(0, cfg=dataclasses.replace(CFG, mask_token_id=None))
+    model = tiny_model(0, config=tiny_config(mask_token_id=None))
     from jaxdlm.generation import auto_mode
 
     with pytest.raises(ValueError, match="mask_token_id"):

@@ -1,6 +1,5 @@
 """Training library: noise schedules, the joint loss against numpy, the optax step, data packing / SFT."""
 
-import dataclasses
 import math
 
 import jax
@@ -11,7 +10,7 @@ import pytest
 from jaxdlm.model import Model
 from jaxdlm.training import data, losses, masking
 from jaxdlm.training import step as step_lib
-from training_utils import MASK_ID, counting_data, tiny_config
+from training_utils import MASK_ID, tiny_config
 
 
 # ------------------------------------------------------------------------------------------ masking
@@ -65,7 +64,6 @@ def test_position_mask_exact_k_and_positional_bias(seed, rng):
     freq_large = mb[large].mean(0)
     assert freq_large[-4:].mean() < 1.15 * freq_large[:4].mean(), freq_large
     # the bias matches Gumbel-top-1 for k = 1: P(i) proportional to exp(lambda (1-m) i)
-    one = k == 1
     lam = math.log(2) / (0.25 * n)
     assert np.isclose(masking.position_lambda(n), lam)
 
