@@ -1,6 +1,9 @@
-"""Test configuration: CPU backend with 8 fake devices, full float32 matmuls, fresh random seeds."""
+"""Test configuration: CPU backend with 8 fake devices, full float32 matmuls, fresh random seeds, one compilation
+cache for the whole session."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 fake CPU devices for the sharding tests (must be set before jax is imported)
@@ -10,6 +13,14 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One persistent XLA compilation cache per test session, shared by the pytest-xdist workers (they inherit this
+# environment from the controller, which imports this file first): a program that several tests or both workers
+# compile (the eager primitives above all) is compiled once.  Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdlm-tests-xla-")
+    os.environ["JAXDLM_TESTS_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,3 +41,10 @@ def seed(request):
 @pytest.fixture
 def rng(seed):
     return np.random.default_rng(seed)
+
+
+def pytest_sessionfinish(session):
+    """The controller (not an xdist worker) removes the session's compilation cache."""
+    own = os.environ.get("JAXDLM_TESTS_OWN_CACHE")
+    if own and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(own, ignore_errors=True)
