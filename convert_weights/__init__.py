@@ -3,7 +3,7 @@
 Command line::
 
     python -m convert_weights HF_DIR OUT_DIR [--dtype keep|bfloat16|float32] [--lora DIR]
-                              [--overwrite] [--quiet] [--debug]
+                              [--quantize int8|int4|fp8 [--quantize-head]] [--overwrite] [--quiet] [--debug]
     convert-weights ...       (the same, as a console script)
 
 Python::

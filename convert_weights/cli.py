@@ -13,7 +13,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from convert_weights.core import DTYPES, LORA_SUBFOLDER, __version__
+    from convert_weights.core import DTYPES, LORA_SUBFOLDER, QUANTIZE, __version__
 
     p = _Parser(
         prog="convert-weights",
@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="keep", choices=DTYPES,
                    help="parameter dtype of the output (default: keep the checkpoint's dtype)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="store every linear weight quantized: int8 (per output channel), int4 (groups of 128 "
+                        "inputs) or fp8 (e4m3, per output channel); other arrays and the scales in bfloat16")
+    p.add_argument("--quantize-head", action="store_true", help="with --quantize: quantize the output head too")
     p.add_argument("--lora", metavar="DIR", default=None,
                    help=f"PEFT draft LoRA adapter folder (o_proj only); default: HF_DIR/{LORA_SUBFOLDER} if present")
     p.add_argument("--overwrite", action="store_true", help="replace an existing jaxdlm checkpoint at OUT_DIR")
@@ -42,7 +46,8 @@ def main(argv=None) -> int:
         from convert_weights.core import convert
 
         convert(args.hf_dir, args.out_dir, dtype=args.dtype, lora=args.lora, overwrite=args.overwrite,
-                progress=False if args.quiet else None, log=None if args.quiet else print)
+                progress=False if args.quiet else None, log=None if args.quiet else print,
+                quantize=args.quantize, quantize_head=args.quantize_head)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -9,6 +9,10 @@ largest stacked parameter (e.g. ``layers.gate_proj``: ``[L, H, I]``) plus one so
 at most :data:`OVERLAP_BYTES` for building the next parameter while the previous one is written;
 never the whole model.  Source files are read with ``readinto`` (see :mod:`.safetensors_io`), not
 memory-mapped, so the page cache does not count as resident memory.
+
+With ``quantize`` (:mod:`jaxdlm.quant`) each linear weight is quantized layer by layer as it is read: a
+quantized parameter is built from one float layer at a time, so the largest array alive is the int8 / int4 /
+fp8 stack plus one float layer, smaller than the float stack a plain conversion holds.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from convert_weights.safetensors_io import FLOAT_DTYPES, TensorEntry, read_heade
 __version__ = "1.0"
 
 DTYPES = ("keep", "bfloat16", "float32")
+QUANTIZE = ("int8", "int4", "fp8")  # jaxdlm.quant.SCHEMES (the command line lists them without importing jax)
 # memory beyond the largest parameter that may hold the next parameter while the previous one is written
 OVERLAP_BYTES = 600 * 1000**2
 LORA_SUBFOLDER = "linear_spec_lora"
@@ -52,10 +57,18 @@ class Group:
     path: tuple[str, ...]
     specs: list          # jaxdlm.hf.TensorSpec, ordered by layer
     shape: tuple[int, ...]
+    quant: object = None  # a jaxdlm.quant.Quantization when this weight is stored quantized
 
     @property
     def stacked(self) -> bool:
         return self.specs[0].layer is not None
+
+    def output_bytes(self, dtype: np.dtype) -> int:
+        """Bytes of the arrays this parameter is written as (a quantized weight and its scale)."""
+        if self.quant is None:
+            return math.prod(self.shape) * dtype.itemsize
+        return (math.prod(self.shape) * self.quant.storage_dtype.itemsize
+                + math.prod(self.quant.scale_shape(self.shape)) * dtype.itemsize)
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -281,22 +294,43 @@ def _adapter_tensors(weights: Path, config, target) -> dict[tuple[int, str], Ten
 # ------------------------------------------------------------------------------------------- building
 
 
-def build(group: Group, entries: dict[str, TensorEntry], dtype: np.dtype, advance: Callable[[int], None]) -> np.ndarray:
-    """The jaxdlm array of one parameter: source tensors read one at a time, transposed, cast, stacked."""
-    out = np.empty(group.shape, dtype)
-    scratch = None
+def build(group: Group, entries: dict[str, TensorEntry], dtype: np.dtype,
+          advance: Callable[[int], None]) -> list[tuple[tuple[str, ...], np.ndarray]]:
+    """The jaxdlm arrays of one parameter, ``[(path, array)]``: source tensors read one at a time, transposed,
+    cast, stacked; a quantized weight (``group.quant``) is read into one float layer at a time and quantized
+    from it (:func:`jaxdlm.quant.quantize`), giving the weight and its scale."""
+    scratch = {}
+    if group.quant is None:
+        out = np.empty(group.shape, dtype)
+        for spec in group.specs:
+            _read(entries[spec.hf_key], spec, out[spec.layer] if group.stacked else out, scratch, advance)
+        return [(group.path, out)]
+    from jaxdlm.quant import quantized_leaves
+
+    layer = np.empty(group.shape[1:] if group.stacked else group.shape, dtype)
+    outs = None
     for spec in group.specs:
-        e = entries[spec.hf_key]
-        dst = out[spec.layer] if group.stacked else out
-        if not spec.transpose and FLOAT_DTYPES[e.dtype] == dtype:
-            read_into(e, dst)  # straight into place
-        else:
-            if scratch is None or scratch.nbytes < e.nbytes:
-                scratch = np.empty(e.nbytes, np.uint8)
-            src = read_into(e, scratch)
-            _copy(dst, src.T if spec.transpose else src)
-        advance(e.nbytes)
-    return out
+        _read(entries[spec.hf_key], spec, layer, scratch, advance)
+        pieces = list(quantized_leaves(group.path, layer, group.quant, dtype))
+        if outs is None:
+            lead = (len(group.specs),) if group.stacked else ()
+            outs = [(path, np.empty(lead + a.shape, a.dtype)) for path, a in pieces]
+        for (_, out), (_, piece) in zip(outs, pieces):
+            out[spec.layer if group.stacked else ...] = piece
+    return outs
+
+
+def _read(e: TensorEntry, spec, dst: np.ndarray, scratch: dict, advance: Callable[[int], None]) -> None:
+    """Reads source tensor ``e`` into ``dst`` (transposed and cast as ``spec`` says), through a scratch buffer kept
+    in ``scratch`` unless it can be read straight into place."""
+    if not spec.transpose and FLOAT_DTYPES[e.dtype] == dst.dtype:
+        read_into(e, dst)  # straight into place
+    else:
+        if scratch.get("buf") is None or scratch["buf"].nbytes < e.nbytes:
+            scratch["buf"] = np.empty(e.nbytes, np.uint8)
+        src = read_into(e, scratch["buf"])
+        _copy(dst, src.T if spec.transpose else src)
+    advance(e.nbytes)
 
 
 def _copy(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
@@ -318,11 +352,16 @@ def _copy(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
 
 
 def working_bytes(group: Group, entries: dict[str, TensorEntry], dtype: np.dtype) -> int:
-    """Host memory :func:`build` needs for ``group``: the output plus its scratch buffer (if any)."""
-    out = math.prod(group.shape) * dtype.itemsize
+    """Host memory :func:`build` needs for ``group``: the output plus its scratch buffer (if any), plus for a
+    quantized weight one float layer and the quantizer's float32 scratch."""
+    from jaxdlm.quant import CHUNK_BYTES, WORKERS
+
     scratch = max((entries[s.hf_key].nbytes for s in group.specs
                    if s.transpose or FLOAT_DTYPES[entries[s.hf_key].dtype] != dtype), default=0)
-    return out + scratch
+    if group.quant is not None:
+        layer = math.prod(group.shape[1:] if group.stacked else group.shape) * dtype.itemsize
+        scratch += layer + 3 * CHUNK_BYTES * WORKERS
+    return group.output_bytes(dtype) + scratch
 
 
 def write_groups(writer, groups: list[Group], entries: dict[str, TensorEntry], dtype: np.dtype,
@@ -337,15 +376,16 @@ def write_groups(writer, groups: list[Group], entries: dict[str, TensorEntry], d
     from concurrent.futures import ThreadPoolExecutor
 
     sizes = [working_bytes(g, entries, dtype) for g in groups]
-    largest_out = max(math.prod(g.shape) for g in groups) * dtype.itemsize
+    largest_out = max(g.output_bytes(dtype) for g in groups)
     budget = max(max(sizes), largest_out + overlap_bytes)
     failed = threading.Event()
 
-    def write(path, array):
+    def write(arrays):
         if failed.is_set():  # an earlier write failed: skip the rest
             return
         try:
-            writer.add(path, array)
+            for path, array in arrays:
+                writer.add(path, array)
         except BaseException:
             failed.set()
             raise
@@ -357,10 +397,10 @@ def write_groups(writer, groups: list[Group], entries: dict[str, TensorEntry], d
                 while inflight and (failed.is_set() or inflight[0][0].done() or not overlap_bytes
                                     or sum(n for _, n in inflight) + size > budget):
                     inflight.pop(0)[0].result()  # re-raises a failed write
-                array = build(group, entries, dtype, advance)
+                arrays = build(group, entries, dtype, advance)
                 # the writer keeps no reference once written; ``size`` is released when the future is done
-                inflight.append((pool.submit(write, group.path, array), math.prod(group.shape) * dtype.itemsize))
-                del array
+                inflight.append((pool.submit(write, arrays), group.output_bytes(dtype)))
+                del arrays
             while inflight:
                 inflight.pop(0)[0].result()
             pool.submit(writer.flush).result()
@@ -376,11 +416,15 @@ def write_groups(writer, groups: list[Group], entries: dict[str, TensorEntry], d
 
 def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool = False,
             progress: bool | None = None, log: Callable[[str], None] | None = print,
-            overlap_bytes: int = OVERLAP_BYTES) -> dict:
+            overlap_bytes: int = OVERLAP_BYTES, quantize: str | None = None, quantize_head: bool = False) -> dict:
     """Converts the Hugging Face checkpoint folder ``hf_dir`` into a jaxdlm checkpoint at ``out_dir``.
 
     Args:
       dtype: ``"keep"`` (the checkpoint's dtype; refused when it mixes dtypes), ``"bfloat16"`` or ``"float32"``.
+      quantize: ``"int8"``, ``"int4"`` or ``"fp8"`` (or a :class:`jaxdlm.quant.Quantization`, e.g. with an int4
+        ``group_size``): store every linear weight quantized (:mod:`jaxdlm.quant`);
+        the other arrays and the scales are then bfloat16 (``keep`` of a bfloat16 checkpoint, or
+        ``"bfloat16"``); ``quantize_head`` quantizes the output head too.
       lora: a PEFT draft-LoRA folder; ``None`` uses ``hf_dir/linear_spec_lora`` when present.
       overwrite: replace an existing jaxdlm checkpoint at ``out_dir``.
       progress: tqdm bar over bytes; ``None`` shows it when stderr is a terminal.
@@ -401,11 +445,15 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
     hf, out = Path(hf_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    quant = _quantization(quantize, quantize_head, dtype)
     _check_paths(hf, out, overwrite)
+    _refuse_quantized(hf)
     config = _load_config(hf)
     entries = find_tensors(hf)
     groups = plan(config, entries)
     out_dtype = output_dtype(dtype, groups, entries)
+    if quant is not None:
+        _plan_quantized(quant, config, groups, out_dtype)
 
     lora_dir = _lora_dir(hf, lora, say)
     lora_params = read_lora(lora_dir, config, out_dtype) if lora_dir is not None else None
@@ -423,7 +471,7 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
             writer.write_lora(lora_params)
         shutil.copyfile(hf / "config.json", tmp / "config.json")
         copied = copy_tokenizer_files(hf, tmp)
-        meta = writer.finish(config, dtype=out_dtype.name, source=str(hf.resolve()), extra={
+        meta = writer.finish(config, dtype=out_dtype.name, source=str(hf.resolve()), quant=quant, extra={
             "converter": f"convert_weights {__version__}",
             "lora_source": None if lora_dir is None else str(lora_dir.resolve()),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -432,11 +480,73 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
         })
     seconds = time.perf_counter() - t0
     say(f"converted {sum(len(g.specs) for g in groups)} tensors ({total / 1e9:.2f} GB, {config.model_type}, "
-        f"{config.num_layers} layers) to {out} as {out_dtype.name} in {seconds:.1f} s"
+        f"{config.num_layers} layers) to {out} as {out_dtype.name}"
+        + (f" with {quant.describe()} weights" if quant is not None else "") + f" in {seconds:.1f} s"
         + (f"; draft LoRA rank {lora_params.rank}, scale {float(lora_params.scale):g}" if lora_params is not None
            else "")
         + (f"; tokenizer files: {', '.join(copied)}" if copied else "; no tokenizer files"))
     return {**meta, "seconds": seconds, "bytes_read": total}
+
+
+def _quantization(quantize, head: bool, dtype: str):
+    """The :class:`jaxdlm.quant.Quantization` asked for (``quantize``: a scheme name or a ``Quantization``, e.g. one
+    with an int4 ``group_size``; or None), checked against ``--dtype``."""
+    if quantize is None:
+        if head:
+            raise ConversionError("--quantize-head needs --quantize int8, int4 or fp8")
+        return None
+    from jaxdlm.quant import COMPUTE_DTYPES, Quantization, as_quantization
+
+    if not isinstance(quantize, Quantization) and quantize not in QUANTIZE:
+        raise ConversionError(f"--quantize {quantize!r} is not a quantization scheme; choose one of "
+                              f"{', '.join(QUANTIZE)}")
+    quant = as_quantization(quantize, True if head else None)
+    if dtype not in ("keep",) + COMPUTE_DTYPES:
+        raise ConversionError(f"--quantize {quant.scheme} stores weight-only quantized weights beside "
+                              f"{'/'.join(COMPUTE_DTYPES)} arrays, and --dtype {dtype} asks for full precision: drop "
+                              f"--dtype {dtype} (or --quantize)")
+    return quant
+
+
+def _refuse_quantized(hf: Path) -> None:
+    """A folder that is already quantized (a jaxdlm checkpoint, or a Hugging Face config with a
+    ``quantization_config``) cannot be quantized again."""
+    from jaxdlm.checkpoint import METADATA_FILE
+
+    if (hf / METADATA_FILE).is_file():
+        try:
+            meta = json.loads((hf / METADATA_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        quant = meta.get("quantization") if isinstance(meta, dict) else None
+        what = f"{quant['scheme']} quantized, " if isinstance(quant, dict) and "scheme" in quant else ""
+        raise ConversionError(f"HF_DIR {hf} is a jaxdlm checkpoint ({what}it has {METADATA_FILE}), not a Hugging Face "
+                              "folder; load it with jaxdlm.load, or convert the original Hugging Face folder")
+    try:
+        quant_cfg = json.loads((hf / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # reported by _load_config
+    if quant_cfg:
+        method = quant_cfg.get("quant_method", "?") if isinstance(quant_cfg, dict) else "?"
+        raise ConversionError(f"HF_DIR {hf} holds an already quantized checkpoint (config.json quantization_config, "
+                              f"quant_method {method}); convert the bfloat16 original instead")
+
+
+def _plan_quantized(quant, config, groups: list[Group], out_dtype: np.dtype) -> None:
+    """Marks the groups of the quantized weights, after checking the config and the output dtype."""
+    from jaxdlm.quant import COMPUTE_DTYPES
+
+    if out_dtype.name not in COMPUTE_DTYPES:
+        raise ConversionError(f"the checkpoint is {out_dtype.name}, and --quantize {quant.scheme} keeps the other "
+                              f"arrays and the scales in {'/'.join(COMPUTE_DTYPES)}: add --dtype bfloat16")
+    try:
+        quant.check(config)
+    except ValueError as e:
+        raise ConversionError(f"--quantize {quant.scheme}: {e}") from None
+    paths = set(quant.weight_paths())
+    for g in groups:
+        if g.path in paths:
+            g.quant = quant
 
 
 def _lora_dir(hf: Path, lora, say: Callable[[str], None]) -> Path | None:

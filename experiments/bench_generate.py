@@ -6,9 +6,14 @@ tokens/s from its published tokens per forward.
     python experiments/bench_generate.py                    # small random model, any device (CPU: ratios only)
     python experiments/bench_generate.py --preset gpu8b     # 8B-shaped random bf16 model, the whole table
     python experiments/bench_generate.py --preset gpu8b --tiny   # the same code path on a tiny model (dry run)
+    python experiments/bench_generate.py --preset gpu8b --quantize int4   # weight-only int4 (jaxdlm.quant)
+    python experiments/bench_generate.py --compare A.json B.json ...     # a side-by-side table of earlier runs
 
 The HBM floor of a forward is (weight bytes except the embedding table, of which a forward gathers a few rows,
-+ the K/V bytes it reads) / the best of 12 timed reads of a 4 GiB buffer.  The results JSON is rewritten after
++ the K/V bytes it reads) / the best of 12 timed reads of a 4 GiB buffer.  With ``--quantize`` the weight bytes
+are the quantized ones (int4 at half a byte, :func:`jaxdlm.quant.weight_bytes`, plus the scales), and the random
+model is drawn directly in its quantized form on the device (:func:`init_model`; the values do not change the
+timings).  ``JAXDLM_INT4_MATMUL`` picks the int4 matmul form (:func:`jaxdlm.quant.int4_form`).  The results JSON is rewritten after
 every phase, so a run cut short by a time limit keeps what it measured.
 
 Weights are random, so the self-speculative TPF here says nothing about a trained model (drafts are
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -49,6 +55,49 @@ def model_config(preset: str, tiny: bool):
                            num_kv_heads=2, head_dim=16, **common)
     return ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
                        num_kv_heads=2, head_dim=32, **common)
+
+
+def init_model(cfg, dtype, quantize=None, seed: int = 0):
+    """A random model, drawn on the default device: float (``Model.init``), or with ``quantize`` each quantized
+    weight drawn as random storage values in +-qmax with scales of about 0.02 / qmax (float leaves as
+    ``Model.init``'s).  Quantizing an 8B float model on the host instead (``Model.init(quantize=)``) would take
+    minutes of a device session; the values do not change the timings."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdlm import Model
+    from jaxdlm.quant import SCALE_SUFFIX, as_quantization
+
+    quant = as_quantization(quantize)
+    if quant is None:
+        return Model.init(cfg, seed=seed, dtype=dtype)
+    target = Model.abstract(cfg, dtype=dtype, quantize=quant)
+    flat = nnx.to_flat_state(target.params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(flat))
+
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def draw(key, shape, dtype, kind):
+        if kind == "weight":
+            return jnp.clip(jnp.round(jax.random.normal(key, shape) * quant.qmax / 3), -quant.qmax,
+                            quant.qmax).astype(dtype)
+        if kind == "scale":
+            return jnp.full(shape, 0.02 * 3 / quant.qmax, dtype)
+        if kind == "norm":
+            return jnp.ones(shape, dtype)
+        return (jax.random.normal(key, shape) * 0.02).astype(dtype)
+
+    pure = {}
+    for key, (path, var) in zip(keys, flat):
+        name = str(path[-1]) if str(path[-1]) != "weight" else "norm"
+        kind = ("scale" if name.endswith(SCALE_SUFFIX) else "weight" if var.dtype == quant.storage_dtype else
+                "norm" if name == "norm" else "normal")
+        node = pure
+        for k in path[:-1]:
+            node = node.setdefault(str(k), {})
+        node[str(path[-1])] = draw(key, tuple(var.shape), jnp.dtype(var.dtype), kind)
+    nnx.replace_by_pure_dict(target.params, pure)
+    return target
 
 
 def versions() -> dict:
@@ -312,6 +361,33 @@ def bench_latency(model, args, result, out_path):
         write_json(result, out_path)
 
 
+def compare_table(paths) -> str:
+    """Markdown: one row per results JSON (weights and their bytes, the HBM floor of those bytes, t1 / t32 at
+    batch 1 and the shortest context, t1 over its floor, AR and linear_spec tokens/s at batch 1; "-": not
+    measured, e.g. the floor off a GPU)."""
+    rows = ["| weights | weight MB | floor ms | t1 ms | t32 ms | t1 / floor | AR tok/s | linear_spec tok/s | device |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        m, q = r.get("model", {}), (r.get("model") or {}).get("quantization")
+        name = m.get("dtype", "?") if not q else q["scheme"] + (f" ({m['int4_matmul']})" if m.get("int4_matmul") else "")
+        lat = r.get("latency", {}).get("batch1", {})
+        floor = r.get("hbm", {}).get("t1_over_floor", {}).get("batch1")
+        modes = r.get("modes", {}).get("batch1", {})
+
+        def fmt(x, scale=1.0, spec=".3f"):
+            return "-" if x is None else format(x * scale, spec)
+
+        rows.append(f"| {name} | {fmt(m.get('weight_bytes'), 1e-6, '.1f')} | {fmt(r.get('hbm', {}).get('floor_s'), 1e3)} | "
+                    f"{fmt(lat.get('t1_s'), 1e3)} | "
+                    f"{fmt(lat.get('t32_s'), 1e3)} | {fmt(floor, spec='.2f')} | "
+                    f"{fmt(modes.get('ar', {}).get('tokens_per_s'), spec='.1f')} | "
+                    f"{fmt(modes.get('linear_spec', {}).get('tokens_per_s'), spec='.1f')} | "
+                    f"{', '.join(r.get('versions', {}).get('devices', [])[:1])} |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("small", "gpu8b"), default="small")
@@ -337,8 +413,19 @@ def main(argv=None):
                    help="only run the PyTorch peer and print its JSON (a line starting PEER_JSON)")
     p.add_argument("--peer-json", default=None,
                    help="take the peer's figures from this JSON (written by an earlier --torch-peer-only run)")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4", "fp8"),
+                   help="weight-only quantized linear weights (bfloat16 compute; implies --no-peer)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="print (and with --out write) a side-by-side markdown table of earlier results, then exit")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.compare:
+        table = compare_table(args.compare)
+        print(table)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(table + "\n")
+        return 0
     if args.batches is None:
         args.batches = [1, 4, 16] if args.preset == "gpu8b" else [1, 4]
     if args.contexts is None:
@@ -350,7 +437,7 @@ def main(argv=None):
     if args.torch_peer_only:  # child process: prints one JSON line
         print("PEER_JSON " + json.dumps(torch_peer(args)))
         return 0
-    skip = set(args.skip) | ({"peer"} if args.no_peer or args.preset != "gpu8b" else set())
+    skip = set(args.skip) | ({"peer"} if args.no_peer or args.preset != "gpu8b" or args.quantize else set())
     if args.peer_json:
         with open(args.peer_json) as f:
             peer = json.load(f)
@@ -360,15 +447,19 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from jaxdlm import Model
     from jaxdlm.model import resolve_layers
 
+    from jaxdlm.quant import as_quantization, int4_form, weight_bytes
+
     cfg = model_config(args.preset, args.tiny)
-    dtype = jnp.bfloat16 if args.preset == "gpu8b" else jnp.float32
-    print(f"model: {cfg.num_params() / 1e9:.3f} B params, {jnp.dtype(dtype).name}, backend {jax.default_backend()}",
-          flush=True)
-    out_path = args.out or os.path.join(HERE, "results", f"bench_generate_{args.preset}{'_tiny' if args.tiny else ''}"
-                                                         f"_{jax.default_backend()}.json")
+    dtype = jnp.bfloat16 if args.preset == "gpu8b" or args.quantize else jnp.float32
+    quant = as_quantization(args.quantize)
+    if quant is not None and quant.group_size and cfg.hidden_size % quant.group_size:  # the tiny dry run's shapes
+        quant = dataclasses.replace(quant, group_size=16)
+    print(f"model: {cfg.num_params() / 1e9:.3f} B params, {jnp.dtype(dtype).name}"
+          f"{', ' + quant.describe() + ' weights' if quant else ''}, backend {jax.default_backend()}", flush=True)
+    tag = f"{'_tiny' if args.tiny else ''}{'_' + args.quantize if args.quantize else ''}"
+    out_path = args.out or os.path.join(HERE, "results", f"bench_generate_{args.preset}{tag}_{jax.default_backend()}.json")
     result = dict(benchmark="bench_generate", preset=args.preset, tiny=args.tiny,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   versions=versions(), note=("random weights: self-speculative drafts are almost never accepted, so "
@@ -380,11 +471,12 @@ def main(argv=None):
               f"{result['hbm']['read']['trials']}), copy {result['hbm']['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s",
               flush=True)
     t0 = time.perf_counter()
-    model = Model.init(cfg, seed=0, dtype=dtype)
+    model = init_model(cfg, dtype, quant)
     jax.block_until_ready(model.params)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
     result["model"] = dict(dataclasses.asdict(cfg), num_params=cfg.num_params(), dtype=jnp.dtype(dtype).name,
-                           weight_bytes=weight_bytes, embed_bytes=model.params["embed"][...].nbytes,
+                           quantization=None if quant is None else quant.to_dict(),
+                           int4_matmul=int4_form() if quant is not None and quant.scheme == "int4" else None,
+                           weight_bytes=weight_bytes(model.params), embed_bytes=model.params["embed"][...].nbytes,
                            init_s=time.perf_counter() - t0)
     result["settings"] = dict(prompt_len=args.prompt_len, max_new=args.max_new, block=args.block,
                               quadratic_block=args.quadratic_block, threshold=0.9, greedy=True, repeats=args.repeats,

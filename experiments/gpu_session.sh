@@ -3,7 +3,7 @@
 # Run from the repository root on the GPU machine (its python3 has jax 0.11.2 with CUDA, flax, optax, orbax,
 # transformers and torch; jaxdlm is used from the checkout, not installed):
 #
-#   bash experiments/gpu_session.sh PART OUTDIR      # PART = bandwidth | check | gen4_16 | attention
+#   bash experiments/gpu_session.sh PART OUTDIR      # PART = bandwidth | check | gen4_16 | attention | quant
 #
 # bandwidth - decode at the memory-bandwidth limit (issue 13), under 8 minutes in all: the in-place stacked-cache
 #             kernels' tests compiled for the GPU; decode attention per layer (timed over many layers in one
@@ -15,11 +15,15 @@
 #             overhead benchmark (issue 7), the 8B-shaped generate benchmark at batch 1 (issue 4)
 # gen4_16   - the generate benchmark at batch 4 and 16 (issue 4)
 # attention - the attention-kernel benchmark, training and decode shapes (issue 5 notes)
+# quant     - weight-only quantization (issue 14), under 9 minutes: the 8B-shaped generate benchmark at batch 1 in
+#             bf16, int8, int4 and int4 with the grouped matmul form (JAXDLM_INT4_MATMUL=grouped), one process
+#             each: HBM floor of each run's own weight bytes, t1 / t32 at context 128, AR and linear_spec tokens/s;
+#             then quant_compare.md, the side-by-side table. --tiny as a third argument runs it on tiny shapes.
 #
 # Each step is bounded by `timeout` so a slow one cannot take the rest with it; logs and result JSONs go
 # to OUTDIR (the device tool's $OUT), to be copied into experiments/results/ and committed.
 set -uo pipefail
-PART=${1:?PART: bandwidth | check | gen4_16 | attention}
+PART=${1:?PART: bandwidth | check | gen4_16 | attention | quant}
 OUT=${2:?OUTDIR}
 TINY=${3:-}
 mkdir -p "$OUT"
@@ -62,5 +66,16 @@ case "$PART" in
     step 280 bench_attention_train $PY experiments/bench_attention.py --skip decode --out "$OUT/bench_attention_train.json"
     step 280 bench_attention_decode $PY experiments/bench_attention.py --skip check train --out "$OUT/bench_attention_decode.json"
     ;;
-  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention)"; exit 2 ;;
+  quant)
+    { nvidia-smi; $PY -c "import jax, flax; print(jax.__version__, jax.devices(), flax.__version__)"; } > "$OUT/env.log" 2>&1
+    cat "$OUT/env.log"
+    QGEN=(--preset gpu8b --batches 1 --contexts 128 --mode-batches 1 --modes ar linear_spec --max-new 128 --repeats 2 --no-peer)
+    if [ -n "$TINY" ]; then QGEN+=(--tiny); fi
+    step 130 quant_bf16 $PY experiments/bench_generate.py "${QGEN[@]}" --out "$OUT/bench_generate_quant_bf16.json"
+    step 130 quant_int8 $PY experiments/bench_generate.py "${QGEN[@]}" --quantize int8 --out "$OUT/bench_generate_quant_int8.json"
+    step 130 quant_int4 $PY experiments/bench_generate.py "${QGEN[@]}" --quantize int4 --out "$OUT/bench_generate_quant_int4.json"
+    step 110 quant_int4_grouped env JAXDLM_INT4_MATMUL=grouped $PY experiments/bench_generate.py "${QGEN[@]}" --quantize int4 --out "$OUT/bench_generate_quant_int4_grouped.json"
+    step 20 quant_compare sh -c "$PY experiments/bench_generate.py --compare $(printf "$OUT/bench_generate_quant_%s.json " bf16 int8 int4 int4_grouped) --out $OUT/quant_compare.md"
+    ;;
+  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant)"; exit 2 ;;
 esac

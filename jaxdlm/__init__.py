@@ -7,7 +7,7 @@ Public API::
     model.logits(tokens, kind="causal")   # float32 [B, T, V]
     forward(module, tokens, kind=..., cache=...)   # pure forward for jitted code
     KVCache.init(config, batch, max_len)
-    load(path, dtype=None, mesh=None)     # a converted / saved checkpoint folder -> Model
+    load(path, dtype=None, mesh=None, quantize=None)   # a checkpoint folder -> Model (quantize: int8/int4/fp8)
     save(model, path)                     # Model -> checkpoint folder (Orbax + config + tokenizer)
     load_default(dtype="float32")         # the embedded trained byte-level code model (offline)
     generate(model, prompts, mode="ar" | "diffusion" | "linear_spec" | "quadratic_spec" | "auto", ...)

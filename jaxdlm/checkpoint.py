@@ -2,7 +2,8 @@
 
 Layout of a checkpoint folder::
 
-    jaxdlm.json        metadata: format version, ModelConfig, dtype, source, array manifest, LoRA flag
+    jaxdlm.json        metadata: format version, ModelConfig, dtype, source, array manifest, LoRA flag,
+                       quantization (scheme and head flag, or null)
     params/gNN/        Orbax PyTree checkpoints, each holding a few parameter arrays (a sub-tree of
                        the pure-dict parameter tree, [in, out] layout, layers stacked on axis 0)
     lora/              Orbax PyTree checkpoint of the draft LoRA (optional; entries a, b, scale: the fields
@@ -17,6 +18,12 @@ straight into its target dtype (and optional sharding) through ``jax.ShapeDtypeS
 
 Writes are atomic (:func:`atomic_output`): everything goes into a temporary sibling folder that is
 renamed at the end; on failure the target is untouched and the temporary folder is removed.
+
+Quantized checkpoints (:mod:`jaxdlm.quant`) hold int8 / int4 / fp8 weights and their ``*_scale`` arrays as
+ordinary parameters.  int4 arrays are packed two to a byte at this boundary only (Orbax stores ``int4`` one
+byte per element: measured with orbax-checkpoint 0.12.8, a 1024 x 1024 int4 array took the 1.07 MB of its int8
+twin); the manifest entry says so (``stored_as``) and loading unpacks on the device.  They are written as
+format version 2; float checkpoints stay version 1, readable by older jaxdlm.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 FORMAT_NAME = "jaxdlm-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads and writes (quantized checkpoints); float ones are written as 1
+FLOAT_FORMAT_VERSION = 1
 METADATA_FILE = "jaxdlm.json"
 GROUP_BYTES = 256 * 1024 * 1024
 
@@ -113,18 +121,48 @@ def _orbax_save(directory: Path, tree: dict) -> None:
 
 
 def _orbax_restore(directory: Path, target: dict) -> dict:
-    """Restores an Orbax PyTree checkpoint into ``target`` (nested dict of ``jax.ShapeDtypeStruct``)."""
+    """Restores an Orbax PyTree checkpoint into ``target`` (nested dict of ``jax.ShapeDtypeStruct``; a leaf
+    without a sharding is restored as a host numpy array)."""
     import jax
     import orbax.checkpoint as ocp
 
     restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=x.sharding, global_shape=x.shape), target)
+        lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype) if x.sharding is None else
+        ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=x.sharding, global_shape=x.shape), target)
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     try:
         return checkpointer.restore(os.fspath(directory),
                                     args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
     finally:
         checkpointer.close()
+
+
+def _pack_int4(array: np.ndarray) -> np.ndarray:
+    """int4 ``[..., k, n]`` (k even) -> uint8 ``[..., k/2, n]``: row ``2i`` in the low nibble, ``2i+1`` in the high."""
+    if array.ndim < 2 or array.shape[-2] % 2:
+        raise ValueError(f"an int4 array is packed in pairs along axis -2; shape {array.shape} has no even axis -2")
+    u = array.astype(np.int8).view(np.uint8) & np.uint8(0x0F)
+    return u[..., 0::2, :] | (u[..., 1::2, :] << np.uint8(4))
+
+
+def _unpack_int4(packed, sharding=None):
+    """uint8 ``[..., k/2, n]`` (:func:`_pack_int4`) -> int4 ``[..., k, n]`` on the device, in ``sharding``."""
+    import jax
+    import jax.numpy as jnp
+
+    def unpack(p):
+        b = jax.lax.bitcast_convert_type(p, jnp.int8)
+        lo, hi = jnp.right_shift(jnp.left_shift(b, 4), 4), jnp.right_shift(b, 4)  # arithmetic: sign-extends
+        *lead, k2, n = p.shape
+        return jnp.stack([lo, hi], axis=-2).reshape(*lead, 2 * k2, n).astype(jnp.int4)
+
+    return jax.jit(unpack, out_shardings=sharding)(packed)
+
+
+def _is_int4(dtype) -> bool:
+    import ml_dtypes
+
+    return np.dtype(dtype) == np.dtype(ml_dtypes.int4)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -174,9 +212,9 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
 class CheckpointWriter:
     """Writes parameter arrays into ``root/params`` in bounded groups and the metadata at the end.
 
-    ``add(path, array)`` takes one leaf of the pure-dict parameter tree (a numpy array, any dtype);
-    arrays are buffered until about ``group_bytes`` are pending, then written as one Orbax checkpoint.
-    The writer keeps no reference to an array after its group is written.
+    ``add(path, array)`` takes one leaf of the pure-dict parameter tree (a numpy array, any dtype; int4 is
+    packed two to a byte, :func:`_pack_int4`); arrays are buffered until about ``group_bytes`` are pending, then
+    written as one Orbax checkpoint.  The writer keeps no reference to an array after its group is written.
     """
 
     def __init__(self, root: str | os.PathLike, *, group_bytes: int | None = None,
@@ -185,6 +223,7 @@ class CheckpointWriter:
         self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
         self.on_written = on_written
         self.manifest: dict[str, dict] = {}
+        self._entries: dict[tuple[str, ...], dict] = {}
         self._pending: list[tuple[tuple[str, ...], np.ndarray]] = []
         self._pending_bytes = 0
         self._groups = 0
@@ -192,8 +231,13 @@ class CheckpointWriter:
 
     def add(self, path: tuple[str, ...], array: np.ndarray) -> None:
         array = np.asarray(array)
+        entry = {"shape": list(array.shape), "dtype": str(array.dtype)}
+        if _is_int4(array.dtype):
+            array = _pack_int4(array)
+            entry["stored_as"] = {"dtype": str(array.dtype), "shape": list(array.shape)}
         if self._pending and self._pending_bytes + array.nbytes > self.group_bytes:
             self.flush()
+        self._entries[tuple(path)] = entry
         self._pending.append((tuple(path), array))
         self._pending_bytes += array.nbytes
         if self._pending_bytes >= self.group_bytes:
@@ -206,7 +250,7 @@ class CheckpointWriter:
         tree: dict = {}
         for path, array in self._pending:
             _set(tree, path, np.ascontiguousarray(array))
-            self.manifest[_join(path)] = {"group": name, "shape": list(array.shape), "dtype": str(array.dtype)}
+            self.manifest[_join(path)] = {"group": name, **self._entries.pop(path)}
         _orbax_save(self.root / "params" / name, tree)
         self._groups += 1
         if self.on_written is not None:
@@ -220,15 +264,17 @@ class CheckpointWriter:
         _orbax_save(self.root / "lora", tree)
         self.lora_manifest = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in _fields(tree).items()}
 
-    def finish(self, config, *, dtype: str, source: str | None, extra: dict | None = None) -> dict:
-        """Flushes pending arrays and writes ``jaxdlm.json``; returns the metadata."""
+    def finish(self, config, *, dtype: str, source: str | None, extra: dict | None = None, quant=None) -> dict:
+        """Flushes pending arrays and writes ``jaxdlm.json``; returns the metadata.  ``dtype``: the compute dtype
+        (of every float array); ``quant``: the :class:`~jaxdlm.quant.Quantization` of the arrays, or None."""
         self.flush()
         lora = getattr(self, "lora_manifest", None)
         meta = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FLOAT_FORMAT_VERSION if quant is None else FORMAT_VERSION,
             "config": config.to_dict(),
             "dtype": dtype,
+            "quantization": None if quant is None else quant.to_dict(),
             "source": source,
             "has_lora": lora is not None,
             "arrays": self.manifest,
@@ -257,13 +303,18 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
 
     Arrays are fetched to the host one group at a time.  Atomic: ``path`` appears only when complete.
     ``overwrite=True`` replaces an existing jaxdlm checkpoint.  ``extra_files`` maps file names to text
-    written into the folder with the rest (e.g. a model card).  Returns the absolute path.
+    written into the folder with the rest (e.g. a model card).  Returns the absolute path.  A quantized model is
+    saved with its compute dtype, bfloat16 (``model.astype("bfloat16")`` first otherwise).
     """
     import jax
     from flax import nnx
 
     from jaxdlm import __version__
 
+    quant = model.quant
+    if quant is not None and np.dtype(model.dtype).name != "bfloat16":
+        raise ValueError(f"a {quant.scheme} checkpoint keeps its other arrays and scales in bfloat16, and this model "
+                         f"computes in {np.dtype(model.dtype).name}: save model.astype('bfloat16')")
     pure = nnx.to_pure_dict(model.params)
     with atomic_output(path, overwrite=overwrite) as tmp:
         writer = CheckpointWriter(tmp)
@@ -278,7 +329,7 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
                 raise ValueError(f"extra_files name {name!r} must be a plain file name other than "
                                  f"{METADATA_FILE}, params and lora")
             (tmp / name).write_text(text, encoding="utf-8")
-        writer.finish(model.config, dtype=str(np.dtype(model.dtype)), source=source,
+        writer.finish(model.config, dtype=str(np.dtype(model.dtype)), source=source, quant=quant,
                       extra={"writer": f"jaxdlm.save {__version__}"})
     return Path(os.path.abspath(path))
 
@@ -346,7 +397,8 @@ def load_arrays(path: str | os.PathLike, names=None, *, dtype=None) -> dict:
     """Restores raw parameter arrays by name (``"embed"``, ``"layers/q_proj"``...; ``None``: all).
 
     Whole groups are read (a group is at most about :data:`GROUP_BYTES` unless one array is larger);
-    returns ``{name: jax.Array}`` on the first device, cast to ``dtype`` when given.
+    returns ``{name: jax.Array}`` on the first device, cast to ``dtype`` when given (quantized weights keep
+    their storage dtype).
     """
     import jax
 
@@ -362,15 +414,35 @@ def load_arrays(path: str | os.PathLike, names=None, *, dtype=None) -> dict:
         target: dict = {}
         for name, entry in manifest.items():
             if entry["group"] == group:
-                _set(target, tuple(name.split("/")), jax.ShapeDtypeStruct(
-                    tuple(entry["shape"]), dtype if dtype is not None else entry["dtype"], sharding=device))
+                cast = dtype is not None and entry["dtype"] not in _QUANTIZED_DTYPES
+                _set(target, tuple(name.split("/")), _stored_target(entry, dtype if cast else entry["dtype"], device))
         for leaf_path, value in _leaves(_orbax_restore(root / "params" / group, target)):
             if _join(leaf_path) in names:
-                out[_join(leaf_path)] = value
+                out[_join(leaf_path)] = _unpacked(manifest[_join(leaf_path)], value, device)
     return out
 
 
-def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules=None, tokenizer: bool = True):
+# storage dtypes of quantized weights (jaxdlm.quant), by name as the manifest writes them
+_QUANTIZED_DTYPES = ("int8", "int4", "float8_e4m3fn")
+
+
+def _stored_target(entry: dict, dtype, sharding):
+    """The restore target of a manifest entry in ``dtype`` (``sharding`` None: a host numpy array); a packed int4
+    entry is restored as its stored uint8 pairs (:func:`_unpacked` then unpacks them)."""
+    import jax
+
+    if "stored_as" in entry:
+        return jax.ShapeDtypeStruct(tuple(entry["stored_as"]["shape"]), entry["stored_as"]["dtype"], sharding=sharding)
+    return jax.ShapeDtypeStruct(tuple(entry["shape"]), dtype, sharding=sharding)
+
+
+def _unpacked(entry: dict, value, sharding):
+    """A restored array as the model holds it: packed int4 pairs unpacked (on the device, in ``sharding``)."""
+    return _unpack_int4(value, sharding) if "stored_as" in entry else value
+
+
+def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules=None, tokenizer: bool = True,
+         quantize=None):
     """Loads a jaxdlm checkpoint folder (written by ``convert_weights`` or :func:`save`) as a Model.
 
     Args:
@@ -384,28 +456,43 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules
         that ``rules`` (default :data:`jaxdlm.sharding.DEFAULT_RULES`) give it - no gather onto one
         device.  Exclusive with ``sharding``.  The model's jitted calls then run under that mesh.
       tokenizer: load the tokenizer files when present (``transformers.AutoTokenizer``).
+      quantize: ``"int8"``, ``"int4"``, ``"fp8"`` or a :class:`~jaxdlm.quant.Quantization`: quantize the linear
+        weights of a float checkpoint while loading, one restored group at a time on the host (the weight in the
+        compute dtype, as the converter's ``--quantize`` does: the same bits).  A quantized model computes in
+        bfloat16: ``dtype`` must then be ``None`` (bfloat16) or bfloat16.  A checkpoint that is already
+        quantized (``jaxdlm.json``'s ``quantization``) loads as such without this argument.
 
     Returns a :class:`~jaxdlm.model.Model` (config, params, lora or None, tokenizer or None).
     """
     import jax.numpy as jnp
 
+    from jaxdlm import quant as quant_lib
     from jaxdlm.config import ModelConfig
     from jaxdlm.model import Model
 
     root = Path(path)
     meta = read_metadata(root)
     config = ModelConfig.from_dict(meta["config"])
-    sharding = _mesh_sharding(config, mesh, sharding, rules)
-    abstract = Model.abstract(config, dtype=jnp.dtype(dtype if dtype is not None else meta["dtype"]))
-    params = _restore_params(root, meta["arrays"], abstract.params, sharding)
+    stored = quant_lib.Quantization.from_dict(meta.get("quantization"))
+    requested = quant_lib.as_quantization(quantize)
+    if stored is not None and requested is not None:
+        raise ValueError(f"{root} is already quantized ({stored.describe()}); load it without quantize= "
+                         "(quantizing its weights again would add a second rounding), or quantize its float original")
+    quant = stored or requested
+    if quant is not None:  # the LoRA, too, is then restored in the compute dtype
+        dtype = dtype if dtype is not None else (meta["dtype"] if stored else quant_lib.COMPUTE_DTYPES[0])
+        quant_lib.check_compute_dtype(dtype, quant)
+    sharding = _mesh_sharding(config, mesh, sharding, rules, quant)
+    abstract = Model.abstract(config, dtype=jnp.dtype(dtype if dtype is not None else meta["dtype"]), quantize=quant)
+    params = _restore_params(root, meta["arrays"], abstract.params, sharding, requested)
     lora = _restore_lora(root, meta["lora"], config, dtype, sharding) if meta.get("has_lora") else None
     tok = load_tokenizer(root) if tokenizer else None
     return Model(config, abstract.graphdef, params, lora=lora, tokenizer=tok, mesh=mesh)
 
 
-def _mesh_sharding(config, mesh, sharding, rules):
+def _mesh_sharding(config, mesh, sharding, rules, quant=None):
     """:func:`load`'s ``sharding`` argument, or with ``mesh`` the function giving each path its sharding
-    under ``rules`` (after checking that the mesh divides the model)."""
+    under ``rules`` (after checking that the mesh divides the model, quantized by ``quant``)."""
     if mesh is None:
         return sharding
     from jaxdlm import sharding as sh
@@ -413,26 +500,46 @@ def _mesh_sharding(config, mesh, sharding, rules):
     if sharding is not None:
         raise ValueError("pass either mesh= or sharding= to jaxdlm.load, not both")
     rules = sh.DEFAULT_RULES if rules is None else rules
-    sh.check_divisible(config, mesh, rules)
-    return sh.sharding_for_path(mesh, rules)
+    sh.check_divisible(config, mesh, rules, quant=quant)
+    return sh.sharding_for_path(mesh, rules, quant)
 
 
-def _restore_params(root: Path, manifest: dict, params, sharding):
+def _restore_params(root: Path, manifest: dict, params, sharding, quantize=None):
     """Restores every parameter of the abstract ``params`` (an ``nnx.State`` of ``ShapeDtypeStruct``) from
-    its group, in its target dtype and sharding; returns ``params`` filled with the arrays."""
+    its group, in its target dtype and sharding; returns ``params`` filled with the arrays.
+
+    ``quantize`` (a :class:`~jaxdlm.quant.Quantization`; ``params`` is then the quantized tree): the checkpoint
+    holds float weights where ``params`` has quantized ones and no scales; each such weight is restored to the
+    host in the compute dtype (its scale's), quantized there and put into its target sharding.
+    """
     import jax
     from flax import nnx
 
+    from jaxdlm import quant as quant_lib
+
     expected = dict(_leaves(nnx.to_pure_dict(params)))
-    _check_manifest(root, manifest, expected)
+    on_host = set(quantize.weight_paths()) if quantize is not None else set()
+    scales = {quant_lib.scale_path(p) for p in on_host}  # made here, not read
+    stored = {p: leaf for p, leaf in expected.items() if p not in scales}
+    _check_manifest(root, manifest, stored)
     groups: dict[str, dict] = {}
-    for leaf_path, leaf in expected.items():
-        target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_resolve_sharding(sharding, leaf_path))
-        _set(groups.setdefault(manifest[_join(leaf_path)]["group"], {}), leaf_path, target)
+    for leaf_path, leaf in stored.items():
+        entry = manifest[_join(leaf_path)]
+        if leaf_path in on_host:
+            target = _stored_target(entry, expected[quant_lib.scale_path(leaf_path)].dtype, None)
+        else:
+            target = _stored_target(entry, leaf.dtype, _resolve_sharding(sharding, leaf_path))
+        _set(groups.setdefault(entry["group"], {}), leaf_path, target)
     pure: dict = {}
     for name, target in groups.items():
         for leaf_path, value in _leaves(_orbax_restore(root / "params" / name, target)):
-            _set(pure, leaf_path, value)
+            if leaf_path in on_host:
+                scale_dtype = expected[quant_lib.scale_path(leaf_path)].dtype
+                for path, array in quant_lib.quantized_leaves(leaf_path, value, quantize, scale_dtype):
+                    _set(pure, path, jax.device_put(array, _resolve_sharding(sharding, path)))
+            else:
+                _set(pure, leaf_path, _unpacked(manifest[_join(leaf_path)], value,
+                                                _resolve_sharding(sharding, leaf_path)))
     nnx.replace_by_pure_dict(params, pure)
     return params
 

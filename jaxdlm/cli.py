@@ -28,6 +28,7 @@ DEFAULT_CACHE_DIR = "~/.cache/jaxdlm/xla"
 GEN_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 DIFFUSION_POLICIES = ("confidence", "margin", "entropy", "leftmost")  # jaxdlm.generation.diffusion.POLICIES
 DTYPES = ("float32", "bfloat16")
+QUANTIZE = ("int8", "int4", "fp8")  # jaxdlm.quant.SCHEMES
 # The demo's quadratic_spec block: B = 16 runs a B(B+1) = 272-token forward instead of 1056 tokens at the
 # model's block 32, about 5x less work per forward on a CPU for the same bytes per forward (16 held-out
 # prompts x 128 bytes: TPF 2.74 at B = 16, 2.78 at B = 32, 2.65 at B = 8).
@@ -261,6 +262,11 @@ def _check_generate_args(args) -> None:
     if args.steps_per_block is not None and args.threshold is not None:
         raise ValueError(f"--steps-per-block={args.steps_per_block} sets the fixed schedule: it needs "
                          f"--threshold none (got --threshold {args.threshold:g})")
+    if args.quantize is not None and args.dtype == "float32":
+        raise ValueError(f"--quantize {args.quantize} dequantizes its weights into bfloat16 activations, and --dtype "
+                         "float32 asks for full precision: drop --dtype float32 (or --quantize)")
+    if args.quantize_head and args.quantize is None:
+        raise ValueError("--quantize-head needs --quantize int8, int4 or fp8")
 
 
 def run_generate(model, tokenizer, args, out=None, err=None) -> dict:
@@ -328,7 +334,12 @@ def cmd_generate(args) -> int:
         from jaxdlm.default import default_model_path
 
         args.checkpoint = default_model_path()
-    model = load(args.checkpoint, dtype=args.dtype)
+    quantize = None
+    if args.quantize is not None:
+        from jaxdlm.quant import Quantization
+
+        quantize = Quantization(args.quantize, args.quantize_head)
+    model = load(args.checkpoint, dtype=args.dtype, quantize=quantize)
     run_generate(model, model.tokenizer, args)
     return 0
 
@@ -349,7 +360,8 @@ def checkpoint_info(path) -> dict:
         "class": type(tok).__name__, "vocab_size": len(tok), "chat_template": bool(getattr(tok, "chat_template", None)),
         "special_tokens": {k: v for k, v in getattr(tok, "special_tokens_map", {}).items() if isinstance(v, str)}}
     return {"checkpoint": os.path.abspath(path), "dtype": meta["dtype"], "num_params": cfg.num_params(),
-            "lora": lora, "tokenizer": tokenizer, "source": meta.get("source"), "config": cfg.to_dict()}
+            "quantization": meta.get("quantization"), "lora": lora, "tokenizer": tokenizer,
+            "source": meta.get("source"), "config": cfg.to_dict()}
 
 
 def cmd_info(args) -> int:
@@ -445,7 +457,12 @@ def add_generate_parser(sub, parents=()):
     p.add_argument("--eos-token-id", type=_int_in(0), action="append", help="default: the config's EOS ids")
     p.add_argument("--max-thinking-tokens", type=_int_in(0), default=None)
     p.add_argument("--end-think-token-id", type=_int_in(0), default=None)
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="parameter dtype; default: as stored")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="parameter dtype; default: as stored (bfloat16 with --quantize)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="quantize the linear weights while loading a float checkpoint (weight-only; computes in "
+                        "bfloat16): int8 / fp8 per output channel, int4 in groups of 128 inputs")
+    p.add_argument("--quantize-head", action="store_true", help="with --quantize: quantize the output head too")
     p.add_argument("--warmup", action="store_true", help="run once first, so that the timed run compiles nothing")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a line counting committed tokens on stderr (default: when stderr is a terminal; "

@@ -40,18 +40,20 @@ def heldout_prompts() -> list[str]:
         return list(json.load(f)["prompts"])
 
 
-def load_default(*, dtype="float32", **kwargs):
+def load_default(*, dtype=None, **kwargs):
     """Loads the embedded default model.
 
     Args:
       dtype: dtype the float32-stored weights are cast to on restore (default float32, so
         self-speculative outputs equal AR outputs token for token at temperature 0; ``"bfloat16"`` halves
-        memory).
-      **kwargs: passed to :func:`jaxdlm.load` (``mesh=``, ``sharding=``, ``tokenizer=``).
+        memory; with ``quantize=`` the default is bfloat16, the compute dtype of quantized weights).
+      **kwargs: passed to :func:`jaxdlm.load` (``mesh=``, ``sharding=``, ``tokenizer=``, ``quantize=``).
 
     Returns:
       a :class:`~jaxdlm.model.Model` with its draft LoRA and byte-level tokenizer.
     """
     from jaxdlm.checkpoint import load
 
+    if dtype is None and kwargs.get("quantize") is None:
+        dtype = "float32"
     return load(default_model_path(), dtype=dtype, **kwargs)

@@ -49,12 +49,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdlm import quant as quant_lib
 from jaxdlm import rope as rope_lib
 from jaxdlm.attention import attention, masks
 from jaxdlm.attention.masks import TokenInfo
 from jaxdlm.cache import KVCache, write
 from jaxdlm.config import ModelConfig
 from jaxdlm.lora import OProjLoRA
+from jaxdlm.quant import Quantization
 from jaxdlm.sharding import CACHE_AXES, constrain
 
 _INIT_STD = 0.02
@@ -92,6 +94,26 @@ def _normal(rngs: nnx.Rngs, shape, dtype, axes: tuple[str, ...], std=_INIT_STD) 
     return _param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype), axes)
 
 
+def _linear(module: nnx.Module, name: str, rngs: nnx.Rngs, shape, dtype, axes: tuple[str, ...],
+            quant: Quantization | None) -> None:
+    """Sets ``module.<name>``: a float weight ``[in, out]`` drawn from N(0, 0.02^2), or with ``quant`` its
+    quantized form (zeros of the storage dtype) and ``module.<name>_scale`` ``[G, out]`` (ones; a structure to
+    restore into: :func:`jaxdlm.quant.quantize_model` fills both from a float model)."""
+    if quant is None:
+        setattr(module, name, _normal(rngs, shape, dtype, axes))
+        return
+    setattr(module, name, _param(jnp.zeros(shape, quant.storage_dtype), axes))
+    setattr(module, name + quant_lib.SCALE_SUFFIX, _param(jnp.ones(quant.scale_shape(shape), dtype),
+                                                          quant.scale_axes(axes)))
+
+
+def _apply(module: nnx.Module, name: str, x, out_dtype=None):
+    """``x @ module.<name>`` through :func:`jaxdlm.quant.matmul` (with ``module.<name>_scale`` when quantized)."""
+    scale = getattr(module, name + quant_lib.SCALE_SUFFIX, None)
+    return quant_lib.matmul(x, getattr(module, name)[...], None if scale is None else scale[...],
+                            out_dtype=out_dtype)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm with the variance in float32; ``weight * normalized.astype(x.dtype)``.
 
@@ -113,24 +135,25 @@ class Block(nnx.Module):
     """One decoder layer: pre-norm attention and a SwiGLU MLP, both residual.
 
     :class:`Transformer` creates ``num_layers`` of them at once (``nnx.vmap``), which prepends the ``layers``
-    axis to every shape and logical-axes tuple.
+    axis to every shape and logical-axes tuple.  With ``quant`` every projection is stored quantized with its
+    scale beside it (:mod:`jaxdlm.quant`).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, quant: Quantization | None = None):
         c = config
         h, f, kvf, i = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
         self.attn_norm = RMSNorm(h, c.rms_norm_eps, dtype)
-        self.q_proj = _normal(rngs, (h, f), dtype, ("embed", "heads"))
-        self.k_proj = _normal(rngs, (h, kvf), dtype, ("embed", "kv_heads"))
-        self.v_proj = _normal(rngs, (h, kvf), dtype, ("embed", "kv_heads"))
-        self.o_proj = _normal(rngs, (f, h), dtype, ("heads", "embed"))
+        _linear(self, "q_proj", rngs, (h, f), dtype, ("embed", "heads"), quant)
+        _linear(self, "k_proj", rngs, (h, kvf), dtype, ("embed", "kv_heads"), quant)
+        _linear(self, "v_proj", rngs, (h, kvf), dtype, ("embed", "kv_heads"), quant)
+        _linear(self, "o_proj", rngs, (f, h), dtype, ("heads", "embed"), quant)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, axis="head_dim")
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, axis="head_dim")
         self.mlp_norm = RMSNorm(h, c.rms_norm_eps, dtype)
-        self.gate_proj = _normal(rngs, (h, i), dtype, ("embed", "mlp"))
-        self.up_proj = _normal(rngs, (h, i), dtype, ("embed", "mlp"))
-        self.down_proj = _normal(rngs, (i, h), dtype, ("mlp", "embed"))
+        _linear(self, "gate_proj", rngs, (h, i), dtype, ("embed", "mlp"), quant)
+        _linear(self, "up_proj", rngs, (h, i), dtype, ("embed", "mlp"), quant)
+        _linear(self, "down_proj", rngs, (i, h), dtype, ("mlp", "embed"), quant)
         self.config = config
 
     def qkv(self, x_BxTxH, cos, sin, qscale):
@@ -138,9 +161,9 @@ class Block(nnx.Module):
         c = self.config
         b, t, _ = x_BxTxH.shape
         a_BxTxH = self.attn_norm(x_BxTxH)
-        q_BxTxNxD = (a_BxTxH @ self.q_proj[...]).reshape(b, t, c.num_heads, c.head_dim)
-        k_BxTxKxD = (a_BxTxH @ self.k_proj[...]).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v_BxTxKxD = (a_BxTxH @ self.v_proj[...]).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q_BxTxNxD = _apply(self, "q_proj", a_BxTxH).reshape(b, t, c.num_heads, c.head_dim)
+        k_BxTxKxD = _apply(self, "k_proj", a_BxTxH).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v_BxTxKxD = _apply(self, "v_proj", a_BxTxH).reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q_BxTxNxD, k_BxTxKxD = self.q_norm(q_BxTxNxD), self.k_norm(k_BxTxKxD)
         q_BxTxNxD = rope_lib.apply_rope(q_BxTxNxD, cos, sin)
@@ -154,42 +177,54 @@ class Block(nnx.Module):
         residual ``x``: ``[B, T, H]``."""
         b, t = x_BxTxH.shape[:2]
         o_BxTxF = attn_BxTxNxD.reshape(b, t, -1)
-        y_BxTxH = o_BxTxF @ self.o_proj[...]
+        y_BxTxH = _apply(self, "o_proj", o_BxTxF)
         if lora is not None:
             y_BxTxH = y_BxTxH + lora.delta(o_BxTxF).astype(y_BxTxH.dtype)
         x_BxTxH = x_BxTxH + y_BxTxH
         m_BxTxH = self.mlp_norm(x_BxTxH)
-        gate_BxTxI = jax.nn.silu(m_BxTxH @ self.gate_proj[...])
-        return x_BxTxH + (gate_BxTxI * (m_BxTxH @ self.up_proj[...])) @ self.down_proj[...]
+        gate_BxTxI = jax.nn.silu(_apply(self, "gate_proj", m_BxTxH))
+        return x_BxTxH + _apply(self, "down_proj", gate_BxTxI * _apply(self, "up_proj", m_BxTxH))
 
 
 class Transformer(nnx.Module):
-    """Embedding, ``num_layers`` stacked :class:`Block` s, final norm and output head."""
+    """Embedding, ``num_layers`` stacked :class:`Block` s, final norm and output head.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    ``quant`` (a :class:`~jaxdlm.quant.Quantization`, static): the linear weights (and with ``quant.head`` the
+    head) are stored quantized; ``dtype`` is then the compute dtype of everything else (embedding, norms, scales).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, quant: Quantization | None = None):
         c = config
+        if quant is not None:
+            quant.check(config)
         self.config = config
+        self.quant = quant
         self.embed = _normal(rngs, (c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
         keys = jax.random.split(rngs.params(), c.num_layers)
 
         @nnx.vmap(transform_metadata={nnx.PARTITION_NAME: "layers"})  # "layers" leads every block's axes
         def stacked_blocks(key):
-            return Block(c, rngs=nnx.Rngs(params=key), dtype=dtype)
+            return Block(c, rngs=nnx.Rngs(params=key), dtype=dtype, quant=quant)
 
         self.layers = stacked_blocks(keys)
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         if not c.tie_word_embeddings:
-            self.head = _normal(rngs, (c.hidden_size, c.vocab_size), dtype, ("embed", "vocab"))
+            _linear(self, "head", rngs, (c.hidden_size, c.vocab_size), dtype, ("embed", "vocab"),
+                    quant if quant is not None and quant.head else None)
 
     def head_weight(self):
-        """Output projection ``[H, V]`` (the transposed embedding when tied)."""
+        """Output projection ``[H, V]`` (the transposed embedding when tied; a quantized head dequantized into the
+        compute dtype: a full copy, for the training losses; the forward's :meth:`project` never makes one)."""
         if self.config.tie_word_embeddings:
             return self.embed[...].T
-        return self.head[...]
+        scale = getattr(self, "head" + quant_lib.SCALE_SUFFIX, None)
+        return self.head[...] if scale is None else quant_lib.dequantize(self.head[...], scale[...])
 
     def project(self, hidden):
         """Output-head logits ``float32 [..., V]`` of final normed hidden states ``[..., H]``."""
-        return jnp.matmul(hidden, self.head_weight().astype(hidden.dtype), preferred_element_type=jnp.float32)
+        if self.config.tie_word_embeddings:
+            return quant_lib.matmul(hidden, self.embed[...].T, out_dtype=jnp.float32)
+        return _apply(self, "head", hidden, out_dtype=jnp.float32)
 
     def __call__(self, tokens, positions, q_info: TokenInfo, k_info: TokenInfo, *, cache: KVCache | None = None,
                  lora: OProjLoRA | None = None, impl: str | None = None, return_hidden: bool = False,
@@ -281,9 +316,9 @@ class ParamInfo(NamedTuple):
 
 
 @functools.lru_cache(maxsize=32)
-def _layout(config: ModelConfig) -> tuple[tuple[tuple[str, ...], ParamInfo], ...]:
+def _layout(config: ModelConfig, quant: Quantization | None) -> tuple[tuple[tuple[str, ...], ParamInfo], ...]:
     out = []
-    for path, var in nnx.to_flat_state(Model.abstract(config).params):
+    for path, var in nnx.to_flat_state(Model.abstract(config, quantize=quant).params):
         path = tuple(str(k) for k in path)
         axes = var.get_metadata().get("out_sharding")
         if axes is None or len(axes) != len(var.shape):
@@ -293,11 +328,12 @@ def _layout(config: ModelConfig) -> tuple[tuple[tuple[str, ...], ParamInfo], ...
     return tuple(out)
 
 
-def param_layout(config: ModelConfig) -> dict[tuple[str, ...], ParamInfo]:
-    """Every parameter of a model of ``config``: its path in the pure-dict parameter tree (e.g.
-    ``("layers", "q_proj")``) -> :class:`ParamInfo` (shape, logical axes), read from an abstract model (no
-    memory; cached per config).  The single source of the layout for sharding and checkpoint name maps."""
-    return dict(_layout(config))
+def param_layout(config: ModelConfig, quant: Quantization | None = None) -> dict[tuple[str, ...], ParamInfo]:
+    """Every parameter of a model of ``config`` (quantized by ``quant``: weights in place, ``*_scale`` beside
+    them): its path in the pure-dict parameter tree (e.g. ``("layers", "q_proj")``) -> :class:`ParamInfo` (shape,
+    logical axes), read from an abstract model (no memory; cached per config).  The single source of the layout
+    for sharding and checkpoint name maps."""
+    return dict(_layout(config, quant))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,16 +429,27 @@ class Model:
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @classmethod
-    def init(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> "Model":
-        """A model with random parameters (normal, std 0.02; norms at one)."""
+    def init(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, quantize=None) -> "Model":
+        """A model with random parameters (normal, std 0.02; norms at one).
+
+        ``quantize`` (``"int8"``, ``"int4"``, ``"fp8"`` or a :class:`~jaxdlm.quant.Quantization`): the float model
+        of the same seed, quantized (:func:`jaxdlm.quant.quantize_model`); ``dtype`` is the compute dtype.
+        """
+        quant = quant_lib.as_quantization(quantize)
+        if quant is not None:
+            quant.check(config)  # before the float model is drawn
         transformer = Transformer(config, rngs=nnx.Rngs(params=seed), dtype=jnp.dtype(dtype))
         graphdef, params = nnx.split(transformer)
-        return cls(config, graphdef, params)
+        model = cls(config, graphdef, params)
+        return model if quant is None else quant_lib.quantize_model(model, quant)
 
     @classmethod
-    def abstract(cls, config: ModelConfig, *, dtype=jnp.float32) -> "Model":
-        """Shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves), no memory: a restore target."""
-        transformer = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0), dtype=jnp.dtype(dtype)))
+    def abstract(cls, config: ModelConfig, *, dtype=jnp.float32, quantize=None) -> "Model":
+        """Shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves), no memory: a restore target (``quantize``: the
+        quantized tree, as in :meth:`init`)."""
+        quant = quant_lib.as_quantization(quantize)
+        transformer = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0), dtype=jnp.dtype(dtype),
+                                                         quant=quant))
         graphdef, params = nnx.split(transformer)
         return cls(config, graphdef, params)
 
@@ -414,19 +461,29 @@ class Model:
 
     @property
     def dtype(self):
-        return jax.tree.leaves(self.params)[0].dtype
+        """The compute dtype: the embedding's (quantized weights keep their storage dtype)."""
+        return self.params["embed"][...].dtype
+
+    @property
+    def quant(self) -> Quantization | None:
+        """The weight quantization (static, from the module graph), or ``None`` for float weights."""
+        return nnx.merge(self.graphdef, self.params).quant
 
     def astype(self, dtype) -> "Model":
-        """A copy with every floating parameter (and the LoRA) cast to ``dtype``."""
+        """A copy with every floating parameter (and the LoRA) cast to ``dtype``; quantized weights keep their
+        storage dtype (their scales are cast)."""
         dtype = jnp.dtype(dtype)
+        quant = self.quant
+        keep = quant.weight_paths() if quant is not None else ()
 
-        def cast(x):
-            return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        def cast(path, x):
+            key = tuple(str(k.key) for k in path)
+            return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and key not in keep else x
 
-        params = jax.tree.map(cast, self.params)
-        lora = None if self.lora is None else jax.tree.map(cast, self.lora)
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(self.config, rngs=nnx.Rngs(0), dtype=dtype)))
-        return Model(self.config, graphdef, params, lora=lora, tokenizer=self.tokenizer, mesh=self.mesh)
+        target = Model.abstract(self.config, dtype=dtype, quantize=quant)
+        nnx.replace_by_pure_dict(target.params, jax.tree_util.tree_map_with_path(cast, nnx.to_pure_dict(self.params)))
+        lora = None if self.lora is None else jax.tree.map(lambda x: cast((), x), self.lora)
+        return Model(self.config, target.graphdef, target.params, lora=lora, tokenizer=self.tokenizer, mesh=self.mesh)
 
     def logits(self, tokens, kind: str = "causal", *, params=None, impl: str | None = None) -> jax.Array:
         """Float32 logits ``[B, T, V]`` for whole sequences ``tokens [B, T]`` (no cache).
@@ -448,5 +505,6 @@ class Model:
 
     def __repr__(self):
         c = self.config
+        quant = "" if self.quant is None else f", quantized={self.quant.describe()}"
         return (f"Model({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, "
-                f"params={c.num_params() / 1e6:.1f}M, dtype={self.dtype}, lora={self.lora is not None})")
+                f"params={c.num_params() / 1e6:.1f}M, dtype={self.dtype}{quant}, lora={self.lora is not None})")

@@ -26,6 +26,7 @@ layers       -                    the stacked layer axis (scanned)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping, Sequence
 
@@ -35,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdlm.config import ModelConfig
 from jaxdlm.lora import OProjLoRA
+from jaxdlm.quant import SCALE_SUFFIX, Quantization
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -138,8 +140,10 @@ def constrain(x, axes: Sequence[str | None], rules=DEFAULT_RULES):
     return jax.lax.with_sharding_constraint(x, logical_spec(axes, rules, mesh))
 
 
-def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch: int | None = None):
-    """Raises ``ValueError`` naming the mesh axis and sizes when the mesh does not divide the model."""
+def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch: int | None = None,
+                    quant: Quantization | None = None):
+    """Raises ``ValueError`` naming the mesh axis and sizes when the mesh does not divide the model (with
+    ``quant``: also the int4 scale groups, ``in / group_size`` along a weight's sharded input axis)."""
     table = dict(rules)
     dims = {"heads": ("num_attention_heads", config.num_heads), "kv_heads": ("num_key_value_heads", config.num_kv_heads),
             "vocab": ("vocab_size", config.vocab_size), "mlp": ("intermediate_size", config.intermediate_size),
@@ -153,20 +157,36 @@ def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch:
             axes = "x".join(f"{t}={mesh.shape.get(t, 1)}" for t in targets)
             raise ValueError(f"mesh axis {axes} (size {n}) does not divide {field}={size}; "
                              f"choose a {'/'.join(targets)} size that divides {size}")
+    if quant is None:
+        return
+    from jaxdlm.model import param_layout
+
+    for path, info in param_layout(config, quant).items():
+        if not path[-1].endswith(SCALE_SUFFIX):
+            continue
+        for size, logical in zip(info.shape, info.axes):
+            targets = mesh_axes(table.get(logical)) if logical is not None else ()
+            n = math.prod(mesh.shape.get(t, 1) for t in targets)
+            if size % n:
+                axes = "x".join(f"{t}={mesh.shape.get(t, 1)}" for t in targets)
+                raise ValueError(f"mesh axis {axes} (size {n}) does not divide the {size} {quant.scheme} scale groups "
+                                 f"of {'/'.join(path)} along {logical}; choose a {'/'.join(targets)} size that "
+                                 f"divides {size}")
 
 
-def param_axes(config: ModelConfig) -> dict:
-    """Logical axes of each parameter of a model of ``config``, as a pure dict shaped like
+def param_axes(config: ModelConfig, quant: Quantization | None = None) -> dict:
+    """Logical axes of each parameter of a model of ``config`` (quantized by ``quant``), as a pure dict shaped like
     ``nnx.to_pure_dict(params)`` (from :func:`jaxdlm.model.param_layout`: the axes each parameter declares)."""
     from jaxdlm.model import param_layout
 
-    return traverse_util.unflatten_dict({path: info.axes for path, info in param_layout(config).items()})
+    return traverse_util.unflatten_dict({path: info.axes for path, info in param_layout(config, quant).items()})
 
 
 def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for ``model.params`` (an ``nnx.State`` with NamedSharding leaves)."""
-    check_divisible(model.config, mesh, rules)
-    shardings = jax.tree.map(lambda axes: named_sharding(axes, mesh, rules), param_axes(model.config),
+    quant = model.quant
+    check_divisible(model.config, mesh, rules, quant=quant)
+    shardings = jax.tree.map(lambda axes: named_sharding(axes, mesh, rules), param_axes(model.config, quant),
                              is_leaf=lambda x: isinstance(x, tuple))
     target = jax.tree.map(lambda x: x, model.params)
     nnx.replace_by_pure_dict(target, shardings)
@@ -179,12 +199,23 @@ _EVERY_PARAMETER = ModelConfig(model_type="qwen3", vocab_size=8, hidden_size=8, 
                                num_heads=1, num_kv_heads=1, head_dim=2, qk_norm=True, tie_word_embeddings=False)
 
 
-def sharding_for_path(mesh: Mesh, rules=DEFAULT_RULES):
+def _every_parameter(quant: Quantization | None):
+    """``(config, quant)`` naming every parameter path: :data:`_EVERY_PARAMETER`, with ``quant`` (head included)
+    its inputs one int4 group wide."""
+    if quant is None:
+        return _EVERY_PARAMETER, None
+    g = quant.group_size or 2
+    config = dataclasses.replace(_EVERY_PARAMETER, hidden_size=g, intermediate_size=g, head_dim=g)
+    return config, dataclasses.replace(quant, head=True)
+
+
+def sharding_for_path(mesh: Mesh, rules=DEFAULT_RULES, quant: Quantization | None = None):
     """A function ``parameter path tuple -> NamedSharding`` (LoRA leaves are ``("lora", "a")`` ...),
-    the form :func:`jaxdlm.load` takes to restore straight into the target shardings."""
+    the form :func:`jaxdlm.load` takes to restore straight into the target shardings (``quant``: the paths and
+    axes of a model quantized that way, scales included)."""
     from jaxdlm.model import param_layout
 
-    layout = param_layout(_EVERY_PARAMETER)
+    layout = param_layout(*_every_parameter(quant))
     lora_axes = OProjLoRA.logical_axes()
 
     def fn(path: tuple[str, ...]) -> NamedSharding:

@@ -8,7 +8,6 @@ import transformers
 
 from jaxdlm import ModelConfig
 from jaxdlm.hf import model_from_pure_dict, params_from_hf
-from numerics import rel_err  # noqa: F401  (re-exported for tests)
 
 torch.set_num_threads(2)
 
@@ -45,14 +44,15 @@ CASES = {
 }
 
 
-def make_hf(case: str, seed: int, vocab: int = 96, layers: int = 2):
-    """A tiny random transformers model in float32 with random (non-unit) norm weights."""
+def make_hf(case: str, seed: int, vocab: int = 96, layers: int = 2, intermediate: int = 64, **overrides):
+    """A tiny random transformers model in float32 with random (non-unit) norm weights (``overrides``: config
+    fields of the case to change, e.g. ``hidden_size``)."""
     cfg_cls, model_cls, kw = CASES[case]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_cls)(
-        vocab_size=vocab, intermediate_size=64, num_hidden_layers=layers, max_position_embeddings=4096,
+        vocab_size=vocab, intermediate_size=intermediate, num_hidden_layers=layers, max_position_embeddings=4096,
         rms_norm_eps=1e-5, attn_implementation="eager", bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        **kw)
+        **{**kw, **overrides})
     model = getattr(transformers, model_cls)(cfg).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

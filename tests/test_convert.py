@@ -16,12 +16,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import save_file
 
 import jaxdlm
-from convert_weights import ConversionError, main
+from convert_weights import ConversionError, convert, main
 from convert_weights.safetensors_io import read_header
-from hf_models import hf_config_dict, hf_logits, hf_tensors, make_hf, rel_err
+from hf_models import hf_config_dict, hf_logits, hf_tensors, make_hf
+from numerics import rel_err
 from jaxdlm.checkpoint import load_arrays
 from jaxdlm.model import forward
 
@@ -322,6 +324,24 @@ def _break(kind, hf_dir: Path, tensors, hf, rng, tmp_path):
         return [hf_dir, out, "--lora", hf_dir / "adapter"], ["layer 2", "2 layers"]
     if kind == "lora_missing_dir":
         return [hf_dir, out, "--lora", tmp_path / "no_adapter"], ["no_adapter", "does not exist"]
+    if kind == "quantize_float32":
+        return [hf_dir, out, "--quantize", "int8", "--dtype", "float32"], ["--quantize int8", "--dtype float32 asks "
+                                                                           "for full precision"]
+    if kind == "quantize_keep_float32":
+        return [hf_dir, out, "--quantize", "fp8"], ["the checkpoint is float32", "add --dtype bfloat16"]
+    if kind == "quantize_int4_groups":
+        return [hf_dir, out, "--quantize", "int4", "--dtype", "bfloat16"], ["--quantize int4", "hidden_size = 48 is "
+                                                                            "not a multiple of 128: use int8 or fp8"]
+    if kind == "quantize_head_alone":
+        return [hf_dir, out, "--quantize-head"], ["--quantize-head needs --quantize"]
+    if kind == "quantized_source":
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        (hf_dir / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "fp8"}}))
+        return [hf_dir, out, "--quantize", "int8", "--dtype", "bfloat16"], ["already quantized", "quant_method fp8"]
+    if kind == "quantize_jaxdlm_checkpoint":
+        assert main([str(hf_dir), str(tmp_path / "q8"), "--quiet", "--dtype", "bfloat16", "--quantize", "int8"]) == 0
+        return [tmp_path / "q8", out, "--quantize", "int8"], ["is a jaxdlm checkpoint (int8 quantized",
+                                                              "not a Hugging Face folder"]
     raise AssertionError(kind)
 
 
@@ -336,7 +356,8 @@ class _Payload:
 BAD = ["missing_dir", "missing_config", "model_type", "missing_tensor", "unexpected_tensor", "shape", "dtype",
        "mixed_dtype_keep", "truncated", "corrupted", "missing_shard", "pickles_only", "out_exists",
        "overwrite_foreign", "out_inside", "out_same", "lora_rank", "lora_targets", "lora_layers",
-       "lora_extra_layer", "lora_missing_dir"]
+       "lora_extra_layer", "lora_missing_dir", "quantize_float32", "quantize_keep_float32", "quantize_int4_groups",
+       "quantize_head_alone", "quantized_source", "quantize_jaxdlm_checkpoint"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -423,6 +444,49 @@ def test_command_line_subprocess(tiny, tmp_path):
     assert "converted" in good.stdout and good.stderr == ""  # no progress bar when stderr is not a terminal
     assert read_header(str(hf_dir / "model.safetensors"))  # input untouched and still valid
     assert jaxdlm.load(tmp_path / "out").config.num_layers == 2
+
+
+def test_unknown_quantization_scheme_is_an_argument_error(tiny, tmp_path, capsys):
+    hf_dir, _, _ = tiny
+    with pytest.raises(SystemExit) as e:
+        main([str(hf_dir), str(tmp_path / "out"), "--quantize", "int3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "argument --quantize: invalid choice: 'int3' (choose from 'int8', 'int4', 'fp8')" in err
+    with pytest.raises(ConversionError, match="--quantize 'nf4' is not a quantization scheme; choose one of int8, "
+                                              "int4, fp8"):
+        convert(hf_dir, tmp_path / "out", quantize="nf4", log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_conversion_equals_quantizing_on_load(tmp_path, seed, capsys):
+    """--quantize in the converter and jaxdlm.load(quantize=) give the same bits (from a float32 source: both
+    quantize the bfloat16 weight); the scheme is in jaxdlm.json."""
+    hf = make_hf("nld", seed, vocab=32, intermediate=256, hidden_size=128, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=64)
+    write_nld(tmp_path / "hf", hf)
+    convert_ok(tmp_path / "hf", tmp_path / "f32", capsys)
+    for scheme, head in (("int8", False), ("int4", True), ("fp8", False)):
+        out = tmp_path / f"{scheme}"
+        convert_ok(tmp_path / "hf", out, capsys, "--dtype", "bfloat16", "--quantize", scheme,
+                   *(["--quantize-head"] if head else []))
+        meta = json.loads((out / "jaxdlm.json").read_text())
+        assert meta["quantization"] == {"scheme": scheme, "head": head, "group_size": 128 if scheme == "int4" else None}
+        assert meta["format_version"] == 2 and meta["dtype"] == "bfloat16"
+        storage = {"int8": "int8", "int4": "int4", "fp8": "float8_e4m3fn"}[scheme]
+        assert meta["arrays"]["layers/up_proj"]["dtype"] == storage and meta["arrays"]["layers/up_proj"]["shape"] == [
+            2, 128, 256]
+        assert meta["arrays"]["layers/down_proj_scale"]["shape"] == [2, 2 if scheme == "int4" else 1, 128]
+        assert ("head_scale" in json.dumps(meta["arrays"])) == head
+        converted = jaxdlm.load(out)
+        on_load = jaxdlm.load(tmp_path / "f32", quantize=converted.quant)
+        assert converted.quant == on_load.quant and converted.dtype == on_load.dtype == jnp.bfloat16
+        a, b = nnx.to_flat_state(converted.params), nnx.to_flat_state(on_load.params)
+        assert [p for p, _ in a] == [p for p, _ in b]
+        for (path, x), (_, y) in zip(a, b):
+            x, y = np.asarray(x[...]), np.asarray(y[...])
+            assert x.dtype == y.dtype and x.shape == y.shape, path
+            np.testing.assert_array_equal(x.astype(np.float32), y.astype(np.float32), err_msg=str(path))
 
 
 def test_reader_agrees_with_safetensors(tmp_path, rng):

@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -144,6 +145,7 @@ def test_cli_silences_transformers_advice_on_missing_torch(monkeypatch, capsys):
     (["generate", "--prompt", "x", "--policy", "nope"], "invalid choice: 'nope' (choose from 'confidence', 'margin'"),
     (["generate", "--prompt", "x", "--margin", "1.5"], "1.5 is out of range; expected a number in [0, 1]"),
     (["generate", "--prompt", "x", "--entropy-bound", "-1"], "expected a number >= 0"),
+    (["generate", "--prompt", "x", "--quantize", "int3"], "invalid choice: 'int3' (choose from 'int8', 'int4', 'fp8')"),
     (["generate"], "the following arguments are required: --prompt"),
     (["demo", "--prompt-index", "-1"], "expected an integer >= 0"),
     (["demo", "--num-prompts", "0"], "expected an integer >= 1"),
@@ -162,6 +164,9 @@ def test_bad_arguments_exit_2_with_one_line(argv, allowed, capsys):
     (["generate", "--checkpoint", "{tmp}/missing", "--prompt", "x"], "{tmp}/missing does not exist"),
     (["generate", "--prompt", "x", "--steps-per-block", "3"], "--steps-per-block=3 sets the fixed schedule: it needs "
                                                               "--threshold none (got --threshold 0.9)"),
+    (["generate", "--prompt", "x", "--quantize", "int8", "--dtype", "float32"],
+     "--quantize int8 dequantizes its weights into bfloat16 activations, and --dtype float32 asks for full precision"),
+    (["generate", "--prompt", "x", "--quantize-head"], "--quantize-head needs --quantize int8, int4 or fp8"),
     (["info", "--config", "{tmp}/missing"], "--config {tmp}/missing does not exist"),
     (["demo", "--prompt-index", "15", "--num-prompts", "2"], "the index must lie in [0, 15]"),
     (["train", "{tmp}/missing.toml"], "config file not found"),
@@ -256,8 +261,34 @@ def test_generate_command_passes_the_diffusion_policy(seed):
 
 
 def test_cli_choices_follow_the_library():
-    """The CLI keeps its own copies of the mode and policy names (argparse runs before jax is imported)."""
+    """The CLI keeps its own copies of the mode, policy and quantization names (argparse runs before jax is
+    imported)."""
+    from convert_weights import core
+    from jaxdlm import quant
     from jaxdlm.generation import api, diffusion
 
     assert cli.DIFFUSION_POLICIES == diffusion.POLICIES
     assert cli.GEN_MODES + ("auto",) == api.MODES
+    assert cli.QUANTIZE == core.QUANTIZE == quant.SCHEMES
+
+
+def test_generate_quantize_loads_the_checkpoint_quantized(tmp_path, seed, monkeypatch, capsys):
+    """--quantize (and --quantize-head) quantize a float checkpoint while loading, computing in bfloat16; an
+    already quantized checkpoint loads as it is and refuses a second --quantize."""
+    model = tiny_model(seed)
+    model.tokenizer = tiny_tokenizer()
+    path = jaxdlm.save(model, tmp_path / "ckpt")
+    seen = []
+    monkeypatch.setattr(cli, "run_generate", lambda m, tok, args: seen.append(m))
+    base = ["generate", "--checkpoint", str(path), "--prompt", "w5", "--no-compile-cache"]
+    assert cli.main(base + ["--quantize", "fp8", "--quantize-head"]) == 0
+    assert seen[-1].quant == jaxdlm.quant.Quantization("fp8", head=True) and seen[-1].dtype == jnp.bfloat16
+    assert seen[-1].params["head"][...].dtype == jnp.float8_e4m3fn
+    quantized = jaxdlm.save(seen[-1], tmp_path / "fp8")
+    assert cli.main(["info", "--config", str(quantized), "--no-compile-cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"] == {"scheme": "fp8", "head": True, "group_size": None}
+    assert cli.main(base[:2] + [str(quantized)] + base[3:]) == 0
+    assert seen[-1].quant.scheme == "fp8"
+    assert cli.main(base[:2] + [str(quantized)] + base[3:] + ["--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is already quantized (fp8 with the head); load it without quantize=" in err

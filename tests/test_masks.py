@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxdlm import KVCache, forward
-from hf_models import hf_logits, jax_twin, make_hf, rel_err
+from hf_models import hf_logits, jax_twin, make_hf
+from numerics import rel_err
 
 TOL = 1e-5
 RULES = ("xt_xt", "xt_x0", "x0_x0", "x0_xt")

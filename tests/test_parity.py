@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from jaxdlm.attention import masks
-from hf_models import CASES, hf_logits, jax_twin, make_hf, rel_err
+from hf_models import CASES, hf_logits, jax_twin, make_hf
+from numerics import rel_err
 
 TOL = 1e-5
 
