@@ -31,12 +31,13 @@ import datetime
 import json
 import os
 import sys
-import sysconfig
 import time
 
 import numpy as np
 
 from bench_generate import versions, write_json
+
+from jaxdlm.default import heldout_source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_FILES = os.path.join(HERE, "small_scale", "data_bytes", "eval_files.txt")
@@ -49,15 +50,9 @@ def heldout_windows(tokenizer, count: int, length: int) -> np.ndarray:
     file, at evenly spaced positions over all of them."""
     with open(EVAL_FILES, encoding="utf-8") as f:
         rels = [line.strip() for line in f if line.strip()]
-    stdlib = sysconfig.get_paths()["stdlib"]
     cands = []
     for rel in rels:
-        path = os.path.join(stdlib, rel)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the held-out windows need the CPython 3.11 stdlib files of "
-                                    f"{EVAL_FILES}")
-        with open(path, encoding="utf-8") as f:
-            ids = tokenizer(f.read())["input_ids"]
+        ids = tokenizer(heldout_source(rel).decode("utf-8"))["input_ids"]
         cands += [ids[s:s + length] for s in range(0, len(ids) - length + 1, length)]
     if len(cands) < count:
         raise ValueError(f"only {len(cands)} held-out windows of {length} tokens; ask for fewer --windows")

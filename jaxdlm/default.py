@@ -40,6 +40,18 @@ def heldout_prompts() -> list[str]:
         return list(json.load(f)["prompts"])
 
 
+def heldout_source(rel: str) -> bytes:
+    """The bytes of a held-out stdlib file, ``rel`` relative to this interpreter's stdlib folder (the study's data
+    lists name them so); ``FileNotFoundError`` naming the path when this interpreter lacks it (the model was
+    trained on CPython 3.11's stdlib)."""
+    import sysconfig
+
+    path = Path(sysconfig.get_paths()["stdlib"]) / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the held-out texts are read from the CPython 3.11 stdlib")
+    return path.read_bytes()
+
+
 def load_default(*, dtype=None, **kwargs):
     """Loads the embedded default model.
 

@@ -242,21 +242,11 @@ def package_prompts(model, new: int) -> tuple[np.ndarray, np.ndarray]:
     """The 16 package prompts ``[16, 128]`` and their true continuations ``[16, new]`` (byte ids), each read
     after the prompt's first occurrence in the held-out stdlib file it was cut from; -1 past the file's end
     (one prompt ends 26 bytes before its file does)."""
-    import sysconfig
-
-    from jaxdlm.default import default_model_path, heldout_prompts
+    from jaxdlm.default import default_model_path, heldout_prompts, heldout_source
 
     with open(default_model_path() / "heldout_prompts.json", encoding="utf-8") as f:
         files = json.load(f)["files"]
-    stdlib = sysconfig.get_paths()["stdlib"]
-    raws = []
-    for rel in files:
-        path = os.path.join(stdlib, rel)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the true continuations need the CPython 3.11 stdlib the "
-                                    f"prompts were cut from")
-        with open(path, "rb") as f:
-            raws.append(f.read())
+    raws = [heldout_source(rel) for rel in files]
     prompts, truth = [], []
     for text in heldout_prompts():
         enc = text.encode("utf-8")
