@@ -20,8 +20,9 @@
 #             each: HBM floor of each run's own weight bytes, t1 / t32 at context 128, AR and linear_spec tokens/s;
 #             then quant_compare.md, the side-by-side table. --tiny as a third argument runs it on tiny shapes.
 #
-# Each step is bounded by `timeout` so a slow one cannot take the rest with it; logs and result JSONs go
-# to OUTDIR (the device tool's $OUT), to be copied into experiments/results/ and committed.
+# Each step is bounded by `timeout` so a slow one cannot take the rest with it. env.log, steps.log and the
+# result files go to OUTDIR (the device tool's $OUT; at most 8 files per part), to be copied into
+# experiments/results/ and committed.
 set -uo pipefail
 PART=${1:?PART: bandwidth | check | gen4_16 | attention | quant}
 OUT=${2:?OUTDIR}
@@ -29,11 +30,15 @@ TINY=${3:-}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to OUT/NAME.log, report the exit status
-  local lim=$1 name=$2; shift 2
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, append its output to OUT/steps.log (one log:
+          # the device tool brings back at most 8 files), report the exit status
+  local lim=$1 name=$2 log rc; shift 2
+  log=$(mktemp)
   echo "== $name (limit ${lim}s): $*"
-  timeout "$lim" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name exit $? after ${SECONDS}s"; tail -n 15 "$OUT/$name.log"
+  timeout "$lim" "$@" > "$log" 2>&1
+  rc=$?
+  { echo "== $name (limit ${lim}s) exit $rc after ${SECONDS}s: $*"; cat "$log"; } >> "$OUT/steps.log"
+  echo "== $name exit $rc after ${SECONDS}s"; tail -n 15 "$log"; rm -f "$log"
 }
 case "$PART" in
   bandwidth)
