@@ -229,6 +229,20 @@ def test_bad_input_one_clear_error_nothing_written(tmp_path, seed):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "q8"]
 
 
+def test_training_refuses_quantized_params(seed):
+    """A train state of fp8 weights would cast them to float32 without their scales: refused, naming a scale."""
+    import optax
+
+    from jaxdlm.training.step import init_state
+
+    state = init_state(Model.init(CFG, seed=seed).params, optax.sgd(1e-3), seed)  # float params: accepted
+    assert state["params"]["layers"]["q_proj"][...].dtype == jnp.float32
+    for scheme in ("fp8", "int8"):
+        with pytest.raises(ValueError, match=r"params hold quantized weights \(layers/\w+_scale\): training needs "
+                                             r"float parameters"):
+            init_state(Model.init(CFG, seed=seed, quantize=scheme).params, optax.sgd(1e-3), seed)
+
+
 def test_scales_are_sharded_like_their_weights_output_axis(seed, rng, tmp_path):
     from jax.sharding import PartitionSpec as P
 

@@ -106,12 +106,24 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> dict:
-    """A fresh train state around float32 ``params`` (an ``nnx.State`` or any pytree)."""
+    """A fresh train state around float32 ``params`` (an ``nnx.State`` or any pytree).  Quantized weights
+    (:mod:`jaxdlm.quant`) are refused: their scales live apart and a cast to float32 would silently drop them."""
+    _refuse_quantized(params)
     # a copy: the jitted step donates the state, which must not delete the caller's model params
     params = jax.tree.map(lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
                           params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": jax.random.PRNGKey(seed)}
+
+
+def _refuse_quantized(params) -> None:
+    from jaxdlm.quant import SCALE_SUFFIX
+
+    for path, _ in jax.tree_util.tree_leaves_with_path(params):
+        name = "/".join(key for k in path if not (key := str(getattr(k, "key", k))).startswith("."))
+        if name.endswith(SCALE_SUFFIX):
+            raise ValueError(f"params hold quantized weights ({name}): training needs float parameters; train "
+                             "the float model and quantize afterwards (jaxdlm.quant.quantize_model)")
 
 
 def cast_floating(tree, dtype):
