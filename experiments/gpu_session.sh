@@ -4,6 +4,7 @@
 # transformers and torch; jaxdlm is used from the checkout, not installed):
 #
 #   bash experiments/gpu_session.sh PART OUTDIR      # PART = bandwidth | check | gen4_16 | attention | quant
+#                                                    #        | train_default
 #
 # bandwidth - decode at the memory-bandwidth limit (issue 13), under 8 minutes in all: the in-place stacked-cache
 #             kernels' tests compiled for the GPU; decode attention per layer (timed over many layers in one
@@ -19,12 +20,19 @@
 #             bf16, int8, int4 and int4 with the grouped matmul form (JAXDLM_INT4_MATMUL=grouped), one process
 #             each: HBM floor of each run's own weight bytes, t1 / t32 at context 128, AR and linear_spec tokens/s;
 #             then quant_compare.md, the side-by-side table. --tiny as a third argument runs it on tiny shapes.
+# train_default - the GPU-trained default model (issue 16 part 2, experiments/gpu_default/README.md), about 9
+#             minutes in all: corpus of the installed packages (held-out packages apart), AR pretraining, conversion
+#             (joint loss), self-distillation, draft LoRA, the bar on held-out code against today's default, and
+#             the checkpoint (bf16, params + LoRA + tokenizer) packed as OUTDIR/model.tar.partK-of-N (<= 5 files of
+#             15 MiB) next to eval.json, steps.log, env.log. Work files go to $GD_WORK (default /tmp/jaxdlm_gd).
+#             GD_CORPUS (build_corpus.py options) and GD_SET (render_configs.py --set items) rescale it.
+#             --tiny as a third argument runs it all on tiny sizes (CPU dry-run, ~2 minutes on 2 cores).
 #
 # Each step is bounded by `timeout` so a slow one cannot take the rest with it. env.log, steps.log and the
 # result files go to OUTDIR (the device tool's $OUT; at most 8 files per part), to be copied into
 # experiments/results/ and committed.
 set -uo pipefail
-PART=${1:?PART: bandwidth | check | gen4_16 | attention | quant}
+PART=${1:?PART: bandwidth | check | gen4_16 | attention | quant | train_default}
 OUT=${2:?OUTDIR}
 TINY=${3:-}
 mkdir -p "$OUT"
@@ -82,5 +90,42 @@ case "$PART" in
     step 110 quant_int4_grouped env JAXDLM_INT4_MATMUL=grouped $PY experiments/bench_generate.py "${QGEN[@]}" --quantize int4 --out "$OUT/bench_generate_quant_int4_grouped.json"
     step 20 quant_compare sh -c "$PY experiments/bench_generate.py --compare $(printf "$OUT/bench_generate_quant_%s.json " bf16 int8 int4 int4_grouped) --out $OUT/quant_compare.md"
     ;;
-  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant)"; exit 2 ;;
+  train_default)
+    { nvidia-smi; $PY -c "import jax, flax, optax, orbax.checkpoint, tokenizers, transformers; print(jax.__version__, jax.devices(), flax.__version__)"; } > "$OUT/env.log" 2>&1
+    cat "$OUT/env.log"
+    G=experiments/gpu_default W=${GD_WORK:-/tmp/jaxdlm_gd}
+    rm -rf "$W"; mkdir -p "$W"
+    # limits (s) of corpus, ar, convert, greedy, distill, greedy, lora, eval, checkpoint; all steps: 540 s
+    L=(60 170 70 30 50 25 40 40 30)
+    CORPUS=(--stdlib ${GD_CORPUS:-})
+    DISTILL=(--rows 6144 --prompt-len 128 --new 128 --batch 512)
+    LORA=(--rows 1024 --prompt-len 128 --new 384 --batch 256)
+    RENDER=(--work "$W" --out-dir "$W/cfg")
+    EVAL=(--quick)
+    for s in ${GD_SET:-}; do RENDER+=(--set "$s"); done
+    if [ -n "$TINY" ]; then
+      L=(120 120 60 60 60 60 60 150 60)
+      CORPUS=(--max-bytes 2000000 --max-eval-bytes 400000 --layers 2 --hidden 64 --heads 2 --head-dim 32 --kv-heads 1
+              --intermediate 128 ${GD_CORPUS:-})
+      DISTILL=(--rows 16 --prompt-len 64 --new 64 --batch 16)
+      LORA=(--rows 16 --prompt-len 64 --new 64 --batch 16)
+      RENDER+=(--tiny)
+      EVAL=(--quick --new 32)
+    fi
+    step ${L[0]} corpus $PY $G/build_corpus.py --out "$W/data" "${CORPUS[@]}"
+    step 10 configs $PY $G/render_configs.py "${RENDER[@]}"
+    step ${L[1]} ar_pretrain $PY -m jaxdlm.training.run "$W/cfg/ar_pretrain.toml" --no-progress
+    step ${L[2]} convert $PY -m jaxdlm.training.run "$W/cfg/convert.toml" --no-progress
+    step ${L[3]} greedy_distill $PY experiments/small_scale/gen_greedy.py "$W/runs/convert" "$W/greedy_distill.npy" \
+      --train "$W/data/train.npy" --seed 5 "${DISTILL[@]}"
+    step ${L[4]} distill $PY -m jaxdlm.training.run "$W/cfg/distill.toml" --no-progress
+    step ${L[5]} greedy_lora $PY experiments/small_scale/gen_greedy.py "$W/runs/distill" "$W/greedy_lora.npy" \
+      --train "$W/data/train.npy" --seed 0 "${LORA[@]}"
+    step ${L[6]} lora_draft $PY -m jaxdlm.training.run "$W/cfg/lora_draft.toml" --no-progress
+    step ${L[8]} checkpoint $PY $G/pack.py checkpoint "$W/runs/lora_draft" "$W/ckpt" --data "$W/data" --dtype bfloat16
+    step 15 pack $PY $G/pack.py pack "$W/ckpt" "$OUT/model"
+    step ${L[7]} eval $PY $G/eval_heldout.py "$W/ckpt" default --prompts-json "$W/data/heldout_prompts.json" \
+      "${EVAL[@]}" --out "$OUT/eval.json"
+    ;;
+  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant | train_default)"; exit 2 ;;
 esac

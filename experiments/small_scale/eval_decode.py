@@ -267,12 +267,22 @@ def policy_sweep(new: int, block: int) -> dict:
 
     model = jaxdlm.load_default()
     prompts, truth = package_prompts(model, new)
+    return sweep_policies(model, prompts, truth, new, block)
+
+
+def sweep_policies(model, prompts: np.ndarray, truth: np.ndarray, new: int, block: int, sweeps=None) -> dict:
+    """Every policy's knob sweep (``sweeps``: ``{policy: (knob, values)}``, default ``POLICY_SWEEPS``) on ``model``
+    and ``prompts [B, P]`` with true continuations ``truth [B, new]`` (-1 = missing): AR, every point, the truth's
+    row, the bar and the best point per policy."""
+    import jaxdlm
+
+    sweeps = POLICY_SWEEPS if sweeps is None else sweeps
     common = dict(max_new_tokens=new, block_length=block, eos_token_id=(), temperature=0.0, seed=0)
     t0 = time.perf_counter()
     ar = jaxdlm.generate(model, prompts, mode="ar", **common)
     ar_tokens = ar.tokens[:, :new]
     rows = [{**_row("ar", ar, ar_tokens, truth, time.perf_counter() - t0), "policy": None}]
-    for policy, (knob, values) in POLICY_SWEEPS.items():
+    for policy, (knob, values) in sweeps.items():
         for v in values:
             t0 = time.perf_counter()
             r = jaxdlm.generate(model, prompts, mode="diffusion", policy=policy, **{knob: v}, **common)
@@ -285,7 +295,7 @@ def policy_sweep(new: int, block: int) -> dict:
                  "repeat_frac": repeat_frac(truth), "loop_frac": loop_frac(truth), "bytes": int(np.sum(truth >= 0))}
     bar_repeat = BAR_REPEAT * max(truth_row["repeat_frac"], rows[0]["repeat_frac"])
     best = {}
-    for policy in POLICY_SWEEPS:
+    for policy in sweeps:
         pts = [m for m in rows if m["policy"] == policy]
         ok = [m for m in pts if m["repeat_frac"] <= bar_repeat]
         # best point: the fastest within the repeat bound, else the least repetitive
@@ -293,7 +303,7 @@ def policy_sweep(new: int, block: int) -> dict:
         best[policy] = {**pick, "meets_bar": bool(ok) and pick["tpf"] >= BAR_TPF}
     return {"prompts": len(prompts), "prompt_len": int(prompts.shape[1]), "max_new_tokens": new,
             "block_length": block, "truth": truth_row, "bar": {"tpf": BAR_TPF, "repeat_frac": bar_repeat},
-            "sweeps": {p: {"knob": k, "values": v} for p, (k, v) in POLICY_SWEEPS.items()}, "rows": rows,
+            "sweeps": {p: {"knob": k, "values": v} for p, (k, v) in sweeps.items()}, "rows": rows,
             "best": best}
 
 
