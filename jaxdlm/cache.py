@@ -63,7 +63,7 @@ def write(buffer: jax.Array, layer, new: jax.Array, start: jax.Array) -> jax.Arr
     Python int or a traced index.
     """
     b, t = new.shape[:2]
-    rows = jnp.arange(b)[:, None]
-    cols = start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
-    # advanced indices (layer, rows, cols) around a slice: the indexed view is [B, T, KVH, D], as `new`
-    return buffer.at[layer, rows, :, cols].set(new.astype(buffer.dtype), mode="drop")
+    rows_Bx1 = jnp.arange(b)[:, None]
+    slots_BxT = start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
+    # advanced indices (layer, rows, slots) around a slice: the indexed view is [B, T, KVH, D], as `new`
+    return buffer.at[layer, rows_Bx1, :, slots_BxT].set(new.astype(buffer.dtype), mode="drop")

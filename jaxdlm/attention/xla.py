@@ -28,17 +28,18 @@ def attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, *, scale: float, sl
     b, t, h, d = q.shape
     kvh = k.shape[1 if heads_major else 2]
     kv = "bksd" if heads_major else "bskd"
-    qg = q.reshape(b, t, kvh, h // kvh, d)
+    q_BxTxKxGxD = q.reshape(b, t, kvh, h // kvh, d)
     # Layouts [B, KVH, T, G, S] and [B, KVH, T, G, D] are the natural outputs of XLA's dot (batch dims,
     # then the free dims in operand order): other orders add a transpose of the [T, S] scores per layer,
     # which cost more than the two products on a CPU (7x slower attention at T = S ~ 1000).
-    scores = jnp.einsum(f"btkgd,{kv}->bktgs", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = allowed(q_info, k_info, sliding_window)[:, None, :, None, :]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(scores - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum(f"bktgs,{kv}->bktgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
+    s_BxKxTxGxS = jnp.einsum(f"btkgd,{kv}->bktgs", q_BxTxKxGxD, k, preferred_element_type=jnp.float32) * scale
+    mask_Bx1xTx1xS = allowed(q_info, k_info, sliding_window)[:, None, :, None, :]
+    s_BxKxTxGxS = jnp.where(mask_Bx1xTx1xS, s_BxKxTxGxS, -jnp.inf)
+    max_BxKxTxGx1 = jnp.max(s_BxKxTxGxS, axis=-1, keepdims=True)
+    max_BxKxTxGx1 = jnp.where(jnp.isfinite(max_BxKxTxGx1), max_BxKxTxGx1, 0.0)  # a row that sees no key
+    p_BxKxTxGxS = jnp.exp(s_BxKxTxGxS - max_BxKxTxGx1)
+    denom_BxKxTxGx1 = jnp.sum(p_BxKxTxGxS, axis=-1, keepdims=True)
+    p_BxKxTxGxS = p_BxKxTxGxS / jnp.where(denom_BxKxTxGx1 > 0, denom_BxKxTxGx1, 1.0)
+    out_BxKxTxGxD = jnp.einsum(f"bktgs,{kv}->bktgd", p_BxKxTxGxS.astype(v.dtype), v,
+                               preferred_element_type=jnp.float32)
+    return out_BxKxTxGxD.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
