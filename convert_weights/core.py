@@ -443,18 +443,7 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
     hf, out = Path(hf_dir), Path(out_dir)
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    quant = _quantization(quantize, quantize_head, dtype)
-    _check_paths(hf, out, overwrite)
-    _refuse_quantized(hf)
-    config = _load_config(hf)
-    entries = find_tensors(hf)
-    groups = plan(config, entries)
-    out_dtype = output_dtype(dtype, groups, entries)
-    if quant is not None:
-        _plan_quantized(quant, config, groups, out_dtype)
-
+    quant, config, entries, groups, out_dtype = _checked_plan(hf, out, dtype, quantize, quantize_head, overwrite)
     lora_dir = _lora_dir(hf, lora, say)
     lora_params = read_lora(lora_dir, config, out_dtype) if lora_dir is not None else None
 
@@ -480,12 +469,32 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
         })
     seconds = time.perf_counter() - t0
     say(f"converted {sum(len(g.specs) for g in groups)} tensors ({total / 1e9:.2f} GB, {config.model_type}, "
-        f"{config.num_layers} layers) to {out} as {out_dtype.name}"
-        + (f" with {quant.describe()} weights" if quant is not None else "") + f" in {seconds:.1f} s"
-        + (f"; draft LoRA rank {lora_params.rank}, scale {float(lora_params.scale):g}" if lora_params is not None
-           else "")
-        + (f"; tokenizer files: {', '.join(copied)}" if copied else "; no tokenizer files"))
+        f"{config.num_layers} layers) to {out} as {out_dtype.name}" + _summary_tail(quant, seconds, lora_params, copied))
     return {**meta, "seconds": seconds, "bytes_read": total}
+
+
+def _checked_plan(hf: Path, out: Path, dtype: str, quantize, quantize_head: bool, overwrite: bool):
+    """Every check that needs no writing, then the plan: ``(quant, config, entries, groups, out_dtype)``."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    quant = _quantization(quantize, quantize_head, dtype)
+    _check_paths(hf, out, overwrite)
+    _refuse_quantized(hf)
+    config = _load_config(hf)
+    entries = find_tensors(hf)
+    groups = plan(config, entries)
+    out_dtype = output_dtype(dtype, groups, entries)
+    if quant is not None:
+        _plan_quantized(quant, config, groups, out_dtype)
+    return quant, config, entries, groups, out_dtype
+
+
+def _summary_tail(quant, seconds: float, lora_params, copied) -> str:
+    """The end of the converter's one-line summary: quantization, time, draft LoRA, tokenizer files."""
+    return ((f" with {quant.describe()} weights" if quant is not None else "") + f" in {seconds:.1f} s"
+            + (f"; draft LoRA rank {lora_params.rank}, scale {float(lora_params.scale):g}" if lora_params is not None
+               else "")
+            + (f"; tokenizer files: {', '.join(copied)}" if copied else "; no tokenizer files"))
 
 
 def _quantization(quantize, head: bool, dtype: str):
