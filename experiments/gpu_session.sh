@@ -124,7 +124,7 @@ case "$PART" in
     step ${L[6]} lora_draft $PY -m jaxdlm.training.run "$W/cfg/lora_draft.toml" --no-progress
     step ${L[8]} checkpoint $PY $G/pack.py checkpoint "$W/runs/lora_draft" "$W/ckpt" --data "$W/data" --dtype bfloat16
     step 15 pack $PY $G/pack.py pack "$W/ckpt" "$OUT/model"
-    step ${L[7]} eval $PY $G/eval_heldout.py "$W/ckpt" default --prompts-json "$W/data/heldout_prompts.json" \
+    step ${L[7]} eval $PY experiments/small_scale/eval_heldout.py "$W/ckpt" default --prompts-json "$W/data/heldout_prompts.json" \
       "${EVAL[@]}" --out "$OUT/eval.json"
     ;;
   *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant | train_default)"; exit 2 ;;

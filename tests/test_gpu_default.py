@@ -1,20 +1,27 @@
 """The GPU default-model pipeline's CPU-side pieces (experiments/gpu_default): pack/unpack round trip, the corpus
 hold-out on a fake site-packages tree, and the config renderer."""
 
+import importlib.util
 import json
 import os
-import sys
 import tomllib
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments", "gpu_default"))
 
-import build_corpus  # noqa: E402
-import pack  # noqa: E402
-import render_configs  # noqa: E402
+
+def _script(name: str):
+    """An experiments/gpu_default script loaded as a module from its file (sys.path untouched)."""
+    spec = importlib.util.spec_from_file_location(f"gpu_default_{name}",
+                                                  os.path.join(ROOT, "experiments", "gpu_default", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_corpus, pack, render_configs = _script("build_corpus"), _script("pack"), _script("render_configs")
 
 
 def test_pack_unpack_round_trip(tmp_path):
@@ -72,6 +79,12 @@ def test_corpus_holds_out_whole_packages(tmp_path):
     text = bytes(inv[train[train > 3]]).decode()
     assert "# mylib" in text and "# jaxonomy" in text
     assert not any(f"# {p}\n" in text or f"# {p} module" in text for p in ("jax", "torch", "numpy", "heldpkg"))
+    from jaxdlm.training.data import SPECIAL_TOKENS, tokenizer_from_file
+
+    tok = tokenizer_from_file(out / "tokenizer.json")  # as the checkpoint export loads it
+    assert [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.mask_token_id] == [0, 1, 2, 3]
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == list(SPECIAL_TOKENS)
+    assert tok.decode(tok("def g(y):")["input_ids"]) == "def g(y):"
     held = json.loads((out / "heldout_prompts.json").read_text())
     assert len(held["prompts"]) == 2 and all(len(p) == 32 for p in held["prompts"])
     assert all(f.split("/")[1] in stats["eval_modules"] for f in held["files"])

@@ -261,3 +261,19 @@ def test_scales_are_sharded_like_their_weights_output_axis(seed, rng, tmp_path):
     # tensor=2
     with pytest.raises(ValueError, match="does not divide the 3 int4 scale groups of layers/down_proj_scale along mlp"):
         jaxdlm.shard_model(Model.init(CFG, seed=seed, quantize=INT4), mesh)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_quantized_decode_step_is_straight_line_over_the_layers(scheme):
+    """The GPU's layer loop stays a loop-free program with quantized weights (each layer's dequantizing matmuls
+    read static slices of the stacked arrays)."""
+    from jaxdlm import KVCache
+
+    quant = Quantization(scheme, group_size=16) if scheme == "int4" else Quantization(scheme)
+    model = Model.init(CFG, quantize=quant, dtype=jnp.bfloat16)
+    step = jax.jit(lambda p, t, c: forward(nnx.merge(model.graphdef, p), t, kind="causal", cache=c,
+                                           layers="unrolled", impl="xla"))
+    text = step.lower(model.params, jnp.ones((1, 1), jnp.int32), KVCache.init(CFG, 1, 64, jnp.bfloat16)).as_text()
+    assert "stablehlo.while" not in text
+    storage = {"int8": "i8", "int4": "i4", "fp8": "f8E4M3FN"}[scheme]
+    assert f"x{storage}>" in text  # the weights enter the program quantized (no float copy made outside)

@@ -10,7 +10,7 @@ import pytest
 from jaxdlm import cli
 from jaxdlm.training import checkpointing
 from jaxdlm.training.config import load_config, parse_config
-from jaxdlm.training.run import load_dataset, load_trained, train
+from jaxdlm.training.run import load_dataset, load_trained, run_lineage, train
 from training_utils import counting_data, tiny_config
 
 
@@ -103,6 +103,9 @@ def test_lora_run_from_a_trained_base(straight_run):
     assert float(np.abs(drafted.lora.b).max()) > 0
     for x, y in zip(jax.tree.leaves(base.params), jax.tree.leaves(drafted.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the base stayed frozen
+    lineage = run_lineage(str(tmp_path / "lora"), str(tmp_path))  # "straight" is relative to the configs
+    assert [os.path.basename(r) for r, _ in lineage] == ["lora", "straight"]
+    assert lineage[0][1]["lora"]["enabled"] and lineage[1][1]["model"]["init"] == "random"
 
 
 BAD = [

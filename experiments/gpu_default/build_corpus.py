@@ -48,10 +48,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from jaxdlm.training.data import SPECIAL_TOKENS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_TOKENIZER = os.path.join(ROOT, "jaxdlm", "default_model", "tokenizer.json")
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<mask>"]
+SPECIALS = list(SPECIAL_TOKENS)
 ALWAYS_HELD_OUT = ("jax", "jaxlib", "jax_plugins", "flax", "flaxlib", "flaxlib_src", "optax", "orbax",
                    "transformers", "numpy", "torch", "torchgen", "functorch", "safetensors", "tokenizers", "jaxdlm")
 DEFAULT_EXTRA_HELD_OUT = ("networkx", "jinja2", "rich", "click", "pyparsing", "dateutil")

@@ -90,31 +90,18 @@ def unpack(prefix: str, dest: str, sha256: str | None = None) -> list[str]:
         return sorted({m.name.split("/")[0] for m in tar.getmembers()})
 
 
-def run_chain(run: str) -> list[dict]:
-    """This run and the runs it was initialised from (absolute ``model.init`` paths), with their train configs."""
-    chain = []
-    while run and os.path.isdir(run):
-        with open(os.path.join(run, "train_config.json"), encoding="utf-8") as f:
-            tc = json.load(f)
-        chain.append({"run": os.path.basename(os.path.normpath(run)), "train_config": tc})
-        init = tc.get("model", {}).get("init", "random")
-        run = None if init == "random" else init
-    return chain
-
-
 def save_checkpoint(run: str, out: str, data_dir: str, dtype: str = "bfloat16") -> int:
     """The run's model with the data's tokenizer as a jaxdlm checkpoint folder; returns its size in bytes."""
-    from transformers import PreTrainedTokenizerFast
-
     import jaxdlm
     from jaxdlm.model import Model
-    from jaxdlm.training.run import load_trained
+    from jaxdlm.training.data import tokenizer_from_file
+    from jaxdlm.training.run import load_trained, run_lineage
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(data_dir, "tokenizer.json"), bos_token="<bos>",
-                                  eos_token="<eos>", pad_token="<pad>", mask_token="<mask>")
+    tok = tokenizer_from_file(os.path.join(data_dir, "tokenizer.json"))
     m = load_trained(run)
     model = Model(m.config, m.graphdef, m.params, lora=m.lora, tokenizer=tok).astype(dtype)
-    extra = {"runs.json": json.dumps(run_chain(run), indent=1)}
+    lineage = [{"run": os.path.basename(os.path.normpath(r)), "train_config": tc} for r, tc in run_lineage(run)]
+    extra = {"runs.json": json.dumps(lineage, indent=1)}
     for name in ("heldout_prompts.json", "data_stats.json"):
         with open(os.path.join(data_dir, name), encoding="utf-8") as f:
             extra[name] = f.read()

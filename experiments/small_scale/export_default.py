@@ -58,30 +58,17 @@ def main(argv=None) -> int:
     ap.add_argument("--config-dir", default=os.path.join(HERE, "configs_bytes"),
                     help="folder the runs' configs live in (their model.init paths are relative to it)")
     args = ap.parse_args(argv)
-    from transformers import PreTrainedTokenizerFast
-
     import jaxdlm
     from jaxdlm.model import Model
-    from jaxdlm.training.run import load_trained
+    from jaxdlm.training.data import tokenizer_from_file
+    from jaxdlm.training.run import load_trained, run_lineage
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(args.data, "tokenizer.json"), bos_token="<bos>",
-                                  eos_token="<eos>", pad_token="<pad>", mask_token="<mask>")
+    tok = tokenizer_from_file(os.path.join(args.data, "tokenizer.json"))
     m = load_trained(args.run)
     model = Model(m.config, m.graphdef, m.params, lora=m.lora, tokenizer=tok)
 
     def rel(p):
         return os.path.relpath(os.path.abspath(p), ROOT)
-
-    def run_chain(run):
-        """This run and the runs it was initialised from, with their train configs."""
-        chain = []
-        while run and os.path.isdir(run):
-            with open(os.path.join(run, "train_config.json"), encoding="utf-8") as f:
-                tc = json.load(f)
-            chain.append({"run": rel(run), "train_config": tc})
-            init = tc.get("model", {}).get("init", "random")
-            run = None if init == "random" else os.path.normpath(os.path.join(args.config_dir, init))
-        return chain
 
     prompts, files = heldout_snippets(args.data, args.prompts, args.prompt_bytes)
     with open(os.path.join(args.data, "data_stats.json"), encoding="utf-8") as f:
@@ -95,7 +82,7 @@ def main(argv=None) -> int:
                         "eos_token_id": "none (the model writes code until max_new_tokens; <eos> ends a file)"},
         "data": {k: stats[k] for k in ("python", "train_files", "eval_files", "train_tokens", "eval_tokens",
                                        "eval_modules")},
-        "runs": run_chain(args.run),
+        "runs": [{"run": rel(r), "train_config": tc} for r, tc in run_lineage(args.run, args.config_dir)],
         "study": "experiments/results/small_scale_bytes.md",
         "command": "python " + " ".join([rel(__file__)] + (argv if argv is not None else sys.argv[1:])),
     }

@@ -28,9 +28,11 @@ import zlib
 
 import numpy as np
 
+from jaxdlm.training.data import SPECIAL_TOKENS
+
 EXCLUDE_TOP = {"test", "encodings", "pydoc_data", "site-packages", "dist-packages", "idlelib", "lib2to3",
                "turtledemo", "tkinter", "ensurepip", "distutils"}
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<mask>"]
+SPECIALS = list(SPECIAL_TOKENS)
 
 
 def stdlib_files() -> list[tuple[str, str]]:

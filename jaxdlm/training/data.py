@@ -16,6 +16,19 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>")  # ids 0..3 of the study's tokenizers (bytes or BPE)
+
+
+def tokenizer_from_file(path: str):
+    """A ``transformers`` fast tokenizer from a ``tokenizers`` JSON file with :data:`SPECIAL_TOKENS` (the study's
+    data preparation writes such files)."""
+    from transformers import PreTrainedTokenizerFast
+
+    pad, bos, eos, mask = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=bos, eos_token=eos, pad_token=pad,
+                                   mask_token=mask)
+
+
 def check_seq_len(seq_len: int, block_size: int) -> None:
     """Raises ``ValueError`` unless ``seq_len`` is a positive multiple of ``block_size``."""
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 1 or seq_len % block_size:

@@ -67,6 +67,20 @@ def load_dataset(cfg, path: str, mcfg, seed: int):
     return data.Dataset.from_dict(data.sft_batch(examples, L, mcfg.block_size, pad_id=pad), seed)
 
 
+def run_lineage(run_dir: str, config_dir: str | None = None) -> list[tuple[str, dict]]:
+    """``(run folder, its train_config.json)`` for ``run_dir`` and each run it started from (``model.init``),
+    newest first.  A relative ``init`` is resolved against ``config_dir`` (the folder of the configs that named
+    it; ``None``: the current directory)."""
+    chain = []
+    while run_dir and os.path.isdir(run_dir):
+        with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
+            tc = json.load(f)
+        chain.append((run_dir, tc))
+        init = tc.get("model", {}).get("init", "random")
+        run_dir = None if init == "random" else os.path.normpath(os.path.join(config_dir or "", init))
+    return chain
+
+
 def load_trained(run_dir: str, step: int | None = None):
     """The :class:`~jaxdlm.model.Model` of a run folder at ``step`` (default: latest checkpoint)."""
     import jax

@@ -14,7 +14,7 @@ fraction <= 1.5 x max(the truth's, AR's).  With two or more models, ``comparison
 rows equal to AR, each policy's best TPF within the bound, the best of them, AR agreement with the truth) and
 whether the first model is at least as good as each other one on every row and meets the bar.
 
-    python experiments/gpu_default/eval_heldout.py MODEL [MODEL ...] --prompts-json DATA/heldout_prompts.json
+    python experiments/small_scale/eval_heldout.py MODEL [MODEL ...] --prompts-json DATA/heldout_prompts.json
       [--tokenizer DATA/tokenizer.json] [--new 128] [--block 32] [--quick] [--out eval.json]
 """
 
@@ -30,9 +30,7 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "small_scale"))
-from eval_decode import POLICY_SWEEPS, _row, sweep_policies  # noqa: E402
+from eval_decode import POLICY_SWEEPS, _row, sweep_policies
 
 LINEAR_SPEC_TPF = 2.0
 QUICK_SWEEPS = {"confidence": ("threshold", [0.7, 0.9, 0.99]), "margin": ("margin", [0.5, 0.9]),
@@ -51,15 +49,12 @@ def load_model(spec: str, tokenizer: str | None):
         raise ValueError(f"MODEL {spec!r} is neither 'default', a jaxdlm checkpoint folder nor a run folder")
     if not tokenizer:
         raise ValueError(f"MODEL {spec!r} is a run folder: give --tokenizer (the data's tokenizer.json)")
-    from transformers import PreTrainedTokenizerFast
-
     from jaxdlm.model import Model
+    from jaxdlm.training.data import tokenizer_from_file
     from jaxdlm.training.run import load_trained
 
     m = load_trained(spec)
-    tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                  mask_token="<mask>")
-    return Model(m.config, m.graphdef, m.params, lora=m.lora, tokenizer=tok)
+    return Model(m.config, m.graphdef, m.params, lora=m.lora, tokenizer=tokenizer_from_file(tokenizer))
 
 
 def encode_prompts(tokenizer, held: dict, new: int) -> tuple[np.ndarray, np.ndarray]:
