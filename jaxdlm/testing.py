@@ -221,6 +221,32 @@ def commit_rule(policy, masked, conf, margin, ent, threshold, margin_cut=None, e
     raise ValueError(f"unknown policy {policy!r}")
 
 
+def commit_gap(policy, masked, conf, margin, ent, commit, threshold, margin_cut=None, entropy_bound=None) -> float:
+    """How close one denoise pass came to another decision: the smallest distance between two scores (or a
+    score and its knob) whose order decides which positions commit or which token each takes.
+
+    A float32 decoder can take another path than this float64 reference only where the gap is within its
+    rounding (~1e-6); tests that compare the two redraw such cases.  ``threshold=None``: the fixed schedule.
+    """
+    cand = [i for i, m in enumerate(masked) if m]
+    gaps = [margin[i] for i in commit]  # the token each committed position takes: its argmax over the runner-up
+    if threshold is None or policy == "entropy":
+        score = conf if threshold is None else -np.asarray(ent)
+        order = sorted(cand, key=lambda i: -score[i])
+        k = len(commit)
+        gaps += [score[order[k - 1]] - score[order[k]]] if k < len(order) else []  # the last in, the first out
+    if policy == "entropy" and threshold is not None:
+        sums = np.cumsum(np.sort([ent[i] for i in cand]))
+        gaps += [abs(s - entropy_bound) for s in sums[1:]]
+    elif policy in ("confidence", "margin", "leftmost") and threshold is not None:
+        score, cut = (margin, margin_cut) if policy == "margin" else (conf, threshold)
+        gaps += [abs(score[i] - cut) for i in cand]
+        best = sorted((score[i] for i in cand), reverse=True)
+        if policy != "leftmost" and len(best) > 1 and best[0] < cut:  # a forced commit: the best of the rest
+            gaps.append(best[0] - best[1])
+    return float(min(gaps, default=np.inf))
+
+
 def finished(out, max_new, eos):
     return any(t in eos for t in out[:max_new]) or len(out) >= max_new
 
@@ -249,7 +275,8 @@ def diffusion_block(R: Reference, ctx, seed, block, threshold, eos=(), steps=Non
     """Denoise one block ``[seed, MASK * (block-1)]`` after ``ctx``: ``(block tokens, denoise passes)``.
 
     ``policy`` picks the commit rule of a pass (``threshold=None``: the fixed schedule of ``steps``
-    steps, by confidence); ``on_pass(blk, masked, x0, conf, commit)`` sees every pass.
+    steps, by confidence); ``on_pass(blk, masked, x0, conf, commit, gap)`` sees every pass after its commits
+    (``gap``: :func:`commit_gap` of the pass).
     """
     blk = [seed] + [R.mask] * (block - 1)
     masked = [False] + [True] * (block - 1)
@@ -262,11 +289,13 @@ def diffusion_block(R: Reference, ctx, seed, block, threshold, eos=(), steps=Non
             commit = sorted(cand, key=lambda i: -conf[i])[:base + (step < rem)]
         else:
             commit = commit_rule(policy, masked, conf, marg, ent, threshold, margin, entropy_bound)
+        if on_pass is not None:
+            gap = commit_gap(policy, masked, conf, marg, ent, commit, threshold, margin, entropy_bound)
         for i in commit:
             blk[i], masked[i] = int(x0[i]), False
         step += 1
         if on_pass is not None:
-            on_pass(blk, masked, x0, conf, sorted(commit))
+            on_pass(blk, masked, x0, conf, sorted(commit), gap)
         first_mask = masked.index(True) if any(masked) else block
         if any(blk[i] in eos for i in range(first_mask)):
             break

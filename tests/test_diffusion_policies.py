@@ -21,6 +21,8 @@ MAX_NEW = 24
 
 KNOB = {"confidence": "threshold", "margin": "margin", "entropy": "entropy_bound", "leftmost": "threshold"}
 SAFE = 1e-4  # every score keeps this distance from a knob: float32 and float64 agree on each comparison
+TIE = 2e-6  # a reference pass decided by a smaller score gap may go another way in float32 (float32 paths
+#                 left the reference at gaps up to 4e-7 in 160 draws; see separated_case)
 
 
 def _far_knob(rng, values, lo, hi):
@@ -77,26 +79,35 @@ def calibrated_model(seed, prompt, block, top=0.75):
     return tiny_model(seed, head_scale=float(scales[int(np.argmin(np.abs(np.asarray(best) - top)))]))
 
 
-def check_policy(model, prompts, block, eos, policy, knob):
-    """Every row of one batched call equals the reference decoder (output and nfe); returns the result and
-    the reference's passes as ``(committed positions, positions masked before the pass)``."""
-    res = jaxdlm.generate(model, prompts, mode="diffusion", max_new_tokens=MAX_NEW, block_length=block,
-                          eos_token_id=eos, policy=policy, **{KNOB[policy]: knob})
+def reference_runs(model, prompts, block, eos, policy, knob):
+    """The plain reference decoder on every prompt: ``(outputs, nfes, passes)``, ``passes`` over all rows as
+    ``(committed positions, positions masked before the pass, commit gap)``."""
     R = Reference(model)
-    passes = []
+    passes, outs, nfes = [], [], []
 
-    def record(blk, masked, x0, conf, commit):
-        passes.append((commit, sorted(commit + [i for i, m in enumerate(masked) if m])))
+    def record(blk, masked, x0, conf, commit, gap):
+        passes.append((commit, sorted(commit + [i for i, m in enumerate(masked) if m]), gap))
 
     own = {KNOB[policy]: knob} if KNOB[policy] != "threshold" else {}
-    for i, p in enumerate(prompts):
+    for p in prompts:
         out, nfe = ref_diffusion(R, p, MAX_NEW, tuple(eos), block, knob if not own else 0.9, policy=policy,
                                  on_pass=record, **own)
+        outs.append(out), nfes.append(nfe)
+    return outs, nfes, passes
+
+
+def check_policy(model, prompts, block, eos, policy, knob, refs=None):
+    """Every row of one batched call equals the reference decoder (output and nfe; ``refs``: its
+    :func:`reference_runs`, when already run); returns the result."""
+    res = jaxdlm.generate(model, prompts, mode="diffusion", max_new_tokens=MAX_NEW, block_length=block,
+                          eos_token_id=eos, policy=policy, **{KNOB[policy]: knob})
+    outs, nfes, _ = refs or reference_runs(model, prompts, block, eos, policy, knob)
+    for i, (out, nfe) in enumerate(zip(outs, nfes)):
         got = res.tokens[i, :res.lengths[i]].tolist()
         assert got == out, f"{policy}={knob} row {i}: {got} != reference {out}"
         assert res.nfe[i] == nfe, f"{policy}={knob} row {i}: nfe {res.nfe[i]} != reference {nfe}"
         assert MASK not in res.tokens[i]
-    return res, passes
+    return res
 
 
 def first_pass_knob(model, prompt, block, policy, level):
@@ -117,20 +128,36 @@ CASES = [("confidence", "forced", 8), ("margin", "all", 8), ("margin", "forced",
          ("entropy", "forced", 4), ("leftmost", "all", 8), ("leftmost", "forced", 8)]
 
 
+def separated_case(seed, rng, policy, level, block, draws=6):
+    """Prompts, a calibrated model, a knob and their :func:`reference_runs`, whose passes all keep a commit
+    gap above ``TIE``.
+
+    Masked positions of a tiny model often score within 1e-6 of each other (the MASK embedding dominates
+    their hidden states), and a float32 decoder may then order them differently from the float64 reference
+    (a forced commit at another position, the same tokens, another nfe): such draws are replaced.
+    """
+    for _ in range(draws):
+        prompts = random_prompts(rng, 3)
+        model = calibrated_model(seed, prompts[0], block)
+        knob = first_pass_knob(model, prompts[0], block, policy, level)
+        refs = reference_runs(model, prompts, block, [], policy, knob)
+        if min(gap for _, _, gap in refs[2]) > TIE:
+            return prompts, model, knob, refs
+    pytest.fail(f"no draw in {draws} keeps its commit gaps above {TIE}")
+
+
 @pytest.mark.parametrize("policy,level,block", CASES)
 def test_policy_matches_reference(policy, level, block, seed, rng):
-    prompts = random_prompts(rng, 3)
-    model = calibrated_model(seed, prompts[0], block)
-    knob = first_pass_knob(model, prompts[0], block, policy, level)
-    first, passes = check_policy(model, prompts, block, [], policy, knob)
+    prompts, model, knob, refs = separated_case(seed, rng, policy, level, block)
+    first, passes = check_policy(model, prompts, block, [], policy, knob, refs), refs[2]
     assert np.all(first.lengths == MAX_NEW)
     n_first = len(passes[0][0])  # the path the knob was chosen for is taken in row 0's first pass
     assert n_first == {"forced": 1, "all": block - 1, "some": 2}[level], (level, n_first)
-    assert all(commit for commit, _ in passes)  # progress: every pass commits
+    assert all(commit for commit, _, _ in passes)  # progress: every pass commits
     if policy == "leftmost":  # a contiguous run from the leftmost masked position
-        assert all(c == list(range(before[0], before[0] + len(c))) for c, before in passes)
+        assert all(c == list(range(before[0], before[0] + len(c))) for c, before, _ in passes)
     eos = eos_from_output(first, rng)  # an EOS the rows hit mid-output: the early stop, per row
-    second, _ = check_policy(model, prompts, block, eos, policy, knob)
+    second = check_policy(model, prompts, block, eos, policy, knob)  # its passes: a prefix of each row's above
     assert second.lengths[0] < MAX_NEW and second.tokens[0, second.lengths[0] - 1] == eos[0]
 
 

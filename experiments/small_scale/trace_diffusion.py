@@ -37,7 +37,7 @@ def decode_block(R, ctx, seed, block, threshold, policy, log=None, tok=None):
 
     passes = [0]
 
-    def show(blk, masked, x0, conf, commit):
+    def show(blk, masked, x0, conf, commit, gap):
         passes[0] += 1
         left = min(commit + [i for i in range(block) if masked[i]])  # the leftmost position masked before
         text = "".join("·" if mk else tok.decode([t]) for t, mk in zip(blk, masked)).replace("\n", "⏎")
