@@ -317,6 +317,43 @@ def ref_diffusion(R: Reference, prompt, max_new, eos, block, threshold, steps=No
     return final(out, max_new, eos), nfe
 
 
+#: how far a float32 decoder's probabilities may part from the float64 reference's, per unit of head scale:
+#: measured on tiny models (heads 8..150), the order of two masked positions' confidences shifted by at most
+#: 3e-8..5e-8 x the head scale (docs/decoding.md section 12)
+TIE_PER_HEAD = 5e-8
+
+
+def tie_for(head_scale: float) -> float:
+    """The smallest commit gap a float32 decoder resolves like the reference, for a :func:`tiny_model` head."""
+    return TIE_PER_HEAD * head_scale
+
+
+def diffusion_gap(R: Reference, prompt, max_new, block, threshold, steps=None, **policy) -> float:
+    """The smallest :func:`commit_gap` over the reference's block diffusion of ``prompt`` (no EOS: a run with
+    an EOS takes a prefix of these passes)."""
+    gaps = [np.inf]
+    ref_diffusion(R, prompt, max_new, (), block, threshold, steps, on_pass=lambda *a: gaps.append(a[-1]),
+                  **policy)
+    return min(gaps)
+
+
+def separated_case(models, rng, batch: int, gap_fn, tie: float, draws: int = 10, **kw):
+    """``(model, prompts)``: the first of ``models`` (an iterable, drawn lazily) for which ``batch`` of at most
+    ``draws * batch`` :func:`random_prompts` keep ``gap_fn(Reference(model), prompt)`` above ``tie``.
+
+    Prompts whose reference passes are decided by a float32 coin flip are replaced; a model whose masked
+    positions tie on most prompts is replaced by the next.
+    """
+    for model in models:
+        R, prompts = Reference(model), []
+        for _ in range(draws * batch):
+            (prompt,) = random_prompts(rng, 1, **kw)
+            if gap_fn(R, prompt) > tie:
+                prompts.append(prompt)
+            if len(prompts) == batch:
+                return model, prompts
+    raise AssertionError(f"no model keeps the commit gaps of {batch} prompts above {tie}")
+
 def ref_linear(R: Reference, prompt, max_new, eos, block, lora=None):
     ctx, nfe = list(prompt), 1
     seed = int(R.pick(R.causal(ctx)[-1])[0])

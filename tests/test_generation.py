@@ -14,8 +14,9 @@ from flax import nnx
 
 import jaxdlm
 from jaxdlm.hf import model_from_pure_dict
-from jaxdlm.testing import (TINY_MASK as MASK, Reference, count_compilations, eos_from_output, random_prompts,
-                            ref_ar, ref_diffusion, ref_linear, ref_quadratic, tiny_config, tiny_model)
+from jaxdlm.testing import (TINY_MASK as MASK, Reference, count_compilations, diffusion_gap, eos_from_output,
+                            random_prompts, ref_ar, ref_diffusion, ref_linear, ref_quadratic, separated_case,
+                            tie_for, tiny_config, tiny_model)
 
 MAX_NEW = 24
 CFG = tiny_config()
@@ -68,8 +69,14 @@ FIXED_SCHEDULE_HEAD = 8.0
 
 @pytest.mark.parametrize("mode,block,threshold,batch", CASES)
 def test_matches_reference(mode, block, threshold, batch, seed, rng):
-    model = tiny_model(seed, head_scale=FIXED_SCHEDULE_HEAD if mode == "diffusion" and threshold is None else 60.0)
-    prompts = random_prompts(rng, batch)
+    head = FIXED_SCHEDULE_HEAD if mode == "diffusion" and threshold is None else 60.0
+    if mode == "diffusion":  # no float32 coin flips in the reference's passes (docs/decoding.md §12)
+        steps = block - 1 if threshold is None else None
+        model, prompts = separated_case((tiny_model(seed + k, head_scale=head) for k in range(4)), rng, batch,
+                                        lambda R, p: diffusion_gap(R, p, MAX_NEW, block, threshold, steps),
+                                        tie_for(head))
+    else:
+        model, prompts = tiny_model(seed, head_scale=head), random_prompts(rng, batch)
     first = check_against_reference(model, mode, prompts, block, threshold, eos=[])
     assert np.all(first.lengths == MAX_NEW)
     eos = eos_from_output(first, rng)
@@ -85,16 +92,17 @@ def test_matches_reference(mode, block, threshold, batch, seed, rng):
 def test_fixed_schedule_default_is_one_token_per_step(seed, rng):
     """``threshold=None`` without ``steps_per_block`` is the reference's schedule: one masked token per
     denoise step, ``B-1`` denoise passes + one commit pass per block; ``steps_per_block`` picks another."""
-    model = tiny_model(seed, head_scale=FIXED_SCHEDULE_HEAD)
-    prompts = random_prompts(rng, 2)
     block = 8
+    model, prompts = separated_case((tiny_model(seed + k, head_scale=FIXED_SCHEDULE_HEAD) for k in range(4)), rng,
+                                    2, lambda R, p: min(diffusion_gap(R, p, MAX_NEW, block, None, steps)
+                                                        for steps in (block - 1, 3)), tie_for(FIXED_SCHEDULE_HEAD))
+    R = Reference(model)
     blocks = -(-(MAX_NEW - 1) // block)  # the prefill gives the first token, each block B more
     kw = dict(mode="diffusion", max_new_tokens=MAX_NEW, block_length=block, threshold=None, eos_token_id=[])
     default = jaxdlm.generate(model, prompts, **kw)
     fewer = jaxdlm.generate(model, prompts, steps_per_block=3, **kw)
     np.testing.assert_array_equal(default.nfe, blocks * block)
     np.testing.assert_array_equal(fewer.nfe, blocks * (3 + 1))
-    R = Reference(model)
     for i, p in enumerate(prompts):
         for res, steps in ((default, block - 1), (fewer, 3)):
             out, nfe = ref_diffusion(R, p, MAX_NEW, (), block, None, steps)
