@@ -226,7 +226,8 @@ def commit_gap(policy, masked, conf, margin, ent, commit, threshold, margin_cut=
     score and its knob) whose order decides which positions commit or which token each takes.
 
     A float32 decoder can take another path than this float64 reference only where the gap is within its
-    rounding (~1e-6); tests that compare the two redraw such cases.  ``threshold=None``: the fixed schedule.
+    rounding (:func:`tie_for`); tests that compare the two redraw such cases.  ``threshold=None``: the fixed
+    schedule.
     """
     cand = [i for i, m in enumerate(masked) if m]
     gaps = [margin[i] for i in commit]  # the token each committed position takes: its argmax over the runner-up
@@ -353,6 +354,7 @@ def separated_case(models, rng, batch: int, gap_fn, tie: float, draws: int = 10,
             if len(prompts) == batch:
                 return model, prompts
     raise AssertionError(f"no model keeps the commit gaps of {batch} prompts above {tie}")
+
 
 def ref_linear(R: Reference, prompt, max_new, eos, block, lora=None):
     ctx, nfe = list(prompt), 1
