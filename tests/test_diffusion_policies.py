@@ -14,8 +14,8 @@ import pytest
 import jaxdlm
 from jaxdlm.generation.diffusion import POLICIES, commit_mask
 from jaxdlm.generation.knobs import Knobs
-from jaxdlm.testing import (TINY_MASK as MASK, Reference, commit_rule, count_compilations, eos_from_output,
-                            random_prompts, ref_diffusion, scores, tie_for, tiny_model)
+from jaxdlm.testing import (TINY_MASK as MASK, Reference, commit_gap, commit_rule, count_compilations,
+                            eos_from_output, random_prompts, ref_diffusion, scores, tie_for, tiny_model)
 
 MAX_NEW = 24
 
@@ -64,6 +64,38 @@ def test_commit_rules_match_the_plain_rules(rng):
                 forced[policy] += len(want) == 1 < masked[i].sum()
     assert min(partial.values()) > 0 and min(forced.values()) > 0, (partial, forced)
 
+
+def test_commit_gap_bounds_what_float_noise_can_change(rng):
+    """``commit_gap`` (how the reference tests keep float32 near-ties out): moving every score by just under
+    half the gap (entropies: that over their count, as sums decide) never changes a pass's commits, for each
+    policy and the fixed schedule; and the gap is not vacuous (positive, and moves of a few gaps do change
+    decisions).  Knobs reach past every score, so forced commits are common."""
+    changed, gaps = 0, []
+    for trial in range(100):
+        n = 8
+        masked = rng.random(n) < 0.8
+        masked[rng.integers(n)] = True
+        conf, marg, ent = rng.uniform(0.2, 1.0, n), rng.uniform(0.0, 0.8, n), rng.uniform(0.0, 1.5, n)
+        cut = dict(threshold=rng.uniform(0.3, 1.1), margin_cut=rng.uniform(0.1, 0.9), entropy_bound=rng.uniform(0, 4))
+        for policy in POLICIES + ("fixed",):
+            thr = None if policy == "fixed" else cut["threshold"]
+
+            def rule(c, m, e):
+                if thr is None:  # the reference's fixed schedule: the 2 most confident masked positions
+                    return sorted(sorted(np.flatnonzero(masked), key=lambda i: -c[i])[:2])
+                return commit_rule(policy, masked, c, m, e, thr, cut["margin_cut"], cut["entropy_bound"])
+
+            commit = rule(conf, marg, ent)
+            gap = commit_gap(policy, masked, conf, marg, ent, commit, thr, cut["margin_cut"], cut["entropy_bound"])
+            gaps.append(gap)
+            for scale, must_hold in ((0.49 / (n if policy == "entropy" else 1), True), (4.0, False)):
+                step = min(gap, 1.0) * scale
+                for _ in range(4):  # each score moved by +-step: the largest move of a pair's difference
+                    moved = [x + step * rng.choice([-1.0, 1.0], n) for x in (conf, marg, ent)]
+                    same = rule(*moved) == commit
+                    assert same or not must_hold, (policy, trial, gap)
+                    changed += not same
+    assert np.median(gaps) > 1e-3 and changed > 0, (np.median(gaps), changed)
 
 def calibrated_model(seed, prompt, block, top=0.75):
     """``(model, head scale)``: ``tiny_model(seed)`` with its head scaled so that the first denoise pass after
