@@ -181,16 +181,15 @@ def quadratic_forward_latency(model, batch: int, block: int, context: int, repea
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxdlm import KVCache
-    from jaxdlm.generation.speculative import quadratic_infos
+    from jaxdlm import KVCache, forward
 
     n = block + block * block
     slots = -(-(context + n + 64) // 64) * 64
 
     @jax.jit
     def step(params, tokens, cache):
-        q, k = quadratic_infos(cache.length, block, cache.max_len)
-        hidden, new = nnx.merge(model.graphdef, params)(tokens, q.pos, q, k, cache=cache, return_hidden=True)
+        hidden, new = forward(nnx.merge(model.graphdef, params), tokens, kind="quadratic", cache=cache,
+                              return_hidden=True)
         return hidden[:, :block].sum(), new.length
 
     cache = KVCache.init(model.config, batch, slots, model.dtype).with_length(jnp.full((batch,), context, jnp.int32))

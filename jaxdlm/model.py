@@ -23,6 +23,7 @@ kind                queries attend to                        cache
 ==================  =======================================  ============================
 ``causal``          earlier tokens (+ whole cache)           written, length advanced
 ``denoise``         whole cache + all tokens of the block    scratch only, length kept
+``quadratic``       see :func:`masks.quadratic_info`         scratch only, length kept
 ``bidirectional``   all tokens (no cache)                    -
 ``two_stream``      ``[x_t | x_0]`` training layout          -
 ==================  =======================================  ============================
@@ -61,7 +62,7 @@ from jaxdlm.sharding import CACHE_AXES, constrain
 
 _INIT_STD = 0.02
 
-CACHED_KINDS = ("causal", "denoise")
+CACHED_KINDS = ("causal", "denoise", "quadratic")
 UNCACHED_KINDS = ("causal", "bidirectional", "two_stream", "two_stream_bidirectional")
 LAYER_LOOPS = ("unrolled", "scan")
 
@@ -349,7 +350,8 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
     ``T = 2L`` is ``[x_t | x_0]`` and both halves sit at positions ``0..L-1`` with blocks of
     ``config.block_size``.  With a cache, the ``T`` tokens sit at positions ``cache.length + i``; a
     ``causal`` pass advances each row's length by ``num_valid`` (int or ``[B]``, default ``T``: the rest
-    is right padding), a ``denoise`` pass keeps it.  The cache needs ``T`` free slots after every row's
+    is right padding), a ``denoise`` or ``quadratic`` pass keeps it (``quadratic``: ``T = N + N*N`` tokens in
+    quadratic self-speculation's layout, :func:`jaxdlm.attention.masks.quadratic_info`).  The cache needs ``T`` free slots after every row's
     length (a denoise pass writes its block there as scratch).
 
     ``layers``: ``"auto"`` (default: by backend), ``"unrolled"`` or ``"scan"`` (training), see
@@ -373,8 +375,11 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
                      layers=layers)
     if kind not in CACHED_KINDS:
         raise ValueError(f"kind={kind!r} is not supported with a cache; expected one of {CACHED_KINDS}")
-    q_info = masks.cache_query_info(cache.length, t, kind)
-    k_info = masks.cache_key_info(cache.length, cache.max_len, t, kind)
+    if kind == "quadratic":
+        q_info, k_info = masks.quadratic_info(cache.length, masks.quadratic_block(t), cache.max_len)
+    else:
+        q_info = masks.cache_query_info(cache.length, t, kind)
+        k_info = masks.cache_key_info(cache.length, cache.max_len, t, kind)
     out, new_cache = model(tokens, q_info.pos, q_info, k_info, cache=cache, lora=lora, impl=impl,
                            return_hidden=return_hidden, layers=layers)
     if kind == "causal":

@@ -144,11 +144,11 @@ def test_decode_over_cache_ragged(kind, num_new, h, kvh, dtype, window, rng):
 
 
 def test_quadratic_self_spec_layout(rng):
-    """The quadratic self-speculation layout (generation's own TokenInfo builder): B + B*B queries (42 for
-    block 6: the training kernels, as for real block sizes) over the cache plus the unwritten mask tokens."""
-    spec = pytest.importorskip("jaxdlm.generation.speculative", reason="generation package not merged here")
+    """The quadratic self-speculation layout (``masks.quadratic_info``, what ``forward(kind="quadratic")`` runs):
+    N + N*N queries (42 for block 6: the training kernels, as for real block sizes) over the cache plus the
+    unwritten mask tokens."""
     length = jnp.asarray([int(rng.integers(5, 20)), int(rng.integers(0, 3))], jnp.int32)
-    qi, ki = spec.quadratic_infos(length, 6, 32)
+    qi, ki = masks.quadratic_info(length, 6, 32)
     _check(rng, qi, ki, h=4, kvh=2, d=16, dtype=jnp.float32)
 
 

@@ -77,12 +77,13 @@ def main(argv=None) -> int:
     ap.add_argument("--measure", action="store_true", help="TPF / agreement with AR over all 16 prompts")
     ap.add_argument("--new", type=int, default=128)
     args = ap.parse_args(argv)
-    if not 0.0 <= args.threshold <= 1.0:
-        raise ValueError(f"--threshold={args.threshold} must lie in [0, 1]")
-    from jaxdlm.generation.api import check_policy
+    from jaxdlm.generation.options import DecodeOptions
+    from jaxdlm.generation.policies import KNOB_DEFAULTS
 
-    knobs = check_policy(args.policy, args.threshold, None, args.margin, args.entropy_bound)  # defaults, checks
-    policy = dict(policy=args.policy, **knobs)
+    opts = DecodeOptions(threshold=args.threshold, policy=args.policy, margin=args.margin,
+                         entropy_bound=args.entropy_bound)
+    policy = dict(policy=args.policy, margin=KNOB_DEFAULTS["margin"] if args.margin is None else args.margin,
+                  entropy_bound=KNOB_DEFAULTS["entropy_bound"] if args.entropy_bound is None else args.entropy_bound)
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
         model = load_trained(args.run)
     else:
         model = load_default()
+    opts.check(model.config)  # the policy and its knobs, as generate() checks them
     tok = load_default().tokenizer
     prompts = [tok(t)["input_ids"] for t in heldout_prompts()]
     if not 0 <= args.prompt_index < len(prompts):

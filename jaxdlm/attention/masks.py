@@ -17,6 +17,8 @@ evaluate :func:`allowed` on tiles; the XLA path evaluates it densely.
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -137,6 +139,44 @@ def cache_key_info(length: jnp.ndarray, max_len: int, num_new: int, kind: str) -
         return TokenInfo(pos, is_new.astype(jnp.int32), is_new.astype(jnp.int32) * NOISY, valid)
     raise ValueError(f"kind={kind!r} is not a cached pass kind; expected 'causal' or 'denoise'")
 
+
+
+def quadratic_block(num_new: int) -> int:
+    """The block length ``N`` of a quadratic pass of ``num_new = N + N*N`` tokens (``ValueError`` otherwise)."""
+    n = (math.isqrt(1 + 4 * num_new) - 1) // 2
+    if n < 1 or n + n * n != num_new:
+        raise ValueError(f"a quadratic pass has N + N*N tokens for a block length N; {num_new} is not of that form")
+    return n
+
+
+def quadratic_info(length: jnp.ndarray, block: int, max_len: int) -> tuple[TokenInfo, TokenInfo]:
+    """Query and key metadata of quadratic self-speculation's layout for cache lengths ``length [B]``.
+
+    Queries: ``N + N*N`` tokens ``[d_0..d_{N-1}, group_0 masks, ..., group_{N-1} masks]`` (``N = block``, ``c``
+    the row's cache length): ``d_j`` is CLEAN at position ``c+j`` in block ``j+1``; group ``j``'s ``N`` masks are
+    NOISY block ``j+2`` at positions ``c+j+1..c+j+N``, so by :func:`allowed` they see the cache, ``d_0..d_j`` and
+    their own group.  Keys: the ``max_len`` cache slots after the pass wrote all its tokens at slots ``c..``
+    (the masks' slots are scratch that keeps their own metadata); later slots are invalid.
+    """
+    b = length.shape[0]
+    c = length[:, None].astype(jnp.int32)
+    j = jnp.arange(block, dtype=jnp.int32)
+    d_pos = c + j[None, :]
+    m_pos = (c[:, :, None] + j[None, :, None] + 1 + j[None, None, :]).reshape(b, block * block)
+    m_block = jnp.broadcast_to(jnp.repeat(j + 2, block)[None, :], (b, block * block))
+    q = TokenInfo(
+        pos=jnp.concatenate([d_pos, m_pos], axis=1),
+        block=jnp.concatenate([jnp.broadcast_to(j[None, :] + 1, (b, block)), m_block], axis=1),
+        stream=jnp.concatenate([_full((b, block), CLEAN), _full((b, block * block), NOISY)], axis=1),
+        valid=jnp.ones((b, block + block * block), bool),
+    )
+    slot = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (b, max_len))
+    idx = jnp.clip(slot - c, 0, block + block * block - 1)  # which new token a slot >= c holds
+    new = slot >= c
+    pick = lambda x: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
+    k = TokenInfo(pos=jnp.where(new, pick(q.pos), slot), block=jnp.where(new, pick(q.block), 0),
+                  stream=jnp.where(new, pick(q.stream), CLEAN), valid=slot < c + block + block * block)
+    return q, k
 
 # ---------------------------------------------------------------------------------------------------
 # tile bounds for kernels (a conservative summary of `allowed` over tiles)

@@ -1,7 +1,9 @@
 """``jaxdlm.generate`` and ``jaxdlm.make_generate_fn``: one implementation of every decoding mode.
 
-:func:`make_generate_fn` fixes the static choices (mode, batch, prompt length, ``max_new_tokens``, block length,
-cache size, greedy or sampling, ...) and returns a PURE function of the parameters, the prompts, a PRNG key and
+Both take the decoding settings as one :class:`~jaxdlm.generation.options.DecodeOptions` (or its fields as
+keywords) and build their static plan in one place (:func:`build_plan`: the mode's registry record, the options'
+static part, the cache size).  :func:`make_generate_fn` fixes the static choices (mode, batch, prompt length,
+``max_new_tokens``, block length, cache size, greedy or sampling, ...) and returns a PURE function of the parameters, the prompts, a PRNG key and
 the numeric knobs: it traces under the caller's ``jax.jit``, ``lax.scan``, ``jax.vmap`` and mesh, with no host
 callback and no numpy inside.  :func:`generate` is the host wrapper over the same program: argument checks,
 prompt bucketing (:func:`bucket_length`, so prompts in one bucket share a compiled program), streaming, a
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,20 +24,12 @@ import numpy as np
 from flax import struct
 
 from jaxdlm.generation import core
-from jaxdlm.generation.ar import ar_program
-from jaxdlm.generation.diffusion import diffusion_program
-from jaxdlm.generation.knobs import POLICIES, POLICY_KNOB_DEFAULTS, Knobs
+from jaxdlm.generation.knobs import Knobs
+from jaxdlm.generation.modes import MODES, Mode, get_mode, run
+from jaxdlm.generation.options import TRACED, DecodeOptions
 from jaxdlm.generation.sampling import Sampler
-from jaxdlm.generation.speculative import linear_program, quadratic_program
 from jaxdlm.model import resolve_layers
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
-SPEC_SAMPLING = ("exact", "rejection")
-PROGRAMS = {"ar": ar_program, "diffusion": diffusion_program, "linear_spec": linear_program,
-            "quadratic_spec": quadratic_program}
-MAX_QUADRATIC_BLOCK = 64  # B(B+1) = 4160 tokens per forward at most
-# diffusion policy -> the generate() argument of its knob ("confidence" / "leftmost" read threshold)
-POLICY_KNOBS = {"margin": "margin", "entropy": "entropy_bound"}
 # auto mode: AR for short outputs or large batches, linear self-speculation otherwise
 AUTO_AR_MIN_BATCH = 16
 # KV cache slots are rounded up to a multiple of this: every key tile of the attention kernels (16..128) divides
@@ -51,40 +45,35 @@ def bucket_length(n: int, minimum: int = 64) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def auto_mode(model, batch: int, max_new_tokens: int, block_length: int) -> str:
+def auto_mode(model, batch: int, max_new_tokens: int, block_length: int | None = None) -> str:
     """The ``mode="auto"`` rule.
 
-    * ``"ar"`` when the model has no MASK token (a plain AR checkpoint), when ``batch >= 16``
-      (compute-bound: the extra draft tokens of self-speculation are no longer free), or when
-      ``max_new_tokens <= block_length`` (too short for drafting to pay off);
+    * ``"ar"`` when the model cannot run ``"linear_spec"`` (no MASK token: a plain AR checkpoint), when
+      ``batch >= 16`` (compute-bound: the extra draft tokens of self-speculation are no longer free), or when
+      ``max_new_tokens <= block_length`` (too short for drafting to pay off; default: the training block);
     * ``"linear_spec"`` otherwise (it uses the draft LoRA when the model has one).
     """
-    if model.config.mask_token_id is None or batch >= AUTO_AR_MIN_BATCH or max_new_tokens <= block_length:
+    block = model.config.block_size if block_length is None else block_length
+    if not MODES["linear_spec"].available(model.config) or batch >= AUTO_AR_MIN_BATCH or max_new_tokens <= block:
         return "ar"
     return "linear_spec"
 
 
-def widest_write(mode: str, block: int) -> int:
-    """Most tokens one forward writes after a row's cache length: 1 (AR), ``N`` (diffusion, linear spec),
-    ``N + N*N`` (quadratic spec: the masks' K/V go to scratch slots too)."""
-    return {"ar": 1, "quadratic_spec": block + block * block}.get(mode, block)
-
-
-def cache_slots(mode: str, longest: int, p_len: int, max_new: int, block: int, requested: int | None) -> int:
+def cache_slots(mode: Mode, longest: int, p_len: int, max_new: int, block: int, requested: int | None) -> int:
     """KV cache slots per row: ``requested`` (checked) or the default.
 
     A row's cache grows to at most ``longest + max_new`` committed tokens and every forward writes up to
-    :func:`widest_write` tokens after it (scratch for the passes that do not commit them), so that many
+    ``mode.widest_write(block)`` tokens after it (scratch for the passes that do not commit them), so that many
     slots are needed; the default also holds the whole bucketed prompt (``p_len``) and a block of margin,
-    rounded up to a multiple of :data:`CACHE_ROUND`.
+    rounded up to a multiple of :data:`CACHE_ROUND`.  ``block``: the plan's block (1 for modes without one).
     """
-    widest = widest_write(mode, 1 if mode == "ar" else block)
+    widest = mode.widest_write(block)
     needed = max(p_len, longest + max_new + widest)
     if requested is None:
-        return -(-(needed + (1 if mode == "ar" else block)) // CACHE_ROUND) * CACHE_ROUND
+        return -(-(needed + block) // CACHE_ROUND) * CACHE_ROUND
     if int(requested) < needed:
         raise ValueError(f"cache_length={requested} is too small: prompt length {longest} + max_new_tokens="
-                         f"{max_new} + {widest} slots for the widest {mode} pass (block_length={block}; and at "
+                         f"{max_new} + {widest} slots for the widest {mode.name} pass (block_length={block}; and at "
                          f"least the bucketed prompt length {p_len}) need {needed}")
     return int(requested)
 
@@ -98,24 +87,22 @@ def output_pad_id(config) -> int:
     return int(pad)
 
 
-def eos_ids(config, eos_token_id) -> tuple[int, ...]:
-    """The EOS ids of a call: ``config.eos_token_ids`` for None, else the id or ids given (``()`` = none)."""
-    if eos_token_id is None:
-        return tuple(config.eos_token_ids or ())
-    if isinstance(eos_token_id, (int, np.integer)):
-        return (int(eos_token_id),)
-    return tuple(int(e) for e in eos_token_id)
+def eos_slots_for(n: int) -> int:
+    """EOS slots of a program for ``n`` ids: the next power of two >= ``n``, at least :data:`MIN_EOS_SLOTS` (so
+    other EOS ids do not recompile)."""
+    return max(MIN_EOS_SLOTS, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def eos_array(ids: Sequence[int], slots: int | None = None) -> np.ndarray:
-    """``int32 [E]`` EOS ids padded with -1; ``E`` = ``slots`` or the next power of two >= ``len(ids)``, at least
-    :data:`MIN_EOS_SLOTS` (so other EOS ids do not recompile)."""
-    e = slots or max(MIN_EOS_SLOTS, 1 << max(0, math.ceil(math.log2(max(len(ids), 1)))))
-    if len(ids) > e:
-        raise ValueError(f"{len(ids)} EOS ids do not fit the program's {e} EOS slots (make_generate_fn(eos_slots=))")
-    arr = np.full((e,), -1, np.int32)
-    arr[:len(ids)] = ids
-    return arr
+def padded_eos(ids, slots: int):
+    """``int32 [slots]`` EOS ids padded with -1 (never a token id).  ``ids``: an id, a sequence of ids or an
+    ``int32 [E]`` array (traced inside a program: padded with ``jnp``; on the host: with numpy)."""
+    traced = isinstance(ids, jax.core.Tracer)
+    xp = jnp if traced else np
+    arr = (ids if traced else np.asarray(ids)).astype(xp.int32).reshape(-1)
+    if arr.shape[0] > slots:
+        raise ValueError(f"{arr.shape[0]} EOS ids do not fit the program's {slots} EOS slots "
+                         f"(make_generate_fn(eos_slots=))")
+    return xp.concatenate([arr, xp.full((slots - arr.shape[0],), -1, xp.int32)])
 
 
 @struct.dataclass
@@ -172,18 +159,17 @@ class GenerationResult:
 
 
 def program(graphdef, plan: core.Plan) -> Callable:
-    """The pure generation program of ``plan``: ``fn(params, lora, prompts [R, P], lens [R], key, knobs, eos [E])
-    -> GenerationOutput`` (``lora``: the draft LoRA or None; unused unless ``plan.use_lora``)."""
+    """The pure generation program of ``plan``: ``fn(params, lora, prompts [B, P], lens [B], key, knobs, eos [E])
+    -> GenerationOutput`` (``lora``: the draft LoRA or None; unused unless ``plan.use_lora``); the mode's
+    registered cycle in :func:`jaxdlm.generation.modes.run`."""
     from flax import nnx
 
-    def run(params, lora, prompts_RxP, lens_R, key, knobs: Knobs, eos_E) -> GenerationOutput:
+    def run_plan(params, lora, prompts_BxP, lens_B, key, knobs, eos_E) -> GenerationOutput:
         module = nnx.merge(graphdef, params)
         dtype = jax.tree.leaves(params)[0].dtype
-        out = PROGRAMS[plan.mode](module, plan, dtype, prompts_RxP, lens_R, key, knobs, eos_E,
-                                  lora=lora if plan.use_lora else None)
-        return GenerationOutput(*out)
+        return GenerationOutput(*run(module, plan, dtype, prompts_BxP, lens_B, key, knobs, eos_E, lora=lora))
 
-    return run
+    return run_plan
 
 
 @functools.lru_cache(maxsize=64)
@@ -203,74 +189,42 @@ def _check_sizes(max_new_tokens, block_length):
         raise ValueError(f"block_length={block_length!r} must be an integer >= 1")
 
 
-def _check_knob_values(config, threshold, temperature, top_k, top_p, max_thinking_tokens, end_think_token_id):
-    if threshold is not None and not (0.0 <= float(threshold) <= 1.0):
-        raise ValueError(f"threshold={threshold!r} must lie in [0, 1] (or be None for the fixed schedule)")
-    if temperature is None or float(temperature) < 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 = greedy)")
-    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
-        raise ValueError(f"top_p={top_p!r} must lie in (0, 1]")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 1 (or None)")
-    if (max_thinking_tokens is None) != (end_think_token_id is None):
-        raise ValueError(f"max_thinking_tokens={max_thinking_tokens!r} and end_think_token_id="
-                         f"{end_think_token_id!r} must be given together")
-    if max_thinking_tokens is not None and max_thinking_tokens < 0:
-        raise ValueError(f"max_thinking_tokens={max_thinking_tokens!r} must be >= 0")
-    if end_think_token_id is not None and not 0 <= end_think_token_id < config.vocab_size:
-        raise ValueError(f"end_think_token_id={end_think_token_id!r} is outside the vocabulary "
-                         f"[0, {config.vocab_size})")
-
-
-def _resolve_mode(model, mode: str, batch: int, max_new_tokens: int, block_length: int, policy: str) -> str:
-    """The mode that runs (``"auto"`` resolved), checked against the model, the policy and the block length."""
-    c = model.config
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a generation mode; expected one of {MODES}")
+def resolve_mode(model, mode: str, batch: int, max_new_tokens: int, block_length: int) -> Mode:
+    """The registered mode that runs (``"auto"`` resolved by :func:`auto_mode`), checked against the model and the
+    block length."""
     if mode == "auto":
         mode = auto_mode(model, batch, max_new_tokens, block_length)
-    if mode != "ar" and c.mask_token_id is None:
-        raise ValueError(f"mode={mode!r} needs config.mask_token_id (this model has none); use mode='ar'")
-    if policy != "confidence" and mode != "diffusion":
-        raise ValueError(f"policy={policy!r} is a diffusion commit policy; mode={mode!r} has none (use "
-                         f"mode='diffusion', or leave policy='confidence')")
-    if mode == "quadratic_spec" and not 2 <= block_length <= MAX_QUADRATIC_BLOCK:
-        raise ValueError(f"block_length={block_length} does not fit quadratic_spec's B(B+1) layout: it needs "
-                         f"2 <= B <= {MAX_QUADRATIC_BLOCK} (one seed + at least one draft, at most "
-                         f"{MAX_QUADRATIC_BLOCK * (MAX_QUADRATIC_BLOCK + 1)} tokens per forward)")
-    if mode == "linear_spec" and block_length < 2:
-        raise ValueError(f"block_length={block_length} leaves linear_spec no draft token; use block_length >= 2")
-    return mode
+    record = get_mode(mode)
+    record.check(model.config, block_length)
+    return record
 
 
-def _fixed_steps(mode: str, fixed: bool, steps_per_block, block_length: int) -> int | None:
-    """Denoise steps per block of diffusion's fixed schedule (``fixed``: threshold None), else None; the default
-    is the reference's ``N-1`` (one masked token per step)."""
-    if mode != "diffusion" or not fixed:
-        return None
-    steps = max(1, block_length - 1) if steps_per_block is None else int(steps_per_block)
-    if block_length > 1 and not 1 <= steps <= block_length - 1:
-        raise ValueError(f"steps_per_block={steps_per_block!r} must lie in [1, block_length-1={block_length - 1}]")
-    return steps
+def build_plan(model, mode: str, options: DecodeOptions, *, batch: int, longest: int, prompt_length: int,
+               max_new_tokens: int, block_length: int | None, cache_length=None, stream=None, impl=None,
+               layers: str = "auto", static_overrides: dict | None = None) -> core.Plan:
+    """The static plan of one program: the mode resolved and checked, the options' static part, the cache size.
 
-
-def _plan(model, mode: str, *, longest: int, prompt_length: int, max_new_tokens: int, block_length: int,
-          fixed_steps, sample: bool, use_top_k: bool, use_top_p: bool, spec_sampling: str, use_lora: bool,
-          cache_length, stream, impl, layers) -> core.Plan:
-    """The static plan of one program (after the checks)."""
+    ``generate`` and ``make_generate_fn`` both build their plan here.  ``options`` must be checked
+    (:meth:`DecodeOptions.check`).  ``block_length`` None: the model's training block (``config.block_size``).
+    ``static_overrides``: fields of :class:`~jaxdlm.generation.options.StaticChoices` to force (the legacy
+    ``sample`` / ``use_top_k`` / ``use_top_p`` flags of ``make_generate_fn``).
+    """
     c = model.config
-    if spec_sampling not in SPEC_SAMPLING:
-        raise ValueError(f"spec_sampling={spec_sampling!r} is not known; expected one of {SPEC_SAMPLING}")
+    block_length = c.block_size if block_length is None else block_length
+    _check_sizes(max_new_tokens, block_length)
+    record = resolve_mode(model, mode, batch, max_new_tokens, block_length)
+    options.check_mode(record, block_length)
+    static = dataclasses.replace(options.static(record, block_length), **(static_overrides or {}))
     if longest + max_new_tokens > c.max_position_embeddings:
         raise ValueError(f"prompt length {longest} + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_position_embeddings={c.max_position_embeddings}")
-    cache_len = cache_slots(mode, longest, prompt_length, int(max_new_tokens), int(block_length), cache_length)
-    sampler = Sampler(greedy=not sample, use_top_k=sample and use_top_k, use_top_p=sample and use_top_p,
-                      mask_id=c.mask_token_id)
-    block = 1 if mode == "ar" else int(block_length)  # no role in AR: one program for every block_length
-    return core.Plan(mode=mode, max_new=int(max_new_tokens), block=block, cache_len=cache_len, sampler=sampler,
-                     mask_id=c.mask_token_id, pad_id=output_pad_id(c), fixed_steps=fixed_steps,
-                     spec_sampling=spec_sampling, use_lora=bool(use_lora and model.lora is not None),
+    block = int(block_length) if record.uses_block else 1  # no role: one program for every block_length
+    sampler = Sampler(greedy=not static.sample, use_top_k=static.sample and static.use_top_k,
+                      use_top_p=static.sample and static.use_top_p, mask_id=c.mask_token_id)
+    return core.Plan(mode=record.name, max_new=int(max_new_tokens), block=block,
+                     cache_len=cache_slots(record, longest, prompt_length, int(max_new_tokens), block, cache_length),
+                     sampler=sampler, mask_id=c.mask_token_id, pad_id=output_pad_id(c), fixed_steps=static.fixed_steps,
+                     spec_sampling=static.spec_sampling, use_lora=bool(static.use_lora and model.lora is not None),
                      stream=stream, impl=impl, layers=resolve_layers(layers))
 
 
@@ -314,104 +268,100 @@ def _prompt_rows(prompts, vocab_size: int) -> list[np.ndarray]:
     return out
 
 
-def check_policy(policy, threshold, steps_per_block, margin, entropy_bound) -> dict:
-    """Checks the diffusion policy and its knobs; returns the traced knob values ``{margin, entropy_bound}``."""
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise ValueError(f"policy={policy!r} is not a diffusion commit policy; expected one of {POLICIES}")
-    given = {"margin": margin, "entropy_bound": entropy_bound}
-    for name, value in given.items():
-        if value is not None and POLICY_KNOBS.get(policy) != name:
-            owner = next(p for p, k in POLICY_KNOBS.items() if k == name)
-            raise ValueError(f"{name}={value!r} is the knob of policy={owner!r}; policy={policy!r} has no use "
-                             f"for it (leave {name}=None or pass policy={owner!r})")
-    if policy != "confidence" and (threshold is None or steps_per_block is not None):
-        what = "threshold=None" if threshold is None else f"steps_per_block={steps_per_block!r}"
-        knob = POLICY_KNOBS.get(policy, "threshold")
-        raise ValueError(f"{what} selects the fixed schedule, which ranks by confidence: only policy='confidence' "
-                         f"has one (policy={policy!r} commits by its {knob}= instead)")
-    values = dict(POLICY_KNOB_DEFAULTS)
-    values.update({k: float(v) for k, v in given.items() if v is not None})
-    if not 0.0 <= values["margin"] <= 1.0:
-        raise ValueError(f"margin={margin!r} must lie in [0, 1] (top-1 minus top-2 probability)")
-    if not values["entropy_bound"] >= 0.0:
-        raise ValueError(f"entropy_bound={entropy_bound!r} must be >= 0 (nats; summed entropy of one pass's "
-                         f"commits)")
-    return values
-
-
-# ---------------------------------------------------------------------------------------------------
-# the two entry points
-
-
-def make_generate_fn(model, *, mode: str, batch: int, prompt_length: int, max_new_tokens: int, block_length: int = 32,
-                     steps_per_block: int | None = None, sample: bool = False, use_top_k: bool = False,
-                     use_top_p: bool = False, spec_sampling: str = "exact", use_lora: bool = True,
-                     cache_length: int | None = None, eos_slots: int = MIN_EOS_SLOTS, impl: str | None = None,
-                     layers: str = "auto") -> Callable:
+def make_generate_fn(model, *, mode: str, batch: int, prompt_length: int, max_new_tokens: int,
+                     block_length: int | None = None, options: DecodeOptions | None = None, sample: bool | None = None,
+                     use_top_k: bool | None = None, use_top_p: bool | None = None, cache_length: int | None = None,
+                     eos_slots: int = MIN_EOS_SLOTS, impl: str | None = None, layers: str = "auto",
+                     **decode_kwargs) -> Callable:
     """A pure generation function with the static choices fixed, for use inside your own JAX code.
 
     Args (static: each combination is one program):
       model: a :class:`jaxdlm.Model` (its graphdef, config and whether it has a draft LoRA are used; its
         parameters are NOT captured: pass them to the function).
-      mode: ``"ar" | "diffusion" | "linear_spec" | "quadratic_spec"`` (or ``"auto"``, resolved here).
+      mode: a registered mode (:data:`jaxdlm.generation.modes.MODES`) or ``"auto"`` (resolved here).
       batch, prompt_length: the prompts' shape ``[batch, prompt_length]`` (right-padded; real lengths are traced).
-      max_new_tokens, block_length, cache_length, spec_sampling, use_lora, impl, layers: as in :func:`generate`.
-      steps_per_block: diffusion with the fixed schedule of this many denoise steps per block (the traced
-        ``threshold`` is then unused); None: the threshold rule / policy.
-      sample: False = greedy (``temperature`` is unused); True = sampling at the traced ``temperature``.
-      use_top_k, use_top_p: compile the (traced) top-k / top-p filters in (sampling only).
+      max_new_tokens, block_length, cache_length, impl, layers: as in :func:`generate` (``block_length`` None:
+        the model's training block, ``config.block_size``).
+      options, **decode_kwargs: the decoding settings, as in :func:`generate` (a
+        :class:`~jaxdlm.generation.options.DecodeOptions`, fields replaced by keywords).  Their static part
+        shapes the program: ``temperature > 0`` compiles sampling, ``top_k`` / ``top_p`` given compile their
+        filters, ``threshold=None`` compiles diffusion's fixed schedule (``steps_per_block``); their values are
+        the function's defaults for the traced knobs.
+      sample, use_top_k, use_top_p: force those static choices (``sample=True`` with a zero temperature makes
+        the traced temperature default 1.0).
       eos_slots: how many EOS ids the traced EOS array holds.
 
-    Returns ``fn(params, lora, prompts, prompt_lengths, key, *, threshold=0.9, temperature=1.0, top_k=None,
-    top_p=None, eos_token_id=None, policy="confidence", margin=None, entropy_bound=None, max_thinking_tokens=None,
-    end_think_token_id=None) -> GenerationOutput``:
+    Returns ``fn(params, lora, prompts, prompt_lengths, key, **knobs) -> GenerationOutput``:
 
       params: the model's parameter pytree (``model.params``, sharded or not); lora: the draft LoRA (or None).
       prompts: ``int32 [batch, prompt_length]``; prompt_lengths: ``int32 [batch]`` (1..prompt_length);
-      key: a PRNG key.  Keyword knobs may be Python numbers or traced scalars (``eos_token_id``: an id or an
-      ``int32 [E]`` array of ids, ``E <= eos_slots``, padded here with -1, which matches no token; ``policy``: a
-      name, or a traced ``int32`` index into ``jaxdlm.generation.knobs.POLICIES``).  Under ``jax.jit``, pass
-      the knobs the same way on every call (e.g. always ``jnp.float32``): a Python float and a float32 array
-      are different argument types and compile two programs.  Nothing is checked on traced values: out-of-range knobs give
-      unspecified (but finite, well-formed) output.
+      key: a PRNG key.  ``knobs``: any of ``temperature, top_k, top_p, threshold, policy, margin,
+      entropy_bound, max_thinking_tokens, end_think_token_id, eos_token_id``, as Python numbers or traced
+      scalars (``eos_token_id``: an id or an ``int32 [E]`` array of ids, ``E <= eos_slots``; ``policy``: a name
+      or a traced ``int32`` index into :data:`jaxdlm.generation.policies.REGISTRY`); unset ones take the
+      options' values.  A knob the program was not compiled for raises (``threshold=None`` on a threshold
+      program, ``top_k`` without the filter, a positive temperature on a greedy program).  Under ``jax.jit``,
+      pass the knobs the same way on every call (a Python float and a float32 array are different argument
+      types and compile two programs).  Traced values are not checked: out-of-range knobs give unspecified
+      (but finite, well-formed) output.
 
     ``fn`` is pure (no host callback, no numpy on traced values): it runs under ``jax.jit``, ``lax.scan``,
-    ``jax.vmap`` (e.g. over keys) and ``jax.set_mesh``, and gives exactly :func:`generate`'s tokens, lengths and
-    nfe for the same prompts, knobs and seed (``key = jax.random.PRNGKey(seed)``).
+    ``jax.vmap`` (e.g. over keys) and ``jax.set_mesh``, and runs the program :func:`generate` runs for the same
+    settings, so it gives exactly its tokens, lengths and nfe (``key = jax.random.PRNGKey(seed)``).
     """
     c = model.config
-    _check_sizes(max_new_tokens, block_length)
     if batch < 1 or prompt_length < 1:
         raise ValueError(f"batch={batch} and prompt_length={prompt_length} must be >= 1")
-    mode = _resolve_mode(model, mode, batch, max_new_tokens, block_length, "confidence")
-    if steps_per_block is not None and mode != "diffusion":
-        raise ValueError(f"steps_per_block={steps_per_block} is diffusion's fixed schedule; mode={mode!r} has none")
-    plan = _plan(model, mode, longest=prompt_length, prompt_length=prompt_length, max_new_tokens=max_new_tokens,
-                 block_length=block_length, fixed_steps=_fixed_steps(mode, steps_per_block is not None,
-                                                                     steps_per_block, block_length),
-                 sample=sample, use_top_k=use_top_k, use_top_p=use_top_p, spec_sampling=spec_sampling,
-                 use_lora=use_lora, cache_length=cache_length, stream=None, impl=impl, layers=layers)
-    run = program(model.graphdef, plan)
-    default_eos = eos_ids(c, None)
+    opts = DecodeOptions.build(options, **decode_kwargs)
+    if sample and float(opts.temperature) == 0:
+        opts = dataclasses.replace(opts, temperature=1.0)
+    opts.check(c)
+    overrides = {k: v for k, v in dict(sample=sample, use_top_k=use_top_k, use_top_p=use_top_p).items()
+                 if v is not None}
+    plan = build_plan(model, mode, opts, batch=batch, longest=prompt_length, prompt_length=prompt_length,
+                      max_new_tokens=max_new_tokens, block_length=block_length, cache_length=cache_length,
+                      impl=impl, layers=layers, static_overrides=overrides)
+    run_plan = program(model.graphdef, plan)
+    default_eos = opts.eos_ids(c)
 
-    def fn(params, lora, prompts, prompt_lengths, key, *, threshold=0.9, temperature=1.0, top_k=None, top_p=None,
-           eos_token_id=None, policy="confidence", margin=None, entropy_bound=None, max_thinking_tokens=None,
-           end_think_token_id=None) -> GenerationOutput:
+    def fn(params, lora, prompts, prompt_lengths, key, **knobs) -> GenerationOutput:
         if tuple(prompts.shape) != (batch, prompt_length):
             raise ValueError(f"prompts has shape {tuple(prompts.shape)}; this function was made for "
                              f"[batch={batch}, prompt_length={prompt_length}]")
-        eos = jnp.asarray(default_eos if eos_token_id is None else eos_token_id, jnp.int32).reshape(-1)
-        if eos.shape[0] > eos_slots:
-            raise ValueError(f"{eos.shape[0]} EOS ids do not fit this function's eos_slots={eos_slots}")
-        eos = jnp.concatenate([eos, jnp.full((eos_slots - eos.shape[0],), -1, jnp.int32)])  # -1: never a token
-        knobs = Knobs.make(temperature=temperature if sample else 0.0, top_k=top_k, top_p=top_p, threshold=threshold,
-                           policy=policy, margin=margin, entropy_bound=entropy_bound,
-                           max_thinking_tokens=max_thinking_tokens, end_think_token_id=end_think_token_id)
-        return run(params, lora, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), key,
-                   knobs, eos)
+        _check_call_knobs(plan, knobs)
+        values = {**opts.knob_values(), **{k: v for k, v in knobs.items() if k != "eos_token_id"}}
+        eos = padded_eos(knobs.get("eos_token_id", default_eos), eos_slots)
+        return run_plan(params, lora, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), key,
+                        Knobs.make(**values), eos)
 
     fn.plan = plan
+    fn.options = opts
     return fn
+
+
+def _check_call_knobs(plan: core.Plan, knobs: dict) -> None:
+    """The knobs of one call of :func:`make_generate_fn`'s function: known names, and none that the compiled
+    program would silently ignore (checked on Python values; traced values pass)."""
+    unknown = sorted(set(knobs) - set(TRACED))
+    if unknown:
+        raise TypeError(f"unknown knob(s) {unknown}; the function takes {list(TRACED)}")
+    concrete = {k: v for k, v in knobs.items() if not isinstance(v, jax.core.Tracer)}
+    if "threshold" in concrete:
+        if concrete["threshold"] is None and plan.fixed_steps is None:
+            raise ValueError("threshold=None selects diffusion's fixed schedule, a static choice: make the function "
+                             "with make_generate_fn(..., threshold=None) instead")
+        if concrete["threshold"] is not None and plan.fixed_steps is not None:
+            raise ValueError(f"threshold={concrete['threshold']!r} has no effect: this function runs the fixed "
+                             f"schedule (made with threshold=None)")
+    t = concrete.get("temperature")
+    if t is not None and isinstance(t, (int, float, np.number)) and (float(t) > 0) == plan.sampler.greedy:
+        made = "greedy (temperature 0)" if plan.sampler.greedy else "for sampling (temperature > 0)"
+        raise ValueError(f"temperature={t!r} does not match this function, which was made {made}: make it with "
+                         f"make_generate_fn(..., temperature={'0.0' if not plan.sampler.greedy else t})")
+    for name, on in (("top_k", plan.sampler.use_top_k), ("top_p", plan.sampler.use_top_p)):
+        if knobs.get(name) is not None and not on:
+            raise ValueError(f"{name}={knobs[name]!r} has no effect: this function was made without the {name} "
+                             f"filter (make it with a temperature > 0 and {name}= set)")
 
 
 def _padded_prompts(model, rows: list[np.ndarray], p_len: int):
@@ -431,36 +381,31 @@ def _padded_prompts(model, rows: list[np.ndarray], p_len: int):
     return prompts, lens
 
 
-def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, block_length: int = 32,
-             threshold: float | None = 0.9, steps_per_block: int | None = None, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-             seed: int = 0, spec_sampling: str = "exact", use_lora: bool = True,
-             max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-             stream_callback: Callable | None = None, cache_length: int | None = None,
-             impl: str | None = None, layers: str = "auto", policy: str = "confidence",
-             margin: float | None = None, entropy_bound: float | None = None) -> GenerationResult:
+def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, block_length: int | None = None,
+             options: DecodeOptions | None = None, stream_callback: Callable | None = None,
+             cache_length: int | None = None, impl: str | None = None, layers: str = "auto",
+             **decode_kwargs) -> GenerationResult:
     """Generates up to ``max_new_tokens`` tokens after each prompt, in one jitted program.
 
     Args:
       model: a :class:`jaxdlm.Model` (its ``lora``, when present, is the linear-spec draft LoRA).
       prompts: a list of 1-D token sequences (ragged; right-padded internally and masked per row) or a
         2-D array ``[B, L]`` (every row ``L`` tokens long).
-      mode: ``"ar"``, ``"diffusion"``, ``"linear_spec"``, ``"quadratic_spec"`` or ``"auto"`` (see
-        :func:`auto_mode`).
+      mode: a registered mode, ``"ar"``, ``"diffusion"``, ``"linear_spec"``, ``"quadratic_spec"``
+        (:data:`jaxdlm.generation.modes.MODES`), or ``"auto"`` (see :func:`auto_mode`).
       max_new_tokens: output cap per row (every mode; an EOS beyond it is not emitted).
-      block_length: diffusion / draft block length ``B`` (quadratic: ``2 <= B <= 64``).
-      threshold: diffusion confidence threshold in ``[0, 1]``; ``None`` = fixed schedule of
-        ``steps_per_block`` denoise steps per block, default ``B-1``: one masked token per step, the
-        reference's schedule (fewer steps commit ``(B-1) / steps`` tokens per step).
-      temperature: 0 = greedy; > 0 = Gumbel-max sampling (with ``top_k`` / ``top_p`` filters).
-      eos_token_id: an id or ids that end a row (default: ``model.config.eos_token_ids``; ``()`` = none).
-      seed: PRNG seed for sampling (reproducible: same seed, same output).
-      spec_sampling: T > 0 acceptance rule of the self-speculative modes: ``"exact"`` (exact match with
-        the verifier's own sample, the reference) or ``"rejection"`` (speculative rejection sampling).
-      use_lora: use ``model.lora`` in linear-spec draft passes (never elsewhere).
-      max_thinking_tokens, end_think_token_id: thinking budget; once a row has emitted
-        ``max_thinking_tokens`` tokens without ``end_think_token_id``, its next seed token (the next
-        token the model is conditioned on) is replaced by ``end_think_token_id`` and that is emitted.
+      block_length: diffusion / draft block length ``N`` (quadratic: ``2 <= N <= 64``); default: the model's
+        training block, ``config.block_size``.  AR has no block.
+      options, **decode_kwargs: the decoding settings: a :class:`~jaxdlm.generation.options.DecodeOptions`
+        and / or its fields as keywords (keywords replace the object's fields): ``temperature`` (0 = greedy),
+        ``top_k``, ``top_p``, ``seed``, ``threshold`` (None = diffusion's fixed schedule of
+        ``steps_per_block`` steps), ``policy`` (diffusion commit policy: ``"confidence"``, ``"margin"``,
+        ``"entropy"``, ``"leftmost"``, :mod:`jaxdlm.generation.policies`) with its knob (``threshold``,
+        ``margin`` or ``entropy_bound``), ``spec_sampling`` (``"exact"`` or ``"rejection"``), ``use_lora``,
+        ``max_thinking_tokens`` + ``end_think_token_id`` (thinking budget), ``eos_token_id`` (default
+        ``config.eos_token_ids``; ``()`` = none).  See :class:`DecodeOptions` for each.  The threshold, the
+        policy and its knob, temperature, top-k / top-p values, the thinking budget, EOS ids and seed are
+        traced: changing them never recompiles.
       stream_callback: optional host function ``f(tokens int32 [B, N], counts int32 [B])`` called from
         inside the program after every emission; ``tokens[i, :counts[i]]`` are row ``i``'s newly
         final tokens.  A new function object recompiles the program.
@@ -469,48 +414,30 @@ def generate(model, prompts, *, mode: str = "auto", max_new_tokens: int = 128, b
       layers: the forwards' layer loop: ``"auto"`` (default: ``"unrolled"``, straight-line code, on a GPU /
         TPU; ``"scan"`` on a CPU, see :func:`jaxdlm.model.resolve_layers`), ``"unrolled"`` or ``"scan"``; every
         choice gives the same tokens.
-      policy: diffusion commit policy (:mod:`jaxdlm.generation.diffusion`): ``"confidence"`` (default:
-        the most confident masked position + every one with probability ``>= threshold``), ``"margin"``
-        (top-1 minus top-2 probability ``>= margin``, + the largest margin), ``"entropy"`` (the
-        lowest-entropy masked positions while their summed entropy is ``<= entropy_bound`` nats, at
-        least one) or ``"leftmost"`` (the leftmost masked position + the contiguous run after it with
-        probability ``>= threshold``).  A traced id: switching policy does not recompile.  ``threshold``
-        is read by ``"confidence"`` and ``"leftmost"`` only, and only ``"confidence"`` has the fixed
-        schedule.  Other modes accept only ``"confidence"`` (they have no commit policy).
-      margin: the ``"margin"`` policy's cut in ``[0, 1]`` (default 0.8: a 0.9 / 0.1 split's margin, so it
-        commits at least what ``threshold=0.9`` commits).  Traced.
-      entropy_bound: the ``"entropy"`` policy's bound in nats, ``>= 0`` (default 0.3, about the entropy
-        of one position at probability 0.9: 0.33 nats for a 0.9 / 0.1 split).  Traced.
 
     Returns a :class:`GenerationResult` (host numpy arrays).  ``nfe`` as in docs/decoding.md: AR counts
     one per emitted token (the prefill is the first token's forward); diffusion does not count the
     prefill and counts every denoise and commit pass; linear spec counts the prefill plus two per
-    cycle; quadratic spec the prefill plus one per cycle.  The same program as :func:`make_generate_fn`'s.
+    cycle; quadratic spec the prefill plus one per cycle.  The program is the one :func:`make_generate_fn`
+    builds for the same settings (one :func:`build_plan`).
     """
     c = model.config
-    _check_sizes(max_new_tokens, block_length)
-    _check_knob_values(c, threshold, temperature, top_k, top_p, max_thinking_tokens, end_think_token_id)
-    knob_values = check_policy(policy, threshold, steps_per_block, margin, entropy_bound)
+    opts = DecodeOptions.build(options, **decode_kwargs).check(c)
     rows = _prompt_rows(prompts, c.vocab_size)
-    mode = _resolve_mode(model, mode, len(rows), max_new_tokens, block_length, policy)
     longest = max(len(r) for r in rows)
-    sample = float(temperature) > 0
-    plan = _plan(model, mode, longest=longest, prompt_length=bucket_length(longest), max_new_tokens=max_new_tokens,
-                 block_length=block_length,
-                 fixed_steps=_fixed_steps(mode, threshold is None, steps_per_block, block_length), sample=sample,
-                 use_top_k=top_k is not None, use_top_p=top_p is not None and float(top_p) < 1,
-                 spec_sampling=spec_sampling, use_lora=use_lora, cache_length=cache_length, stream=stream_callback,
-                 impl=impl, layers=layers)
-    prompts_RxP, lens_R = _padded_prompts(model, rows, bucket_length(longest))
-    knobs = Knobs.make(temperature=temperature, top_k=top_k, top_p=top_p, threshold=threshold, policy=policy,
-                       margin=knob_values["margin"], entropy_bound=knob_values["entropy_bound"],
-                       max_thinking_tokens=max_thinking_tokens, end_think_token_id=end_think_token_id)
+    p_len = bucket_length(longest)
+    plan = build_plan(model, mode, opts, batch=len(rows), longest=longest, prompt_length=p_len,
+                      max_new_tokens=max_new_tokens, block_length=block_length, cache_length=cache_length,
+                      stream=stream_callback, impl=impl, layers=layers)
+    prompts_BxP, lens_B = _padded_prompts(model, rows, p_len)
+    ids = opts.eos_ids(c)
     with model.mesh_context():
-        out = _jitted(model.graphdef, plan)(model.params, model.lora, prompts_RxP, lens_R, jax.random.PRNGKey(seed),
-                                            knobs, jax.device_put(eos_array(eos_ids(c, eos_token_id))))
+        out = _jitted(model.graphdef, plan)(model.params, model.lora, prompts_BxP, lens_B,
+                                            jax.random.PRNGKey(opts.seed), opts.knobs(),
+                                            jax.device_put(padded_eos(ids, eos_slots_for(len(ids)))))
     out = jax.device_get(out)
     return GenerationResult(tokens=np.asarray(out.tokens), lengths=np.asarray(out.lengths), nfe=np.asarray(out.nfe),
-                            total_nfe=int(out.total_nfe), mode=mode)
+                            total_nfe=int(out.total_nfe), mode=plan.mode)
 
 
 def ar_generate(model, prompts, **kw) -> GenerationResult:

@@ -6,7 +6,6 @@ token costs one forward, so ``nfe == tokens emitted`` and TPF = 1 (docs/decoding
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxdlm.generation import core
@@ -14,17 +13,11 @@ from jaxdlm.generation.sampling import choose
 from jaxdlm.model import forward
 
 
-def ar_program(module, plan: core.Plan, params_dtype, prompts, lens, key, knobs, eos, lora=None):
-    """The AR generation program (traced inside the program of :mod:`jaxdlm.generation.api`)."""
-    state = core.init_state(module, plan, prompts, lens, key, knobs, eos, params_dtype)
-
-    def body(state: core.DecodeState):
-        active_R = ~state.done
-        logits_Rx1xV, cache = forward(module, state.last_token[:, None], kind="causal", cache=state.cache,
-                                      num_valid=active_R.astype(jnp.int32), **plan.forward_kw)
-        tok_R = choose(logits_Rx1xV[:, 0], core.step_key(state), plan.sampler, state.knobs)
-        state = core.count_forward(state.replace(cache=cache), active_R)
-        return core.emit(state, plan, tok_R[:, None], jnp.ones_like(tok_R), active_R)
-
-    state = jax.lax.while_loop(core.not_done, body, state)
-    return core.finish(state, plan)
+def ar_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None) -> core.DecodeState:
+    """One AR cycle: a causal forward of every row's last token, one token chosen and emitted per active row."""
+    active_B = ~state.done
+    logits_Bx1xV, cache = forward(module, state.last_token[:, None], kind="causal", cache=state.cache,
+                                  num_valid=active_B.astype(jnp.int32), **plan.forward_kw)
+    tok_B = choose(logits_Bx1xV[:, 0], core.step_key(state), plan.sampler, state.knobs)
+    state = core.count_forward(state.replace(cache=cache), active_B)
+    return core.emit(state, plan, tok_B[:, None], jnp.ones_like(tok_B), active_B)

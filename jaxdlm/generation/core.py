@@ -22,11 +22,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxdlm.cache import KVCache
-from jaxdlm.generation.sampling import Knobs, Sampler, choose
+from jaxdlm.generation.knobs import Knobs
+from jaxdlm.generation.sampling import Sampler, choose
 from jaxdlm.model import forward
-
-# modes whose nfe counts the prefill as a forward (it produces the first token); diffusion's accounting does not
-PREFILL_COUNTS = {"ar": 1, "diffusion": 0, "linear_spec": 1, "quadratic_spec": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +112,13 @@ def step_key(state: DecodeState, salt: int = 0):
     return jax.random.fold_in(jax.random.fold_in(state.key, state.step), salt)
 
 
-def init_state(module, plan: Plan, prompts_RxP, lens_R, key, knobs: Knobs, eos_E, params_dtype,
-               **mode_fields) -> DecodeState:
+def init_state(module, plan: Plan, prompts_RxP, lens_R, key, knobs: Knobs, eos_E, params_dtype, *,
+               prefill_nfe: int, **mode_fields) -> DecodeState:
     """Causal prefill of the right-padded prompts, the first token, and the initial loop state.
 
     ``prompts_RxP`` int32 (row ``i`` valid up to ``lens_R[i]``).  The prefill writes the K/V of all ``P`` slots
     but advances each row's length by ``lens_R[i]`` only (padding slots are scratch).  The prefill's forward
-    counts in ``nfe`` as the mode's accounting says (:data:`PREFILL_COUNTS`).  ``mode_fields`` set the
+    counts ``prefill_nfe`` in ``nfe`` (the mode's accounting, :attr:`jaxdlm.generation.modes.Mode.prefill_nfe`).  ``mode_fields`` set the
     mode-specific fields of :class:`DecodeState` (``draft``, ``draft_probs``).
     """
     r = prompts_RxP.shape[0]
@@ -131,8 +129,8 @@ def init_state(module, plan: Plan, prompts_RxP, lens_R, key, knobs: Knobs, eos_E
     zeros = jnp.zeros((r,), jnp.int32)
     state = DecodeState(cache=cache, out=jnp.full((r, plan.width), plan.pad_id, jnp.int32), count=zeros,
                         length=zeros, ended=zeros.astype(bool), done=zeros.astype(bool), last_token=zeros,
-                        think_done=zeros.astype(bool), nfe=zeros + PREFILL_COUNTS[plan.mode],
-                        total=jnp.int32(PREFILL_COUNTS[plan.mode]), step=jnp.int32(0), key=key, knobs=knobs,
+                        think_done=zeros.astype(bool), nfe=zeros + prefill_nfe,
+                        total=jnp.int32(prefill_nfe), step=jnp.int32(0), key=key, knobs=knobs,
                         eos=eos_E, **mode_fields)
     t0_R = choose(head(module, last_RxH), step_key(state), plan.sampler, knobs)
     state = state.replace(step=state.step + 1)

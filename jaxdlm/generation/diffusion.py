@@ -4,7 +4,7 @@ Per block ``blk = [seed, MASK * (B-1)]``: denoise passes (bidirectional over the
 read-only) commit tokens until no MASK is left (at most ``B-1`` steps) or an EOS is committed with no
 MASK before it; then one causal commit pass writes the block's K/V and yields the next seed.
 
-Which masked positions a denoise pass commits is the *policy* (:data:`POLICIES`, a traced id: switching
+Which masked positions a denoise pass commits is the *policy* (:data:`jaxdlm.generation.policies.REGISTRY`, a traced id: switching
 policy or changing its knob never recompiles).  Every policy commits at least one masked position per
 pass (progress), and every score is read from the temperature-1 softmax over the full vocabulary (MASK
 in the denominator, never chosen) of the chosen token ``x0`` (argmax, or a Gumbel-max sample at T > 0):
@@ -47,55 +47,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxdlm.generation import core
-from jaxdlm.generation.knobs import POLICIES, Knobs
-from jaxdlm.generation.sampling import choose, confidence, entropy, margin
+from jaxdlm.generation.policies import POLICIES, commit_mask
+from jaxdlm.generation.sampling import choose, confidence
 from jaxdlm.model import forward
 
-__all__ = ["POLICIES", "commit_mask", "diffusion_program", "fixed_schedule_count"]
-
-
-def _best_and_above(score, masked, cut):
-    """The masked position with the highest ``score`` (first one on ties) and every masked one ``>= cut``."""
-    idx = jnp.arange(score.shape[1])[None, :]
-    best = jnp.argmax(jnp.where(masked, score, -jnp.inf), axis=1)
-    return masked & ((score >= cut) | (idx == best[:, None]))
-
-
-def commit_mask(policy, logits, x0, masked, knobs: Knobs, mask_id: int | None):
-    """The positions one denoise pass commits under the traced ``policy`` id (see the module docstring).
-
-    Args:
-      policy: ``int32 []`` index into :data:`POLICIES`.
-      logits: ``float32 [R, B, V]`` denoise-pass logits; ``x0``: ``int32 [R, B]`` the chosen tokens.
-      masked: ``bool [R, B]`` positions still masked (a row with none commits nothing).
-      knobs: :class:`Knobs` (reads ``threshold``, ``margin``, ``entropy_bound``).
-      mask_id: the MASK id (excluded from the margin's runner-up).
-
-    Returns ``bool [R, B]``, a subset of ``masked`` with at least one position in every row that has one.
-    Only the selected policy's branch runs (``lax.switch``).
-    """
-    idx = jnp.arange(masked.shape[1])[None, :]
-
-    def by_confidence(_):
-        return _best_and_above(confidence(logits, x0), masked, knobs.threshold)
-
-    def by_margin(_):
-        return _best_and_above(margin(logits, x0, mask_id), masked, knobs.margin)
-
-    def by_entropy(_):
-        ent = jnp.where(masked, entropy(logits), jnp.inf)
-        order = jnp.argsort(ent, axis=1, stable=True)       # masked positions first, lowest entropy first
-        rank = jnp.argsort(order, axis=1, stable=True)
-        summed = jnp.take_along_axis(jnp.cumsum(jnp.take_along_axis(ent, order, 1), axis=1), rank, 1)
-        return masked & ((rank == 0) | (summed <= knobs.entropy_bound))
-
-    def by_leftmost(_):
-        first = jnp.argmax(masked, axis=1)[:, None]          # leftmost masked position (forced)
-        ok = (masked & (confidence(logits, x0) >= knobs.threshold)) | (idx == first)
-        blocked = jnp.cumsum(((idx >= first) & ~ok).astype(jnp.int32), axis=1) > 0
-        return masked & (idx >= first) & ~blocked
-
-    return jax.lax.switch(policy, [by_confidence, by_margin, by_entropy, by_leftmost], None)
+__all__ = ["POLICIES", "commit_mask", "diffusion_cycle", "fixed_schedule_count"]
 
 
 def fixed_schedule_count(step, masks: int, steps: int):
@@ -146,20 +102,15 @@ def _denoise_block(module, plan: core.Plan, state: core.DecodeState, active_R):
     return state, blk_RxN
 
 
-def diffusion_program(module, plan: core.Plan, params_dtype, prompts, lens, key, knobs: Knobs, eos, lora=None):
-    """The block diffusion program (traced inside the program of :mod:`jaxdlm.generation.api`)."""
+def diffusion_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None) -> core.DecodeState:
+    """One block of block diffusion: denoise passes until the block is committed, then the causal commit pass
+    that writes its K/V and chooses the next seed.  The draft LoRA is not used (``lora`` is ignored)."""
     n = plan.block
-    state = core.init_state(module, plan, prompts, lens, key, knobs, eos, params_dtype)
-
-    def block_step(state):
-        active_R = ~state.done
-        state, blk_RxN = _denoise_block(module, plan, state, active_R)
-        hidden_RxNxH, cache = forward(module, blk_RxN, kind="causal", cache=state.cache,
-                                      num_valid=jnp.where(active_R, n, 0), **plan.forward_kw, return_hidden=True)
-        nxt_R = choose(core.head(module, hidden_RxNxH[:, -1]), core.step_key(state), plan.sampler, state.knobs)
-        state = core.count_forward(state.replace(cache=cache), active_R)
-        new_RxN = jnp.concatenate([blk_RxN[:, 1:], nxt_R[:, None]], axis=1)
-        return core.emit(state, plan, new_RxN, jnp.full_like(nxt_R, n), active_R)
-
-    state = jax.lax.while_loop(core.not_done, block_step, state)
-    return core.finish(state, plan)
+    active_B = ~state.done
+    state, blk_BxN = _denoise_block(module, plan, state, active_B)
+    hidden_BxNxH, cache = forward(module, blk_BxN, kind="causal", cache=state.cache,
+                                  num_valid=jnp.where(active_B, n, 0), **plan.forward_kw, return_hidden=True)
+    nxt_B = choose(core.head(module, hidden_BxNxH[:, -1]), core.step_key(state), plan.sampler, state.knobs)
+    state = core.count_forward(state.replace(cache=cache), active_B)
+    new_BxN = jnp.concatenate([blk_BxN[:, 1:], nxt_B[:, None]], axis=1)
+    return core.emit(state, plan, new_BxN, jnp.full_like(nxt_B, n), active_B)

@@ -14,11 +14,13 @@ that changing them does not recompile a generation program.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from jaxdlm.generation.knobs import Knobs
+if TYPE_CHECKING:  # knobs -> policies -> sampling: the type only
+    from jaxdlm.generation.knobs import Knobs
 
 NEG_INF = -jnp.inf
 
