@@ -339,7 +339,7 @@ def _check_against_config(args, config) -> list[str]:
     if args.mode == "ar":
         return [f"--block-length {args.block_length} has no role in --mode ar (one token per forward); ignored"]
     return [f"--block-length {args.block_length} differs from the model's training block (config.block_size = "
-            f"{config.block_size}); outputs may be worse"]
+            f"{config.block_size})"]
 
 
 def _block_length(args, config) -> int:
