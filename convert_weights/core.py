@@ -430,8 +430,9 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
       dtype: ``"keep"`` (the checkpoint's dtype; refused when it mixes dtypes), ``"bfloat16"`` or ``"float32"``.
       quantize: ``"int8"``, ``"int4"`` or ``"fp8"`` (or a :class:`jaxdlm.quant.Quantization`, e.g. with an int4
         ``group_size``): store every linear weight quantized (:mod:`jaxdlm.quant`);
-        the other arrays and the scales are then bfloat16 (``keep`` of a bfloat16 checkpoint, or
-        ``"bfloat16"``); ``quantize_head`` quantizes the output head too.
+        the other arrays and the scales are then bfloat16 (``"keep"`` stores bfloat16 too, and ``log`` says so when
+        the checkpoint is not bfloat16; ``"float32"`` is refused); ``quantize_head`` quantizes the output head too.
+      hf_dir, out_dir, lora: folders; relative and ``~`` paths are made absolute first.
       lora: a PEFT draft-LoRA folder; ``None`` uses ``hf_dir/linear_spec_lora`` when present.
       overwrite: replace an existing jaxdlm checkpoint at ``out_dir``.
       progress: tqdm bar over bytes; ``None`` shows it when stderr is a terminal.

@@ -1,12 +1,15 @@
 """The ``jaxdlm`` command line.
 
 ``jaxdlm demo``       runs every decoding mode of the embedded default model (``jaxdlm.load_default()``).
-``jaxdlm info``       prints the devices, versions and, with ``--config``, a model config or checkpoint.
-``jaxdlm generate``   generates text from a checkpoint (its tokenizer and chat template) in any mode.
+``jaxdlm info``       prints the devices, versions and, with ``--config``, a model config, checkpoint or run folder.
+``jaxdlm generate``   generates text from a checkpoint or training run folder (its tokenizer and chat template, or
+                      ``--tokenizer``) in any mode.
 ``jaxdlm train``      trains / fine-tunes from a TOML or JSON experiment config (``jaxdlm.training``).
 
 Every argument is checked before any work: a bad value ends the command with one line on stderr that
 names the allowed values, and exit code 2; so does any other error (``--debug`` shows the traceback).
+``jaxdlm generate`` checks what it can against the model's config and tokenizer before loading the weights.
+Paths may be relative or start with ``~``.
 
 JAX's persistent compilation cache is on: compiled programs are kept in ``$JAXDLM_CACHE_DIR`` (default
 ``~/.cache/jaxdlm/xla``), so a second run with the same shapes reads its program instead of compiling it
