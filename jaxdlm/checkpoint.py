@@ -74,7 +74,8 @@ RUN_CONFIG_FILE = "model_config.json"  # written by jaxdlm.training.run into eac
 def is_run_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a training run folder (``model_config.json`` and ``checkpoints/``, no ``jaxdlm.json``)."""
     root = resolve_path(path)
-    return (root / RUN_CONFIG_FILE).is_file() and (root / "checkpoints").is_dir() and not (root / METADATA_FILE).exists()
+    return ((root / RUN_CONFIG_FILE).is_file() and (root / "checkpoints").is_dir()
+            and not (root / METADATA_FILE).exists())
 
 
 def _join(path: tuple[str, ...]) -> str:

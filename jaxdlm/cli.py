@@ -259,8 +259,9 @@ def _check_prompt_text(text: str, index: int, count: int) -> None:
             which = "--prompt" if count == 1 else f"--prompt number {index + 1}"
             what = (f"byte 0x{ord(ch) - 0xDC00:02x}, which is not UTF-8" if "\udc80" <= ch <= "\udcff"
                     else f"the lone surrogate U+{ord(ch):04X}")
-            raise ValueError(f"{which} is not valid UTF-8 text: character {i} is {what} (before it: {text[:i][-20:]!r}); "
-                             "pass the prompt as UTF-8 (e.g. convert the file with iconv -t UTF-8)")
+            raise ValueError(f"{which} is not valid UTF-8 text: character {i} is {what} (before it: "
+                             f"{text[:i][-20:]!r}); pass the prompt as UTF-8 (e.g. convert the file with iconv -t "
+                             "UTF-8)")
 
 
 def _encode_prompt(tokenizer, text: str, chat: bool) -> list:
@@ -510,8 +511,7 @@ def run_info(path) -> dict:
     lora = ({"rank": meta.get("lora_rank"), "base_run": meta.get("base_run"), "base_step": meta.get("base_step")}
             if meta.get("kind") == "lora" else None)
     return {"run": os.fspath(path), "steps": steps, "latest_step": steps[-1] if steps else None,
-            "kind": meta.get("kind"), "lora": lora, "num_params": cfg.num_params(), "config": cfg.to_dict(),
-            "load": "jaxdlm.load(RUN) or jaxdlm.training.load_trained(RUN): the latest step's parameters"}
+            "kind": meta.get("kind"), "lora": lora, "num_params": cfg.num_params(), "config": cfg.to_dict()}
 
 
 def cmd_info(args) -> int:
@@ -597,8 +597,8 @@ def add_generate_parser(sub, parents=()):
     p.add_argument("--max-new-tokens", type=_int_in(1), default=256)
     p.add_argument("--block-length", type=_int_in(1), default=None,
                    help="diffusion / draft block length; default: the model's training block (config.block_size). "
-                        "Another value is allowed with a note; linear_spec and quadratic_spec need >= 2 (quadratic_spec "
-                        f"<= {MAX_QUADRATIC_BLOCK}); --mode ar ignores it (one token per forward)")
+                        "Another value is allowed with a note; linear_spec and quadratic_spec need >= 2 "
+                        f"(quadratic_spec <= {MAX_QUADRATIC_BLOCK}); --mode ar ignores it (one token per forward)")
     p.add_argument("--threshold", type=_float_in(0.0, 1.0, none_word="none"), default=0.9,
                    help="diffusion confidence threshold in [0, 1]; 'none' = the fixed schedule (one masked token "
                         "per denoise step unless --steps-per-block)")
