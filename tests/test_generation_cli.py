@@ -370,9 +370,11 @@ def test_a_non_utf8_prompt_is_named_not_tokenized():
         cli.run_generate(None, tiny_tokenizer(), args)
 
 
-def test_block_length_defaults_to_the_training_block(seed, monkeypatch):
+def test_block_length_defaults_to_the_training_block(monkeypatch):
     """No --block-length: the model's config.block_size reaches generate; another value does too, with a one-line
-    note naming both (for --mode ar: that it has no role)."""
+    note naming both (for --mode ar: that it has no role).  generate is replaced, so the model needs only a config."""
+    from types import SimpleNamespace
+
     seen = []
 
     def fake_generate(model, prompts, **kw):
@@ -380,7 +382,7 @@ def test_block_length_defaults_to_the_training_block(seed, monkeypatch):
         raise KeyboardInterrupt  # stop before any program is built
 
     monkeypatch.setattr(jaxdlm.generation, "generate", fake_generate)
-    model = tiny_model(seed, tiny_config(block_size=8))
+    model = SimpleNamespace(config=tiny_config(block_size=8))
     argv = ["generate", "--checkpoint", "unused", "--prompt", "w5 w9"]
     for extra, block, note in (([], 8, None), (["--mode", "diffusion"], 8, None),
                                (["--block-length", "8"], 8, None),
