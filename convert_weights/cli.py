@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or shards + model.safetensors.index.json)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="keep", choices=DTYPES,
-                   help="parameter dtype of the output (default: keep the checkpoint's dtype)")
+                   help="parameter dtype of the output (default: keep the checkpoint's dtype; with --quantize: "
+                        "bfloat16, said in one line when the checkpoint is not)")
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="store every linear weight quantized: int8 (per output channel), int4 (groups of 128 "
                         "inputs) or fp8 (e4m3, per output channel); other arrays and the scales in bfloat16")

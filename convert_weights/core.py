@@ -96,7 +96,14 @@ def _load_config(hf: Path):
         raise ConversionError(f"no config.json in HF_DIR {hf}; pass a Hugging Face model folder "
                               "(config.json + *.safetensors)")
     try:
-        return ModelConfig.from_hf(path)
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} holds a JSON {type(raw).__name__}, not an object; re-download it")
+    try:
+        return ModelConfig.from_hf(raw)
     except ValueError as e:
         raise ConversionError(f"{path}: {e}") from None
 
@@ -423,8 +430,9 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
       dtype: ``"keep"`` (the checkpoint's dtype; refused when it mixes dtypes), ``"bfloat16"`` or ``"float32"``.
       quantize: ``"int8"``, ``"int4"`` or ``"fp8"`` (or a :class:`jaxdlm.quant.Quantization`, e.g. with an int4
         ``group_size``): store every linear weight quantized (:mod:`jaxdlm.quant`);
-        the other arrays and the scales are then bfloat16 (``keep`` of a bfloat16 checkpoint, or
-        ``"bfloat16"``); ``quantize_head`` quantizes the output head too.
+        the other arrays and the scales are then bfloat16 (``"keep"`` stores bfloat16 too, and ``log`` says so when
+        the checkpoint is not bfloat16; ``"float32"`` is refused); ``quantize_head`` quantizes the output head too.
+      hf_dir, out_dir, lora: folders; relative and ``~`` paths are made absolute first.
       lora: a PEFT draft-LoRA folder; ``None`` uses ``hf_dir/linear_spec_lora`` when present.
       overwrite: replace an existing jaxdlm checkpoint at ``out_dir``.
       progress: tqdm bar over bytes; ``None`` shows it when stderr is a terminal.
@@ -438,12 +446,12 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
     """
     from tqdm import tqdm
 
-    from jaxdlm.checkpoint import CheckpointWriter, atomic_output, copy_tokenizer_files
+    from jaxdlm.checkpoint import CheckpointWriter, atomic_output, copy_tokenizer_files, resolve_path
 
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
-    hf, out = Path(hf_dir), Path(out_dir)
-    quant, config, entries, groups, out_dtype = _checked_plan(hf, out, dtype, quantize, quantize_head, overwrite)
+    hf, out = resolve_path(hf_dir), resolve_path(out_dir)
+    quant, config, entries, groups, out_dtype = _checked_plan(hf, out, dtype, quantize, quantize_head, overwrite, say)
     lora_dir = _lora_dir(hf, lora, say)
     lora_params = read_lora(lora_dir, config, out_dtype) if lora_dir is not None else None
 
@@ -473,7 +481,8 @@ def convert(hf_dir, out_dir, *, dtype: str = "keep", lora=None, overwrite: bool 
     return {**meta, "seconds": seconds, "bytes_read": total}
 
 
-def _checked_plan(hf: Path, out: Path, dtype: str, quantize, quantize_head: bool, overwrite: bool):
+def _checked_plan(hf: Path, out: Path, dtype: str, quantize, quantize_head: bool, overwrite: bool,
+                  say: Callable[[str], None]):
     """Every check that needs no writing, then the plan: ``(quant, config, entries, groups, out_dtype)``."""
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -483,6 +492,8 @@ def _checked_plan(hf: Path, out: Path, dtype: str, quantize, quantize_head: bool
     config = _load_config(hf)
     entries = find_tensors(hf)
     groups = plan(config, entries)
+    if quant is not None and dtype == "keep":
+        dtype = _quantized_dtype(quant, groups, entries, say)
     out_dtype = output_dtype(dtype, groups, entries)
     if quant is not None:
         _plan_quantized(quant, config, groups, out_dtype)
@@ -515,6 +526,19 @@ def _quantization(quantize, head: bool, dtype: str):
                               f"{'/'.join(COMPUTE_DTYPES)} arrays, and --dtype {dtype} asks for full precision: drop "
                               f"--dtype {dtype} (or --quantize)")
     return quant
+
+
+def _quantized_dtype(quant, groups: list[Group], entries: dict[str, TensorEntry], say: Callable[[str], None]) -> str:
+    """``--dtype`` for ``--quantize`` with ``--dtype keep``: the compute dtype of quantized weights (bfloat16); said
+    in one line when the checkpoint holds other dtypes (a float32 checkpoint is rounded to bfloat16 first)."""
+    from jaxdlm.quant import COMPUTE_DTYPES
+
+    found = sorted({FLOAT_DTYPES[entries[s.hf_key].dtype].name for g in groups for s in g.specs})
+    target = COMPUTE_DTYPES[0]
+    if found != [target]:
+        say(f"--quantize {quant.scheme}: the checkpoint is {' + '.join(found)}; storing its other arrays and the "
+            f"scales in {target} (the compute dtype of quantized weights), as --dtype {target} would")
+    return target
 
 
 def _refuse_quantized(hf: Path) -> None:

@@ -19,6 +19,10 @@ straight into its target dtype (and optional sharding) through ``jax.ShapeDtypeS
 Writes are atomic (:func:`atomic_output`): everything goes into a temporary sibling folder that is
 renamed at the end; on failure the target is untouched and the temporary folder is removed.
 
+Every public function here takes a relative or ``~`` path: :func:`resolve_path` makes it absolute once, at the
+entry (Orbax accepts absolute paths only).  :func:`load` also reads a training run folder (``jaxdlm train``'s
+``run.out_dir``: ``model_config.json`` + ``checkpoints/``) through :func:`jaxdlm.training.load_trained`.
+
 Quantized checkpoints (:mod:`jaxdlm.quant`) hold int8 / int4 / fp8 weights and their ``*_scale`` arrays as
 ordinary parameters.  int4 arrays are packed two to a byte at this boundary only (Orbax stores ``int4`` one
 byte per element: measured with orbax-checkpoint 0.12.8, a 1024 x 1024 int4 array took the 1.07 MB of its int8
@@ -57,6 +61,21 @@ _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.mode
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``path`` as an absolute path, ``~`` expanded (relative to the current directory); nothing is read."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+RUN_CONFIG_FILE = "model_config.json"  # written by jaxdlm.training.run into each run folder
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a training run folder (``model_config.json`` and ``checkpoints/``, no ``jaxdlm.json``)."""
+    root = resolve_path(path)
+    return ((root / RUN_CONFIG_FILE).is_file() and (root / "checkpoints").is_dir()
+            and not (root / METADATA_FILE).exists())
 
 
 def _join(path: tuple[str, ...]) -> str:
@@ -176,7 +195,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
     left as it was.  An existing ``out_dir`` is replaced only with ``overwrite=True`` and only when it
     is empty or a jaxdlm checkpoint (so a mistyped path cannot wipe an unrelated folder).
     """
-    out = Path(os.path.abspath(out_dir))
+    out = resolve_path(out_dir)
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise ValueError(f"OUT_DIR {out} already exists; pass --overwrite (overwrite=True) to replace it, "
@@ -303,7 +322,8 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
 
     Arrays are fetched to the host one group at a time.  Atomic: ``path`` appears only when complete.
     ``overwrite=True`` replaces an existing jaxdlm checkpoint.  ``extra_files`` maps file names to text
-    written into the folder with the rest (e.g. a model card).  Returns the absolute path.  A quantized model is
+    written into the folder with the rest (e.g. a model card).  ``path`` may be relative or start with ``~``;
+    returns the absolute path.  A quantized model is
     saved with its compute dtype, bfloat16 (``model.astype("bfloat16")`` first otherwise).
     """
     import jax
@@ -311,6 +331,7 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
 
     from jaxdlm import __version__
 
+    path = resolve_path(path)
     quant = model.quant
     if quant is not None and np.dtype(model.dtype).name != "bfloat16":
         raise ValueError(f"a {quant.scheme} checkpoint keeps its other arrays and scales in bfloat16, and this model "
@@ -331,7 +352,7 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
             (tmp / name).write_text(text, encoding="utf-8")
         writer.finish(model.config, dtype=str(np.dtype(model.dtype)), source=source, quant=quant,
                       extra={"writer": f"jaxdlm.save {__version__}"})
-    return Path(os.path.abspath(path))
+    return path
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -339,13 +360,17 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``jaxdlm.json`` of a checkpoint folder; ``ValueError`` when ``path`` is not one."""
-    root = Path(path)
+    root = resolve_path(path)
     meta_path = root / METADATA_FILE
     if not root.exists():
         raise ValueError(f"checkpoint folder {root} does not exist; check the path (a Hugging Face folder must be "
                          f"converted first: python -m convert_weights HF_DIR OUT_DIR)")
     if not root.is_dir():
         raise ValueError(f"{root} is a file, not a checkpoint folder; pass the folder that holds {METADATA_FILE}")
+    if is_run_folder(root):
+        raise ValueError(f"{root} is a training run folder, not a jaxdlm checkpoint: jaxdlm.load or "
+                         f"jaxdlm.training.load_trained reads it (its latest parameters and LoRA); "
+                         f"jaxdlm.save(jaxdlm.training.load_trained(RUN), OUT) makes a checkpoint of it")
     if not meta_path.is_file():
         raise ValueError(
             f"{root} is not a jaxdlm checkpoint (no {METADATA_FILE}); convert a Hugging Face folder first: "
@@ -376,7 +401,7 @@ def _resolve_sharding(sharding, path: tuple[str, ...]):
 
 def load_tokenizer(path: str | os.PathLike):
     """``transformers.AutoTokenizer`` from the local folder, or ``None`` when it holds no tokenizer files."""
-    root = Path(path)
+    root = resolve_path(path)
     if not any((root / name).is_file() for name in _TOKENIZER_MARKERS):
         return None
     import transformers
@@ -402,7 +427,7 @@ def load_arrays(path: str | os.PathLike, names=None, *, dtype=None) -> dict:
     """
     import jax
 
-    root = Path(path)
+    root = resolve_path(path)
     manifest = read_metadata(root)["arrays"]
     names = sorted(manifest) if names is None else list(names)
     unknown = [n for n in names if n not in manifest]
@@ -446,7 +471,10 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules
     """Loads a jaxdlm checkpoint folder (written by ``convert_weights`` or :func:`save`) as a Model.
 
     Args:
-      path: the checkpoint folder.
+      path: the checkpoint folder (relative or ``~`` paths too), or a training run folder: its latest parameters
+        and LoRA (:func:`jaxdlm.training.load_trained`) and the tokenizer files it holds, if any; ``dtype`` then
+        casts after loading, and ``sharding``, ``mesh``, ``rules`` and ``quantize`` are refused (save the run as a
+        checkpoint first).
       dtype: restore every floating array as this dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the
         stored dtype.  Orbax casts while reading (``jax.ShapeDtypeStruct`` targets).  The LoRA scale
         stays float32.
@@ -470,7 +498,9 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules
     from jaxdlm.config import ModelConfig
     from jaxdlm.model import Model
 
-    root = Path(path)
+    root = resolve_path(path)
+    if is_run_folder(root):
+        return _load_run(root, dtype, tokenizer, sharding=sharding, mesh=mesh, rules=rules, quantize=quantize)
     meta = read_metadata(root)
     config = ModelConfig.from_dict(meta["config"])
     stored = quant_lib.Quantization.from_dict(meta.get("quantization"))
@@ -488,6 +518,37 @@ def load(path: str | os.PathLike, *, dtype=None, sharding=None, mesh=None, rules
     lora = _restore_lora(root, meta["lora"], config, dtype, sharding) if meta.get("has_lora") else None
     tok = load_tokenizer(root) if tokenizer else None
     return Model(config, abstract.graphdef, params, lora=lora, tokenizer=tok, mesh=mesh)
+
+
+def _load_run(root: Path, dtype, tokenizer: bool, **refused):
+    """:func:`load` of a training run folder: :func:`jaxdlm.training.load_trained` (latest step, with the run's
+    LoRA), cast to ``dtype``, with the folder's tokenizer files when ``tokenizer`` and present.  ``refused``: the
+    :func:`load` arguments that load_trained has no counterpart for (each must be None)."""
+    given = [name for name, value in refused.items() if value is not None]
+    if given:
+        raise ValueError(f"{root} is a training run folder, read through jaxdlm.training.load_trained, which takes no "
+                         f"{given[0]}=: save it as a checkpoint first (jaxdlm.save(jaxdlm.training.load_trained(RUN), "
+                         f"OUT)), then jaxdlm.load(OUT, {given[0]}=...)")
+    from jaxdlm.training.run import load_trained
+
+    model = load_trained(root)
+    if dtype is not None:
+        model = model.astype(dtype)
+    if tokenizer:
+        model.tokenizer = load_tokenizer(root)
+    return model
+
+
+def read_config(path: str | os.PathLike):
+    """The :class:`~jaxdlm.config.ModelConfig` of a checkpoint folder (``jaxdlm.json``) or of a training run
+    folder (``model_config.json``), without reading any weights; ``ValueError`` when ``path`` is neither."""
+    from jaxdlm.config import ModelConfig
+
+    root = resolve_path(path)
+    if is_run_folder(root):
+        with open(root / RUN_CONFIG_FILE, encoding="utf-8") as f:
+            return ModelConfig.from_dict(json.load(f))
+    return ModelConfig.from_dict(read_metadata(root)["config"])
 
 
 def _mesh_sharding(config, mesh, sharding, rules, quant=None):

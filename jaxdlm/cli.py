@@ -1,12 +1,15 @@
 """The ``jaxdlm`` command line.
 
 ``jaxdlm demo``       runs every decoding mode of the embedded default model (``jaxdlm.load_default()``).
-``jaxdlm info``       prints the devices, versions and, with ``--config``, a model config or checkpoint.
-``jaxdlm generate``   generates text from a checkpoint (its tokenizer and chat template) in any mode.
+``jaxdlm info``       prints the devices, versions and, with ``--config``, a model config, checkpoint or run folder.
+``jaxdlm generate``   generates text from a checkpoint or training run folder (its tokenizer and chat template, or
+                      ``--tokenizer``) in any mode.
 ``jaxdlm train``      trains / fine-tunes from a TOML or JSON experiment config (``jaxdlm.training``).
 
 Every argument is checked before any work: a bad value ends the command with one line on stderr that
 names the allowed values, and exit code 2; so does any other error (``--debug`` shows the traceback).
+``jaxdlm generate`` checks what it can against the model's config and tokenizer before loading the weights.
+Paths may be relative or start with ``~``.
 
 JAX's persistent compilation cache is on: compiled programs are kept in ``$JAXDLM_CACHE_DIR`` (default
 ``~/.cache/jaxdlm/xla``), so a second run with the same shapes reads its program instead of compiling it
@@ -27,6 +30,8 @@ CACHE_DIR_ENV = "JAXDLM_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/jaxdlm/xla"
 GEN_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 DIFFUSION_POLICIES = ("confidence", "margin", "entropy", "leftmost")  # jaxdlm.generation.diffusion.POLICIES
+POLICY_KNOBS = {"margin": "margin", "entropy": "entropy_bound"}  # policy -> its knob's argument (api.POLICY_KNOBS)
+MAX_QUADRATIC_BLOCK = 64  # jaxdlm.generation.api.MAX_QUADRATIC_BLOCK
 DTYPES = ("float32", "bfloat16")
 QUANTIZE = ("int8", "int4", "fp8")  # jaxdlm.quant.SCHEMES
 # The demo's quadratic_spec block: B = 16 runs a B(B+1) = 272-token forward instead of 1056 tokens at the
@@ -246,6 +251,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _check_prompt_text(text: str, index: int, count: int) -> None:
+    """``ValueError`` naming the first byte that is not UTF-8 (Python keeps undecodable bytes of the command line
+    as lone surrogates ``U+DC80..U+DCFF``), or another lone surrogate, in ``--prompt`` number ``index``."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            which = "--prompt" if count == 1 else f"--prompt number {index + 1}"
+            what = (f"byte 0x{ord(ch) - 0xDC00:02x}, which is not UTF-8" if "\udc80" <= ch <= "\udcff"
+                    else f"the lone surrogate U+{ord(ch):04X}")
+            raise ValueError(f"{which} is not valid UTF-8 text: character {i} is {what} (before it: "
+                             f"{text[:i][-20:]!r}); pass the prompt as UTF-8 (e.g. convert the file with iconv -t "
+                             "UTF-8)")
+
+
 def _encode_prompt(tokenizer, text: str, chat: bool) -> list:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -257,16 +275,88 @@ def _encode_prompt(tokenizer, text: str, chat: bool) -> list:
     return list(tokenizer(text)["input_ids"])
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check_generate_args(args) -> None:
-    """The checks of ``jaxdlm generate`` that involve two arguments (each one alone is checked by argparse)."""
+    """The checks of ``jaxdlm generate`` that need no model: those involving two arguments (each one alone is
+    checked by argparse) and the prompts' text.  They run before anything is read from the checkpoint."""
     if args.steps_per_block is not None and args.threshold is not None:
         raise ValueError(f"--steps-per-block={args.steps_per_block} sets the fixed schedule: it needs "
                          f"--threshold none (got --threshold {args.threshold:g})")
+    if args.steps_per_block is not None and args.mode != "diffusion":
+        raise ValueError(f"--steps-per-block={args.steps_per_block} sets diffusion's fixed schedule: it needs --mode "
+                         f"diffusion (got --mode {args.mode})")
     if args.quantize is not None and args.dtype == "float32":
         raise ValueError(f"--quantize {args.quantize} dequantizes its weights into bfloat16 activations, and --dtype "
                          "float32 asks for full precision: drop --dtype float32 (or --quantize)")
     if args.quantize_head and args.quantize is None:
         raise ValueError("--quantize-head needs --quantize int8, int4 or fp8")
+    _check_policy_args(args)
+    if args.mode in ("linear_spec", "quadratic_spec") and args.block_length is not None and args.block_length < 2:
+        raise ValueError(f"--block-length {args.block_length} leaves --mode {args.mode} no draft token: it needs "
+                         "--block-length >= 2")
+    if args.mode == "quadratic_spec" and args.block_length is not None and args.block_length > MAX_QUADRATIC_BLOCK:
+        raise ValueError(f"--block-length {args.block_length} does not fit quadratic_spec's B(B+1)-token forward: "
+                         f"it needs 2 <= B <= {MAX_QUADRATIC_BLOCK}")
+    if (args.max_thinking_tokens is None) != (args.end_think_token_id is None):
+        given, missing = (("--max-thinking-tokens", "--end-think-token-id") if args.end_think_token_id is None
+                          else ("--end-think-token-id", "--max-thinking-tokens"))
+        raise ValueError(f"{given} needs {missing} too (the thinking budget ends at that token)")
+    for i, text in enumerate(args.prompt):
+        _check_prompt_text(text, i, len(args.prompt))
+
+
+def _check_policy_args(args) -> None:
+    """``--policy`` and its knob: a knob only with its policy, a policy other than confidence only in diffusion
+    with a threshold (the fixed schedule ranks by confidence)."""
+    for policy, knob in POLICY_KNOBS.items():
+        if getattr(args, knob) is not None and args.policy != policy:
+            raise ValueError(f"{_flag(knob)} is the knob of --policy {policy}; --policy {args.policy} has no use for "
+                             f"it: drop {_flag(knob)} or pass --policy {policy}")
+    if args.policy == "confidence":
+        return
+    if args.mode != "diffusion":
+        picks = " (--mode auto picks ar or linear_spec)" if args.mode == "auto" else ""
+        raise ValueError(f"--policy {args.policy} is a diffusion commit policy: it needs --mode diffusion, and --mode "
+                         f"{args.mode} has none{picks}")
+    if args.threshold is None:
+        raise ValueError(f"--threshold none selects the fixed schedule, which ranks by confidence: --policy "
+                         f"{args.policy} commits by its own rule instead; drop one of them")
+
+
+def _check_against_config(args, config) -> list[str]:
+    """The checks of ``jaxdlm generate`` against the model's config (read without the weights): the mode needs a
+    MASK token, every token id lies in the vocabulary.  Returns the notes to print about ``--block-length``."""
+    if args.mode not in ("ar", "auto") and config.mask_token_id is None:
+        raise ValueError(f"--mode {args.mode} needs a MASK token, and this model has none (config.mask_token_id is "
+                         "unset: an autoregressive checkpoint): use --mode ar or auto")
+    ids = [("--eos-token-id", i) for i in args.eos_token_id or ()]
+    ids += [("--end-think-token-id", args.end_think_token_id)] if args.end_think_token_id is not None else []
+    for flag, value in ids:
+        if not 0 <= value < config.vocab_size:
+            raise ValueError(f"{flag} {value} is outside the model's vocabulary: token ids lie in "
+                             f"[0, {config.vocab_size - 1}]")
+    if args.block_length is None or args.block_length == config.block_size:
+        return []
+    if args.mode == "ar":
+        return [f"--block-length {args.block_length} has no role in --mode ar (one token per forward); ignored"]
+    return [f"--block-length {args.block_length} differs from the model's training block (config.block_size = "
+            f"{config.block_size})"]
+
+
+def _block_length(args, config) -> int:
+    """``--block-length``, or the model's training block (``config.block_size``) when not given."""
+    return config.block_size if args.block_length is None else args.block_length
+
+
+def _encode_prompts(tokenizer, args) -> list[list]:
+    """``args.prompt`` as token ids (``--chat``: in the tokenizer's chat template)."""
+    if tokenizer is None:
+        raise ValueError("the checkpoint has no tokenizer (tokenizer.json / tokenizer_config.json): "
+                         "jaxdlm generate needs one to encode --prompt: pass --tokenizer PATH")
+    return [_encode_prompt(tokenizer, p, args.chat) for p in args.prompt]
 
 
 def run_generate(model, tokenizer, args, out=None, err=None) -> dict:
@@ -282,12 +372,11 @@ def run_generate(model, tokenizer, args, out=None, err=None) -> dict:
     out = out or sys.stdout
     err = err or sys.stderr
     _check_generate_args(args)
-    if tokenizer is None:
-        raise ValueError("the checkpoint has no tokenizer (tokenizer.json / tokenizer_config.json): "
-                         "jaxdlm generate needs one to encode --prompt")
-    prompts = [_encode_prompt(tokenizer, p, args.chat) for p in args.prompt]
+    for note in _check_against_config(args, model.config):
+        print(f"jaxdlm generate: note: {note}", file=err)
+    prompts = _encode_prompts(tokenizer, args)
     eos_ids = tuple(args.eos_token_id) if args.eos_token_id else tuple(model.config.eos_token_ids or ())
-    kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
+    kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=_block_length(args, model.config),
               threshold=args.threshold, steps_per_block=args.steps_per_block, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed, spec_sampling=args.spec_sampling,
               eos_token_id=eos_ids, max_thinking_tokens=args.max_thinking_tokens,
@@ -326,27 +415,69 @@ def run_generate(model, tokenizer, args, out=None, err=None) -> dict:
     return dict(rows=rows, mode=res.mode, compile_seconds=compile_s, run_seconds=run_s, tokens_per_second=tps)
 
 
-def cmd_generate(args) -> int:
-    from jaxdlm.checkpoint import load
+def default_model_note() -> str:
+    """What ``jaxdlm generate`` says (once, on stderr) when it runs the embedded default model."""
+    from jaxdlm.default import card
 
-    _check_generate_args(args)  # before the checkpoint is read
+    info = card()
+    return (f"no --checkpoint: using the embedded default model, a {info['params'] / 1e6:.1f}M-parameter byte-level "
+            "Python code model trained on CPython's standard library. It continues Python source (jaxdlm demo "
+            "shows held-out code it does well on); it is no chat or general-text model: pass --checkpoint for one")
+
+
+def _tokenizer(args, path):
+    """``--tokenizer`` (a folder of tokenizer files or a tokenizer.json), else the checkpoint's (None: none)."""
+    from jaxdlm.checkpoint import is_run_folder, load_tokenizer, resolve_path
+
+    if args.tokenizer is None:
+        tok = load_tokenizer(path)
+        if tok is None and is_run_folder(path):
+            raise ValueError(f"{path} is a training run folder without tokenizer files: pass --tokenizer PATH (the "
+                             "tokenizer folder or tokenizer.json the run's data was made with)")
+        return tok
+    tok_path = resolve_path(args.tokenizer)
+    if tok_path.is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_file=str(tok_path))
+    tok = load_tokenizer(tok_path) if tok_path.is_dir() else None
+    if tok is None:
+        raise ValueError(f"--tokenizer {tok_path} is neither a tokenizer.json file nor a folder with tokenizer files "
+                         "(tokenizer.json, tokenizer_config.json or tokenizer.model)")
+    return tok
+
+
+def cmd_generate(args, err=None) -> int:
+    """Everything that needs no weights is checked first: the arguments, the config (``jaxdlm.json`` or a run
+    folder's ``model_config.json``), the tokenizer and the prompts; then the weights load and generate runs."""
+    from jaxdlm.checkpoint import load, read_config, resolve_path
+
+    err = err or sys.stderr
+    _check_generate_args(args)
     if args.checkpoint is None:
         from jaxdlm.default import default_model_path
 
-        args.checkpoint = default_model_path()
+        path = default_model_path()
+        print(f"jaxdlm generate: {default_model_note()}", file=err)
+    else:
+        path = resolve_path(args.checkpoint)
+    _check_against_config(args, read_config(path))
+    tokenizer = _tokenizer(args, path)
+    _encode_prompts(tokenizer, args)  # --chat needs a chat template
     quantize = None
     if args.quantize is not None:
         from jaxdlm.quant import Quantization
 
         quantize = Quantization(args.quantize, args.quantize_head)
-    model = load(args.checkpoint, dtype=args.dtype, quantize=quantize)
-    run_generate(model, model.tokenizer, args)
+    model = load(path, dtype=args.dtype, quantize=quantize, tokenizer=False)
+    model.tokenizer = tokenizer
+    run_generate(model, tokenizer, args, err=err)
     return 0
 
 
 def checkpoint_info(path) -> dict:
     """What ``jaxdlm info --config`` prints for a jaxdlm checkpoint folder (no weights are read)."""
-    from jaxdlm.checkpoint import load_tokenizer, read_metadata
+    from jaxdlm.checkpoint import load_tokenizer, read_metadata, resolve_path
     from jaxdlm.config import ModelConfig
 
     meta = read_metadata(path)
@@ -359,23 +490,44 @@ def checkpoint_info(path) -> dict:
     tokenizer = None if tok is None else {
         "class": type(tok).__name__, "vocab_size": len(tok), "chat_template": bool(getattr(tok, "chat_template", None)),
         "special_tokens": {k: v for k, v in getattr(tok, "special_tokens_map", {}).items() if isinstance(v, str)}}
-    return {"checkpoint": os.path.abspath(path), "dtype": meta["dtype"], "num_params": cfg.num_params(),
+    return {"checkpoint": os.fspath(resolve_path(path)), "dtype": meta["dtype"], "num_params": cfg.num_params(),
             "quantization": meta.get("quantization"), "lora": lora, "tokenizer": tokenizer,
             "source": meta.get("source"), "config": cfg.to_dict()}
+
+
+def run_info(path) -> dict:
+    """What ``jaxdlm info --config`` prints for a training run folder (no weights are read): its steps, the latest
+    one's kind (full or draft LoRA, with the base run) and the model config."""
+    from jaxdlm.checkpoint import read_config
+    from jaxdlm.training.checkpointing import Checkpointer
+
+    cfg = read_config(path)
+    ck = Checkpointer(os.path.join(path, "checkpoints"))
+    try:
+        steps = ck.all_steps()
+        meta = ck.restore_meta() if steps else {}
+    finally:
+        ck.close()
+    lora = ({"rank": meta.get("lora_rank"), "base_run": meta.get("base_run"), "base_step": meta.get("base_step")}
+            if meta.get("kind") == "lora" else None)
+    return {"run": os.fspath(path), "steps": steps, "latest_step": steps[-1] if steps else None,
+            "kind": meta.get("kind"), "lora": lora, "num_params": cfg.num_params(), "config": cfg.to_dict()}
 
 
 def cmd_info(args) -> int:
     info = _versions()
     if args.config is not None:
-        from jaxdlm.checkpoint import METADATA_FILE
+        from jaxdlm.checkpoint import METADATA_FILE, is_run_folder, resolve_path
         from jaxdlm.config import ModelConfig
 
-        path = args.config
-        if path == "default" and not os.path.exists(path):
+        path = resolve_path(args.config)
+        if args.config == "default" and not path.exists():
             from jaxdlm.default import default_model_path
 
             path = default_model_path()
-        if os.path.isfile(os.path.join(path, METADATA_FILE)):
+        if is_run_folder(path):
+            info.update(run_info(path))
+        elif os.path.isfile(os.path.join(path, METADATA_FILE)):
             info.update(checkpoint_info(path))
         else:
             if not os.path.exists(path):
@@ -414,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("info", parents=[common], help="devices, versions, and a model config or checkpoint")
     p.add_argument("--config", nargs="?", const="default", default=None, metavar="PATH",
-                   help="a Hugging Face config.json (file or folder) or a jaxdlm checkpoint folder; "
+                   help="a Hugging Face config.json (file or folder), a jaxdlm checkpoint folder or a training run "
+                        "folder; "
                         "no PATH (or 'default'): the embedded default model")
     p.set_defaults(func=cmd_info)
     add_generate_parser(sub, parents=[common])
@@ -432,12 +585,20 @@ def add_generate_parser(sub, parents=()):
                                    "each prompt (dimmed on a terminal, else followed by \u2502) and its "
                                    "continuation, why it stopped, then nfe, TPF, compile and run time.")
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint folder (jaxdlm.checkpoint.load); default: the embedded default model")
+                   help="checkpoint folder (jaxdlm.load), or a training run folder (its latest parameters and LoRA, "
+                        "jaxdlm.training.load_trained); default: the embedded default model, a small byte-level "
+                        "Python code model")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a folder of tokenizer files or a tokenizer.json; default: the checkpoint's (a training run "
+                        "folder holds none: pass the one its data was made with)")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
     p.add_argument("--mode", default="auto", choices=GEN_MODES + ("auto",))
     p.add_argument("--max-new-tokens", type=_int_in(1), default=256)
-    p.add_argument("--block-length", type=_int_in(1), default=32)
+    p.add_argument("--block-length", type=_int_in(1), default=None,
+                   help="diffusion / draft block length; default: the model's training block (config.block_size). "
+                        "Another value is allowed with a note; linear_spec and quadratic_spec need >= 2 "
+                        f"(quadratic_spec <= {MAX_QUADRATIC_BLOCK}); --mode ar ignores it (one token per forward)")
     p.add_argument("--threshold", type=_float_in(0.0, 1.0, none_word="none"), default=0.9,
                    help="diffusion confidence threshold in [0, 1]; 'none' = the fixed schedule (one masked token "
                         "per denoise step unless --steps-per-block)")
@@ -446,15 +607,17 @@ def add_generate_parser(sub, parents=()):
     p.add_argument("--policy", default="confidence", choices=DIFFUSION_POLICIES,
                    help="diffusion commit policy (default confidence; see jaxdlm.generate)")
     p.add_argument("--margin", type=_float_in(0.0, 1.0), default=None,
-                   help="--policy margin: the top-1 minus top-2 probability cut in [0, 1] (default 0.8)")
+                   help="--policy margin only: the top-1 minus top-2 probability cut in [0, 1] (default 0.8)")
     p.add_argument("--entropy-bound", type=_float_in(0.0), default=None,
-                   help="--policy entropy: the summed-entropy bound in nats, >= 0 (default 0.3)")
+                   help="--policy entropy only: the summed-entropy bound in nats, >= 0 (default 0.3)")
     p.add_argument("--temperature", type=_float_in(0.0), default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=_int_in(1), default=None)
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None)
     p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     p.add_argument("--spec-sampling", default="exact", choices=("exact", "rejection"))
-    p.add_argument("--eos-token-id", type=_int_in(0), action="append", help="default: the config's EOS ids")
+    p.add_argument("--eos-token-id", type=_int_in(0), action="append",
+                   help="an id that ends a row (repeat for several; each must lie in the vocabulary); default: the "
+                        "config's EOS ids")
     p.add_argument("--max-thinking-tokens", type=_int_in(0), default=None)
     p.add_argument("--end-think-token-id", type=_int_in(0), default=None)
     p.add_argument("--dtype", default=None, choices=DTYPES,

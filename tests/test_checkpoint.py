@@ -119,3 +119,20 @@ def test_load_rejects_non_checkpoints(tmp_path):
     (tmp_path / "hf" / "jaxdlm.json").write_text(json.dumps({"format": "jaxdlm-checkpoint", "format_version": 99}))
     with pytest.raises(ValueError, match="format_version=99"):
         jaxdlm.load(tmp_path / "hf")
+
+
+def test_relative_and_home_paths(tmp_path, seed, rng, monkeypatch):
+    """Orbax takes absolute paths only: a path relative to the working directory, or under ~, is resolved first by
+    save, load, read_metadata and load_arrays."""
+    from jaxdlm.checkpoint import read_metadata
+
+    model = _model_with_lora(seed, rng)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert jaxdlm.save(model, "rel/ckpt") == tmp_path / "rel" / "ckpt"
+    assert jaxdlm.save(model, "~/ckpt") == tmp_path / "home" / "ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "rel"]  # no folder named "~"
+    np.testing.assert_array_equal(np.asarray(jaxdlm.load("rel/ckpt").lora.a), np.asarray(model.lora.a))
+    assert read_metadata("~/ckpt")["has_lora"]
+    np.testing.assert_array_equal(np.asarray(load_arrays("~/ckpt", ["embed"])["embed"]),
+                                  np.asarray(model.params["embed"][...]))

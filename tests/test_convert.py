@@ -327,8 +327,6 @@ def _break(kind, hf_dir: Path, tensors, hf, rng, tmp_path):
     if kind == "quantize_float32":
         return [hf_dir, out, "--quantize", "int8", "--dtype", "float32"], ["--quantize int8", "--dtype float32 asks "
                                                                            "for full precision"]
-    if kind == "quantize_keep_float32":
-        return [hf_dir, out, "--quantize", "fp8"], ["the checkpoint is float32", "add --dtype bfloat16"]
     if kind == "quantize_int4_groups":
         return [hf_dir, out, "--quantize", "int4", "--dtype", "bfloat16"], ["--quantize int4", "hidden_size = 48 is "
                                                                             "not a multiple of 128: use int8 or fp8"]
@@ -356,7 +354,7 @@ class _Payload:
 BAD = ["missing_dir", "missing_config", "model_type", "missing_tensor", "unexpected_tensor", "shape", "dtype",
        "mixed_dtype_keep", "truncated", "corrupted", "missing_shard", "pickles_only", "out_exists",
        "overwrite_foreign", "out_inside", "out_same", "lora_rank", "lora_targets", "lora_layers",
-       "lora_extra_layer", "lora_missing_dir", "quantize_float32", "quantize_keep_float32", "quantize_int4_groups",
+       "lora_extra_layer", "lora_missing_dir", "quantize_float32", "quantize_int4_groups",
        "quantize_head_alone", "quantized_source", "quantize_jaxdlm_checkpoint"]
 
 
@@ -381,6 +379,17 @@ def test_bad_input_one_line_no_output(kind, tiny, tmp_path, rng, capsys):
     else:
         assert not (tmp_path / "out").exists()
     assert not (tmp_path / "UNPICKLED").exists()
+
+
+@pytest.mark.parametrize("text,what", [("{\"model_type\": ", "is not valid JSON"), ("[1, 2]", "holds a JSON list"),
+                                       (b"\xff\xfe{}", "is not valid JSON")])
+def test_corrupt_config_json_is_named_once(text, what, tiny, tmp_path, capsys):
+    hf_dir, _, _ = tiny
+    config = hf_dir / "config.json"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    rc, _, err = run([hf_dir, tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.count(str(config)) == 1 and f"{config} {what}" in err, err
 
 
 def test_debug_shows_the_exception(tiny, tmp_path, capsys):
@@ -435,13 +444,15 @@ def test_command_line_subprocess(tiny, tmp_path):
     """The real command: one stderr line on error (no library warnings), exit 0 and a loadable folder on success."""
     hf_dir, _, _ = tiny
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    bad = subprocess.run([sys.executable, "-m", "convert_weights", str(hf_dir), str(hf_dir / "sub")],
+    rel = os.path.relpath(hf_dir, tmp_path)  # relative paths, as typed in a shell (Orbax wants absolute ones)
+    bad = subprocess.run([sys.executable, "-m", "convert_weights", rel, os.path.join(rel, "sub")],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "inside HF_DIR" in bad.stderr
-    good = subprocess.run([sys.executable, "-m", "convert_weights", str(hf_dir), str(tmp_path / "out")],
+    good = subprocess.run([sys.executable, "-m", "convert_weights", rel, "out"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert good.returncode == 0, good.stderr
-    assert "converted" in good.stdout and good.stderr == ""  # no progress bar when stderr is not a terminal
+    assert f"to {tmp_path / 'out'} as float32" in good.stdout  # the path it wrote, absolute
+    assert good.stderr == ""  # no progress bar when stderr is not a terminal
     assert read_header(str(hf_dir / "model.safetensors"))  # input untouched and still valid
     assert jaxdlm.load(tmp_path / "out").config.num_layers == 2
 
@@ -468,8 +479,14 @@ def test_quantized_conversion_equals_quantizing_on_load(tmp_path, seed, capsys):
     convert_ok(tmp_path / "hf", tmp_path / "f32", capsys)
     for scheme, head in (("int8", False), ("int4", True), ("fp8", False)):
         out = tmp_path / f"{scheme}"
-        convert_ok(tmp_path / "hf", out, capsys, "--dtype", "bfloat16", "--quantize", scheme,
-                   *(["--quantize-head"] if head else []))
+        if scheme == "fp8":  # no --dtype: quantizing a float32 checkpoint stores bfloat16, in one line that says so
+            rc, said, err = run([tmp_path / "hf", out, "--quantize", scheme], capsys)
+            assert rc == 0, err
+            note = [line for line in said.splitlines() if "the checkpoint is float32" in line]
+            assert len(note) == 1 and "scales in bfloat16" in note[0], said
+        else:
+            convert_ok(tmp_path / "hf", out, capsys, "--dtype", "bfloat16", "--quantize", scheme,
+                       *(["--quantize-head"] if head else []))
         meta = json.loads((out / "jaxdlm.json").read_text())
         assert meta["quantization"] == {"scheme": scheme, "head": head, "group_size": 128 if scheme == "int4" else None}
         assert meta["format_version"] == 2 and meta["dtype"] == "bfloat16"

@@ -268,6 +268,7 @@ def test_cli_choices_follow_the_library():
     from jaxdlm.generation import api, diffusion
 
     assert cli.DIFFUSION_POLICIES == diffusion.POLICIES
+    assert cli.POLICY_KNOBS == api.POLICY_KNOBS and cli.MAX_QUADRATIC_BLOCK == api.MAX_QUADRATIC_BLOCK
     assert cli.GEN_MODES + ("auto",) == api.MODES
     assert cli.QUANTIZE == core.QUANTIZE == quant.SCHEMES
 
@@ -279,7 +280,7 @@ def test_generate_quantize_loads_the_checkpoint_quantized(tmp_path, seed, monkey
     model.tokenizer = tiny_tokenizer()
     path = jaxdlm.save(model, tmp_path / "ckpt")
     seen = []
-    monkeypatch.setattr(cli, "run_generate", lambda m, tok, args: seen.append(m))
+    monkeypatch.setattr(cli, "run_generate", lambda m, tok, args, **_: seen.append(m))
     base = ["generate", "--checkpoint", str(path), "--prompt", "w5", "--no-compile-cache"]
     assert cli.main(base + ["--quantize", "fp8", "--quantize-head"]) == 0
     assert seen[-1].quant == jaxdlm.quant.Quantization("fp8", head=True) and seen[-1].dtype == jnp.bfloat16
@@ -292,3 +293,136 @@ def test_generate_quantize_loads_the_checkpoint_quantized(tmp_path, seed, monkey
     assert cli.main(base[:2] + [str(quantized)] + base[3:] + ["--quantize", "int8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is already quantized (fp8 with the head); load it without quantize=" in err
+
+
+# ------------------------------------------------------------------------------------- fresh-clone rough edges
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """``jaxdlm.checkpoint.load`` replaced by a recorder that stops the command: the checks that need no weights
+    must fail before it is called (the calls are returned)."""
+    calls = []
+
+    def load(path, **kw):
+        calls.append(path)
+        raise ValueError("the weights were asked for")
+
+    monkeypatch.setattr(jaxdlm.checkpoint, "load", load)
+    return calls
+
+
+def ar_checkpoint(tmp_path):
+    """A folder with only the metadata of an autoregressive (no MASK) checkpoint: enough for the checks before
+    loading, which read jaxdlm.json and no weights."""
+    from jaxdlm.checkpoint import FLOAT_FORMAT_VERSION, FORMAT_NAME, METADATA_FILE
+
+    folder = tmp_path / "ar"
+    folder.mkdir()
+    meta = {"format": FORMAT_NAME, "format_version": FLOAT_FORMAT_VERSION, "dtype": "float32",
+            "config": tiny_config(mask_token_id=None).to_dict()}
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+VOCAB = 260  # the default model's byte-level vocabulary: 256 bytes + 4 specials
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mode", "ar", "--policy", "margin"], "--policy margin is a diffusion commit policy: it needs --mode diffusion, "
+                                             "and --mode ar has none"),
+    (["--policy", "entropy"], "--mode auto has none (--mode auto picks ar or linear_spec)"),
+    (["--mode", "diffusion", "--margin", "0.5"], "--margin is the knob of --policy margin; --policy confidence has no "
+                                                 "use for it"),
+    (["--mode", "diffusion", "--policy", "margin", "--entropy-bound", "1"], "--entropy-bound is the knob of --policy "
+                                                                           "entropy"),
+    (["--mode", "diffusion", "--policy", "margin", "--threshold", "none"], "--threshold none selects the fixed "
+                                                                          "schedule, which ranks by confidence"),
+    (["--mode", "linear_spec", "--threshold", "none", "--steps-per-block", "2"], "--steps-per-block=2 sets "
+                                                                                 "diffusion's fixed schedule: it needs "
+                                                                                 "--mode diffusion"),
+    (["--mode", "linear_spec", "--block-length", "1"], "--block-length 1 leaves --mode linear_spec no draft token"),
+    (["--mode", "quadratic_spec", "--block-length", "65"], "it needs 2 <= B <= 64"),
+    (["--max-thinking-tokens", "5"], "--max-thinking-tokens needs --end-think-token-id too"),
+    (["--eos-token-id", "2", "--eos-token-id", "99999"], f"--eos-token-id 99999 is outside the model's vocabulary: "
+                                                         f"token ids lie in [0, {VOCAB - 1}]"),
+    (["--end-think-token-id", str(VOCAB), "--max-thinking-tokens", "3"], f"--end-think-token-id {VOCAB} is outside "
+                                                                         f"the model's vocabulary"),
+    (["--prompt", os.fsdecode(b"def f():\xff")], "--prompt number 2 is not valid UTF-8 text: character 8 is byte "
+                                                  "0xff, which is not UTF-8"),
+    (["--chat"], "tokenizer has none: drop --chat"),
+    (["--checkpoint", "{ar}", "--mode", "linear_spec"], "--mode linear_spec needs a MASK token, and this model has "
+                                                        "none"),
+])
+def test_checks_that_need_no_weights_run_before_they_load(extra, message, no_weights, tmp_path, capsys):
+    argv = ["generate", "--checkpoint", str(DEFAULT_MODEL_DIR), "--prompt", "def f():", "--no-compile-cache"]
+    argv += [a.format(ar=ar_checkpoint(tmp_path)) if a == "{ar}" else a for a in extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert no_weights == []
+
+
+def test_a_non_utf8_prompt_is_named_not_tokenized():
+    """Python keeps the undecodable bytes of a command line as lone surrogates (os.fsdecode does the same)."""
+    args = generate_args("--prompt", os.fsdecode(b"w5 \xe9t\xe9"))
+    with pytest.raises(ValueError, match=r"--prompt number 2 is not valid UTF-8 text: character 3 is byte 0xe9"):
+        cli.run_generate(None, tiny_tokenizer(), args)
+
+
+def test_block_length_defaults_to_the_training_block(monkeypatch):
+    """No --block-length: the model's config.block_size reaches generate; another value does too, with a one-line
+    note naming both (for --mode ar: that it has no role).  generate is replaced, so the model needs only a config."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake_generate(model, prompts, **kw):
+        seen.append(kw)
+        raise KeyboardInterrupt  # stop before any program is built
+
+    monkeypatch.setattr(jaxdlm.generation, "generate", fake_generate)
+    model = SimpleNamespace(config=tiny_config(block_size=8))
+    argv = ["generate", "--checkpoint", "unused", "--prompt", "w5 w9"]
+    for extra, block, note in (([], 8, None), (["--mode", "diffusion"], 8, None),
+                               (["--block-length", "8"], 8, None),
+                               (["--block-length", "4", "--mode", "diffusion"], 4,
+                                "--block-length 4 differs from the model's training block (config.block_size = 8)"),
+                               (["--block-length", "4", "--mode", "ar"], 4,
+                                "--block-length 4 has no role in --mode ar (one token per forward); ignored")):
+        err = io.StringIO()
+        with pytest.raises(KeyboardInterrupt):
+            cli.run_generate(model, tiny_tokenizer(), cli.build_parser().parse_args(argv + extra), out=io.StringIO(),
+                             err=err)
+        assert seen[-1]["block_length"] == block
+        assert err.getvalue() == ("" if note is None else f"jaxdlm generate: note: {note}\n")
+
+
+def test_generate_without_checkpoint_says_what_the_default_model_is(no_weights, capsys):
+    assert cli.main(["generate", "--prompt", "def f():", "--no-compile-cache"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    params = f"{card()['params'] / 1e6:.1f}M-parameter byte-level Python code model"
+    assert lines[0] == f"jaxdlm generate: {cli.default_model_note()}" and params in lines[0]
+    assert len(lines) == 2 and "the weights were asked for" in lines[1]  # said once, then it loads
+    assert no_weights == [DEFAULT_MODEL_DIR]
+    assert cli.main(["generate", "--checkpoint", str(DEFAULT_MODEL_DIR), "--prompt", "x", "--no-compile-cache"]) == 2
+    assert "embedded default model" not in capsys.readouterr().err
+
+
+def test_relative_checkpoint_paths_in_the_cli(tmp_path, seed, monkeypatch, capsys):
+    """A path relative to the working directory (or under ~) reaches Orbax as an absolute one."""
+    model = tiny_model(seed)
+    model.tokenizer = tiny_tokenizer()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = jaxdlm.save(model, os.path.join("~", "ckpt"))
+    assert path == tmp_path / "home" / "ckpt"
+    seen = []
+    monkeypatch.setattr(cli, "run_generate", lambda m, tok, args, **_: seen.append((m, tok)))
+    for given in ("home/ckpt", "~/ckpt"):
+        assert cli.main(["generate", "--checkpoint", given, "--prompt", "w5", "--no-compile-cache"]) == 0
+        loaded, tok = seen[-1]
+        np.testing.assert_array_equal(np.asarray(loaded.params["embed"][...]), np.asarray(model.params["embed"][...]))
+        assert tok(["w5"], is_split_into_words=True)["input_ids"] == [WORDS.index("w5")]
+        assert cli.main(["info", "--config", given, "--no-compile-cache"]) == 0
+        assert json.loads(capsys.readouterr().out)["checkpoint"] == str(path)

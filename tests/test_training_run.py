@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import jaxdlm
 from jaxdlm import cli
 from jaxdlm.training import checkpointing
 from jaxdlm.training.config import load_config, parse_config
@@ -89,7 +90,7 @@ def test_resumed_run_equals_uninterrupted_run(straight_run):
     assert a.logits(np.zeros((1, 8), np.int32)).shape == (1, 8, a.config.vocab_size)
 
 
-def test_lora_run_from_a_trained_base(straight_run):
+def test_lora_run_from_a_trained_base(straight_run, capsys):
     tmp_path, conf, _ = straight_run
     conf_l = dict(conf, model=dict(conf["model"], init="straight"),
                   optim=dict(conf["optim"], total_steps=4, warmup_steps=0, decay_steps=0, lr=3e-2),
@@ -106,6 +107,86 @@ def test_lora_run_from_a_trained_base(straight_run):
     lineage = run_lineage(str(tmp_path / "lora"), str(tmp_path))  # "straight" is relative to the configs
     assert [os.path.basename(r) for r, _ in lineage] == ["lora", "straight"]
     assert lineage[0][1]["lora"]["enabled"] and lineage[1][1]["model"]["init"] == "random"
+    # the run folder as a checkpoint: jaxdlm.load and jaxdlm generate / info read the base with the run's LoRA
+    loaded = jaxdlm.load(tmp_path / "lora")
+    for k in ("a", "b", "scale"):
+        np.testing.assert_array_equal(np.asarray(getattr(loaded.lora, k)), np.asarray(getattr(drafted.lora, k)))
+    seen = _cli_generate(tmp_path, "lora")
+    np.testing.assert_array_equal(np.asarray(seen.lora.b), np.asarray(drafted.lora.b))
+    assert cli.main(["info", "--config", str(tmp_path / "lora"), "--no-compile-cache"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "lora" and info["lora"]["rank"] == 4 and info["latest_step"] == 4
+    assert info["lora"]["base_run"] == str(tmp_path / "straight")
+
+
+def _word_tokenizer(folder, vocab: int) -> str:
+    """A tokenizer.json of ``vocab`` words (``w0``, ``w1``...), split at spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = os.path.join(folder, "words.json")
+    tok.save(path)
+    return path
+
+
+def _cli_generate(tmp_path, run: str):
+    """``jaxdlm generate --checkpoint RUN --tokenizer ...`` up to generation (recorded, not run): the model."""
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "run_generate", lambda model, tok, args, **_: seen.append((model, tok)))
+        mp.chdir(tmp_path)
+        argv = ["generate", "--checkpoint", run, "--tokenizer", _word_tokenizer(tmp_path, 48), "--prompt", "w5 w6",
+                "--no-compile-cache"]
+        assert cli.main(argv) == 0
+    model, tok = seen[0]
+    assert tok("w5 w6")["input_ids"] == [5, 6] and model.tokenizer is tok
+    return model
+
+
+def test_a_run_folder_loads_like_a_checkpoint(straight_run, monkeypatch, capsys):
+    """jaxdlm.load, jaxdlm generate --checkpoint and jaxdlm info --config take a run folder (relative, or under ~):
+    its latest parameters, through load_trained; what load_trained cannot do is refused, naming it."""
+    import jax.numpy as jnp
+
+    from jaxdlm.checkpoint import read_metadata
+
+    tmp_path, conf, _ = straight_run
+    want = load_trained(str(tmp_path / "straight"))
+    monkeypatch.chdir(tmp_path / "straight" / "checkpoints")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for got in (load_trained("~/straight"), jaxdlm.load(".."), jaxdlm.load("~/straight", dtype="bfloat16"),
+                _cli_generate(tmp_path, "straight")):
+        assert got.lora is None and got.config == want.config
+        for x, y in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+            np.testing.assert_array_equal(np.asarray(x.astype(y.dtype)), np.asarray(y))
+    assert got.dtype == jnp.float32 and jaxdlm.load("..", dtype="bfloat16").dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="training run folder, read through jaxdlm.training.load_trained, which "
+                                         "takes no quantize="):
+        jaxdlm.load("..", quantize="int8")
+    with pytest.raises(ValueError, match="is a training run folder, not a jaxdlm checkpoint: jaxdlm.load or "
+                                         "jaxdlm.training.load_trained reads it"):
+        read_metadata("..")
+    assert cli.main(["generate", "--checkpoint", "~/straight", "--prompt", "w5", "--no-compile-cache"]) == 2
+    assert f"{tmp_path / 'straight'} is a training run folder without tokenizer files: pass --tokenizer PATH" in \
+        capsys.readouterr().err
+    assert cli.main(["info", "--config", "..", "--no-compile-cache"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["run"] == str(tmp_path / "straight") and info["kind"] == "full" and info["lora"] is None
+    assert info["steps"] == [25, 50] and info["latest_step"] == 50
+    assert info["num_params"] == sum(x.size for x in jax.tree.leaves(want.params))
+
+
+def test_config_paths_are_absolute(tmp_path, rng, monkeypatch):
+    """Paths of an experiment config resolve against its folder, made absolute (and ~ expanded) once: the run
+    folder and the base run recorded in a LoRA run's checkpoints do not depend on the working directory."""
+    conf = _write_setup(tmp_path, rng)
+    _dump(tmp_path, conf)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for cfg in (load_config("~/exp.json"), parse_config(conf, base_dir="."), parse_config(conf, base_dir="~")):
+        assert cfg.path(cfg.run.out_dir) == str(tmp_path / "run")
+        assert cfg.path("~/elsewhere") == str(tmp_path / "elsewhere")
 
 
 BAD = [

@@ -111,9 +111,10 @@ class TrainConfig:
     base_dir: str = "."
 
     def path(self, p: str | None) -> str | None:
-        """``p`` resolved relative to the config file's folder."""
+        """``p`` resolved relative to the config file's folder (``~`` expanded)."""
         if p is None:
             return None
+        p = os.path.expanduser(p)
         return p if os.path.isabs(p) else os.path.normpath(os.path.join(self.base_dir, p))
 
     def to_dict(self) -> dict:
@@ -174,7 +175,7 @@ def _build(cls, section: str, values: Mapping[str, Any], extra: Mapping[str, typ
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
     """Reads a ``.toml`` or ``.json`` config file and validates it (see :func:`parse_config`)."""
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         raise ValueError(f"config file not found: {path}")
     with open(path, "rb") as f:
@@ -190,7 +191,10 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
 
 
 def parse_config(data: Mapping[str, Any], base_dir: str = ".") -> TrainConfig:
-    """Validates a config dict: every field by name, type and range (no file is read except existence checks)."""
+    """Validates a config dict: every field by name, type and range (no file is read except existence checks).
+    Relative paths in it are relative to ``base_dir`` (itself made absolute here, so that run folders and the
+    ``base_run`` recorded in their checkpoints are absolute)."""
+    base_dir = os.path.abspath(os.path.expanduser(base_dir))
     if not isinstance(data, Mapping):
         raise ValueError("the config must be a table/object of sections")
     unknown = sorted(set(data) - set(_SECTIONS))

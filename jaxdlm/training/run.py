@@ -71,27 +71,36 @@ def run_lineage(run_dir: str, config_dir: str | None = None) -> list[tuple[str, 
     """``(run folder, its train_config.json)`` for ``run_dir`` and each run it started from (``model.init``),
     newest first.  A relative ``init`` is resolved against ``config_dir`` (the folder of the configs that named
     it; ``None``: the current directory)."""
+    from jaxdlm.checkpoint import resolve_path
+
     chain = []
+    run_dir = os.fspath(resolve_path(run_dir))
     while run_dir and os.path.isdir(run_dir):
         with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
             tc = json.load(f)
         chain.append((run_dir, tc))
         init = tc.get("model", {}).get("init", "random")
-        run_dir = None if init == "random" else os.path.normpath(os.path.join(config_dir or "", init))
+        run_dir = None if init == "random" else os.fspath(resolve_path(os.path.join(config_dir or "",
+                                                                                 os.path.expanduser(init))))
     return chain
 
 
 def load_trained(run_dir: str, step: int | None = None):
-    """The :class:`~jaxdlm.model.Model` of a run folder at ``step`` (default: latest checkpoint)."""
+    """The :class:`~jaxdlm.model.Model` of a run folder (relative or ``~`` paths too) at ``step`` (default: latest
+    checkpoint), with the run's draft LoRA for a LoRA run.  ``jaxdlm.load(run_dir)`` calls this."""
     import jax
 
+    from jaxdlm.checkpoint import METADATA_FILE, resolve_path
     from jaxdlm.config import ModelConfig
     from jaxdlm.model import Model
     from jaxdlm.training.checkpointing import Checkpointer
 
+    run_dir = os.fspath(resolve_path(run_dir))
     cfg_path = os.path.join(run_dir, "model_config.json")
     if not os.path.isfile(cfg_path):
-        raise ValueError(f"{run_dir} is not a training run folder (no model_config.json)")
+        hint = (f"; it holds {METADATA_FILE}: load it with jaxdlm.load" if os.path.isfile(os.path.join(
+            run_dir, METADATA_FILE)) else "")
+        raise ValueError(f"{run_dir} is not a training run folder (no model_config.json){hint}")
     with open(cfg_path, encoding="utf-8") as f:
         mcfg = ModelConfig.from_dict(json.load(f))
     ck = Checkpointer(os.path.join(run_dir, "checkpoints"))
