@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import tempfile
 import tomllib
 
 import pytest
@@ -140,7 +141,8 @@ def test_data_block_parses(block):
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: b.where)
 def test_block_runs_as_written(block, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # whatever a block writes with a relative path lands here
+    monkeypatch.chdir(tmp_path)  # whatever a block writes lands here, relative path or temporary folder
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     if block.lang == "python":
         exec(compile(block.body, block.where, "exec"), {"__name__": "__doc_block__"})  # noqa: S102
         return
