@@ -3,8 +3,8 @@
 The rule (docs/README.md, "Code blocks"): ``python`` blocks run in-process, each in a fresh namespace; ``bash``
 blocks may hold only ``jaxdlm ...`` command lines, each run through the CLI in-process; ``toml`` / ``json`` blocks
 must parse; the word ``sketch`` after the language (```` ```python sketch ````) exempts a block; ``text`` or no
-info string is prose (pseudocode, synopses, layouts); an untagged block must not look like code.  The set-up commands of the
-README are sketches (they install); the test command is checked against ``.ci/run`` instead."""
+info string is prose (pseudocode, synopses, layouts), and an untagged block must not look like code.  The set-up
+commands of the README are sketches (they install); the test command is checked against ``.ci/run`` instead."""
 
 from __future__ import annotations
 
