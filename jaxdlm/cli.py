@@ -28,15 +28,10 @@ import time
 
 CACHE_DIR_ENV = "JAXDLM_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/jaxdlm/xla"
-GEN_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
-DIFFUSION_POLICIES = ("confidence", "margin", "entropy", "leftmost")  # jaxdlm.generation.diffusion.POLICIES
-POLICY_KNOBS = {"margin": "margin", "entropy": "entropy_bound"}  # policy -> its knob's argument (api.POLICY_KNOBS)
-MAX_QUADRATIC_BLOCK = 64  # jaxdlm.generation.api.MAX_QUADRATIC_BLOCK
 DTYPES = ("float32", "bfloat16")
 QUANTIZE = ("int8", "int4", "fp8")  # jaxdlm.quant.SCHEMES
-# The demo's quadratic_spec block: B = 16 runs a B(B+1) = 272-token forward instead of 1056 tokens at the
-# model's block 32, about 5x less work per forward on a CPU for the same bytes per forward (16 held-out
-# prompts x 128 bytes: TPF 2.74 at B = 16, 2.78 at B = 32, 2.65 at B = 8).
+# The demo's quadratic_spec block: N = 16 runs an N(N+1) = 272-token forward instead of 1056 tokens at the
+# model's block 32, for about the same tokens per forward (measured: docs/default_model.md)
 DEMO_QUADRATIC_BLOCK = 16
 PROMPT_MARK = "\u2502"  # between prompt and continuation when the output is not a terminal
 
@@ -282,66 +277,40 @@ def _flag(name: str) -> str:
 def _check_generate_args(args) -> None:
     """The checks of ``jaxdlm generate`` that need no model: those involving two arguments (each one alone is
     checked by argparse) and the prompts' text.  They run before anything is read from the checkpoint."""
-    if args.steps_per_block is not None and args.threshold is not None:
-        raise ValueError(f"--steps-per-block={args.steps_per_block} sets the fixed schedule: it needs "
-                         f"--threshold none (got --threshold {args.threshold:g})")
-    if args.steps_per_block is not None and args.mode != "diffusion":
-        raise ValueError(f"--steps-per-block={args.steps_per_block} sets diffusion's fixed schedule: it needs --mode "
-                         f"diffusion (got --mode {args.mode})")
     if args.quantize is not None and args.dtype == "float32":
         raise ValueError(f"--quantize {args.quantize} dequantizes its weights into bfloat16 activations, and --dtype "
                          "float32 asks for full precision: drop --dtype float32 (or --quantize)")
     if args.quantize_head and args.quantize is None:
         raise ValueError("--quantize-head needs --quantize int8, int4 or fp8")
-    _check_policy_args(args)
-    if args.mode in ("linear_spec", "quadratic_spec") and args.block_length is not None and args.block_length < 2:
-        raise ValueError(f"--block-length {args.block_length} leaves --mode {args.mode} no draft token: it needs "
-                         "--block-length >= 2")
-    if args.mode == "quadratic_spec" and args.block_length is not None and args.block_length > MAX_QUADRATIC_BLOCK:
-        raise ValueError(f"--block-length {args.block_length} does not fit quadratic_spec's B(B+1)-token forward: "
-                         f"it needs 2 <= B <= {MAX_QUADRATIC_BLOCK}")
-    if (args.max_thinking_tokens is None) != (args.end_think_token_id is None):
-        given, missing = (("--max-thinking-tokens", "--end-think-token-id") if args.end_think_token_id is None
-                          else ("--end-think-token-id", "--max-thinking-tokens"))
-        raise ValueError(f"{given} needs {missing} too (the thinking budget ends at that token)")
     for i, text in enumerate(args.prompt):
         _check_prompt_text(text, i, len(args.prompt))
 
 
-def _check_policy_args(args) -> None:
-    """``--policy`` and its knob: a knob only with its policy, a policy other than confidence only in diffusion
-    with a threshold (the fixed schedule ranks by confidence)."""
-    for policy, knob in POLICY_KNOBS.items():
-        if getattr(args, knob) is not None and args.policy != policy:
-            raise ValueError(f"{_flag(knob)} is the knob of --policy {policy}; --policy {args.policy} has no use for "
-                             f"it: drop {_flag(knob)} or pass --policy {policy}")
-    if args.policy == "confidence":
-        return
-    if args.mode != "diffusion":
-        picks = " (--mode auto picks ar or linear_spec)" if args.mode == "auto" else ""
-        raise ValueError(f"--policy {args.policy} is a diffusion commit policy: it needs --mode diffusion, and --mode "
-                         f"{args.mode} has none{picks}")
-    if args.threshold is None:
-        raise ValueError(f"--threshold none selects the fixed schedule, which ranks by confidence: --policy "
-                         f"{args.policy} commits by its own rule instead; drop one of them")
+def decode_options(args):
+    """The :class:`~jaxdlm.generation.options.DecodeOptions` of ``jaxdlm generate``'s flags (one flag per field)."""
+    from jaxdlm.generation.options import DecodeOptions
+
+    return DecodeOptions(threshold=args.threshold, steps_per_block=args.steps_per_block, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, spec_sampling=args.spec_sampling,
+                         eos_token_id=tuple(args.eos_token_id) if args.eos_token_id else None,
+                         max_thinking_tokens=args.max_thinking_tokens, end_think_token_id=args.end_think_token_id,
+                         policy=args.policy, margin=args.margin, entropy_bound=args.entropy_bound)
 
 
 def _check_against_config(args, config) -> list[str]:
-    """The checks of ``jaxdlm generate`` against the model's config (read without the weights): the mode needs a
-    MASK token, every token id lies in the vocabulary.  Returns the notes to print about ``--block-length``."""
-    if args.mode not in ("ar", "auto") and config.mask_token_id is None:
-        raise ValueError(f"--mode {args.mode} needs a MASK token, and this model has none (config.mask_token_id is "
-                         "unset: an autoregressive checkpoint): use --mode ar or auto")
-    ids = [("--eos-token-id", i) for i in args.eos_token_id or ()]
-    ids += [("--end-think-token-id", args.end_think_token_id)] if args.end_think_token_id is not None else []
-    for flag, value in ids:
-        if not 0 <= value < config.vocab_size:
-            raise ValueError(f"{flag} {value} is outside the model's vocabulary: token ids lie in "
-                             f"[0, {config.vocab_size - 1}]")
+    """The library's own checks of the decoding options, the mode and the block length against the model's config
+    (read without the weights; the messages name the keyword of each flag: ``--entropy-bound`` is
+    ``entropy_bound``).  Returns the notes to print about ``--block-length``."""
+    from jaxdlm.generation.api import resolve_mode
+
+    block = _block_length(args, config)
+    mode = resolve_mode(config, args.mode, len(args.prompt), args.max_new_tokens, block)
+    decode_options(args).check(config).check_mode(mode, block)
     if args.block_length is None or args.block_length == config.block_size:
         return []
-    if args.mode == "ar":
-        return [f"--block-length {args.block_length} has no role in --mode ar (one token per forward); ignored"]
+    if not mode.uses_block:
+        return [f"--block-length {args.block_length} has no role in --mode {mode.name} (one token per forward); "
+                "ignored"]
     return [f"--block-length {args.block_length} differs from the model's training block (config.block_size = "
             f"{config.block_size})"]
 
@@ -375,13 +344,10 @@ def run_generate(model, tokenizer, args, out=None, err=None) -> dict:
     for note in _check_against_config(args, model.config):
         print(f"jaxdlm generate: note: {note}", file=err)
     prompts = _encode_prompts(tokenizer, args)
-    eos_ids = tuple(args.eos_token_id) if args.eos_token_id else tuple(model.config.eos_token_ids or ())
+    options = decode_options(args)
+    eos_ids = options.eos_ids(model.config)
     kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=_block_length(args, model.config),
-              threshold=args.threshold, steps_per_block=args.steps_per_block, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed, spec_sampling=args.spec_sampling,
-              eos_token_id=eos_ids, max_thinking_tokens=args.max_thinking_tokens,
-              end_think_token_id=args.end_think_token_id, policy=args.policy, margin=args.margin,
-              entropy_bound=args.entropy_bound)
+              options=options)
     progress = None
     if args.progress if args.progress is not None else _is_terminal(err):
         progress = _Progress(err, len(prompts) * args.max_new_tokens)
@@ -580,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_generate_parser(sub, parents=()):
+    """The ``generate`` subcommand; its modes and policies are read from the library's registries."""
+    from jaxdlm.generation.modes import MODES, mode_names
+    from jaxdlm.generation.policies import POLICIES, REGISTRY
+
     p = sub.add_parser("generate", parents=list(parents), help="generate text from a checkpoint",
                        description="Generate with a jaxdlm checkpoint (its tokenizer and chat template). Prints "
                                    "each prompt (dimmed on a terminal, else followed by \u2502) and its "
@@ -593,23 +563,28 @@ def add_generate_parser(sub, parents=()):
                         "folder holds none: pass the one its data was made with)")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
-    p.add_argument("--mode", default="auto", choices=GEN_MODES + ("auto",))
+    p.add_argument("--mode", default="auto", choices=mode_names() + ("auto",),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in MODES.values())
+                        + "; auto: ar or linear_spec by jaxdlm.generation.auto_mode (default)")
     p.add_argument("--max-new-tokens", type=_int_in(1), default=256)
     p.add_argument("--block-length", type=_int_in(1), default=None,
                    help="diffusion / draft block length; default: the model's training block (config.block_size). "
                         "Another value is allowed with a note; linear_spec and quadratic_spec need >= 2 "
-                        f"(quadratic_spec <= {MAX_QUADRATIC_BLOCK}); --mode ar ignores it (one token per forward)")
+                        f"(quadratic_spec <= {MODES['quadratic_spec'].max_block}); --mode ar ignores it (one token "
+                        "per forward)")
     p.add_argument("--threshold", type=_float_in(0.0, 1.0, none_word="none"), default=0.9,
                    help="diffusion confidence threshold in [0, 1]; 'none' = the fixed schedule (one masked token "
                         "per denoise step unless --steps-per-block)")
     p.add_argument("--steps-per-block", type=_int_in(1), default=None,
                    help="denoise steps per block of the fixed schedule (--threshold none); default block length - 1")
-    p.add_argument("--policy", default="confidence", choices=DIFFUSION_POLICIES,
-                   help="diffusion commit policy (default confidence; see jaxdlm.generate)")
-    p.add_argument("--margin", type=_float_in(0.0, 1.0), default=None,
-                   help="--policy margin only: the top-1 minus top-2 probability cut in [0, 1] (default 0.8)")
-    p.add_argument("--entropy-bound", type=_float_in(0.0), default=None,
-                   help="--policy entropy only: the summed-entropy bound in nats, >= 0 (default 0.3)")
+    p.add_argument("--policy", default="confidence", choices=POLICIES,
+                   help="diffusion commit policy (default confidence): " + "; ".join(
+                       f"{pol.name} reads --{pol.knob.replace('_', '-')}" for pol in REGISTRY))
+    for pol in REGISTRY:
+        if pol.knob != "threshold":
+            p.add_argument(f"--{pol.knob.replace('_', '-')}", type=_float_in(pol.low, None if math.isinf(pol.high) else pol.high),
+                           default=None, help=f"--policy {pol.name} only: {pol.meaning}, {pol.range_text} "
+                                              f"(default {pol.default})")
     p.add_argument("--temperature", type=_float_in(0.0), default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=_int_in(1), default=None)
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None)

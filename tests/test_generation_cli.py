@@ -162,8 +162,8 @@ def test_bad_arguments_exit_2_with_one_line(argv, allowed, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--checkpoint", "{tmp}/missing", "--prompt", "x"], "{tmp}/missing does not exist"),
-    (["generate", "--prompt", "x", "--steps-per-block", "3"], "--steps-per-block=3 sets the fixed schedule: it needs "
-                                                              "--threshold none (got --threshold 0.9)"),
+    (["generate", "--prompt", "x", "--steps-per-block", "3"], "steps_per_block=3 sets the fixed schedule, which "
+                                                              "threshold=None selects"),
     (["generate", "--prompt", "x", "--quantize", "int8", "--dtype", "float32"],
      "--quantize int8 dequantizes its weights into bfloat16 activations, and --dtype float32 asks for full precision"),
     (["generate", "--prompt", "x", "--quantize-head"], "--quantize-head needs --quantize int8, int4 or fp8"),
@@ -261,15 +261,18 @@ def test_generate_command_passes_the_diffusion_policy(seed):
 
 
 def test_cli_choices_follow_the_library():
-    """The CLI keeps its own copies of the mode, policy and quantization names (argparse runs before jax is
-    imported)."""
+    """--mode and --policy are read from the registries (a mode registered later is a choice too); the
+    quantization names are a copy (the converter's parser runs before jax is imported)."""
     from convert_weights import core
     from jaxdlm import quant
-    from jaxdlm.generation import api, diffusion
+    from jaxdlm.generation import modes, policies
 
-    assert cli.DIFFUSION_POLICIES == diffusion.POLICIES
-    assert cli.POLICY_KNOBS == api.POLICY_KNOBS and cli.MAX_QUADRATIC_BLOCK == api.MAX_QUADRATIC_BLOCK
-    assert cli.GEN_MODES + ("auto",) == api.MODES
+    gen = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
+    choices = {a.dest: a.choices for a in gen._actions if a.choices}
+    assert tuple(choices["policy"]) == policies.POLICIES
+    assert tuple(choices["mode"]) == modes.mode_names() + ("auto",)
+    knob_flags = {a.dest for a in gen._actions} & {p.knob for p in policies.REGISTRY}
+    assert knob_flags == {p.knob for p in policies.REGISTRY}
     assert cli.QUANTIZE == core.QUANTIZE == quant.SCHEMES
 
 
@@ -328,31 +331,32 @@ def ar_checkpoint(tmp_path):
 VOCAB = 260  # the default model's byte-level vocabulary: 256 bytes + 4 specials
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--mode", "ar", "--policy", "margin"], "--policy margin is a diffusion commit policy: it needs --mode diffusion, "
-                                             "and --mode ar has none"),
-    (["--policy", "entropy"], "--mode auto has none (--mode auto picks ar or linear_spec)"),
-    (["--mode", "diffusion", "--margin", "0.5"], "--margin is the knob of --policy margin; --policy confidence has no "
-                                                 "use for it"),
-    (["--mode", "diffusion", "--policy", "margin", "--entropy-bound", "1"], "--entropy-bound is the knob of --policy "
-                                                                           "entropy"),
-    (["--mode", "diffusion", "--policy", "margin", "--threshold", "none"], "--threshold none selects the fixed "
+@pytest.mark.parametrize("extra,message", [  # the library's own checks (DecodeOptions, the mode registry)
+    (["--mode", "ar", "--policy", "margin"], "policy='margin' is a diffusion commit policy; mode='ar' has none"),
+    (["--policy", "entropy"], "policy='entropy' is a diffusion commit policy; mode='linear_spec' has none"),
+    (["--mode", "diffusion", "--margin", "0.5"], "margin=0.5 is the knob of policy='margin'; policy='confidence' has "
+                                                 "no use for it"),
+    (["--mode", "diffusion", "--policy", "margin", "--entropy-bound", "1"], "entropy_bound=1.0 is the knob of "
+                                                                           "policy='entropy'"),
+    (["--mode", "diffusion", "--policy", "margin", "--threshold", "none"], "threshold=None selects the fixed "
                                                                           "schedule, which ranks by confidence"),
-    (["--mode", "linear_spec", "--threshold", "none", "--steps-per-block", "2"], "--steps-per-block=2 sets "
-                                                                                 "diffusion's fixed schedule: it needs "
-                                                                                 "--mode diffusion"),
-    (["--mode", "linear_spec", "--block-length", "1"], "--block-length 1 leaves --mode linear_spec no draft token"),
-    (["--mode", "quadratic_spec", "--block-length", "65"], "it needs 2 <= B <= 64"),
-    (["--max-thinking-tokens", "5"], "--max-thinking-tokens needs --end-think-token-id too"),
-    (["--eos-token-id", "2", "--eos-token-id", "99999"], f"--eos-token-id 99999 is outside the model's vocabulary: "
-                                                         f"token ids lie in [0, {VOCAB - 1}]"),
-    (["--end-think-token-id", str(VOCAB), "--max-thinking-tokens", "3"], f"--end-think-token-id {VOCAB} is outside "
-                                                                         f"the model's vocabulary"),
+    (["--mode", "linear_spec", "--threshold", "none", "--steps-per-block", "2"], "steps_per_block=2 is diffusion's "
+                                                                                 "fixed schedule; mode='linear_spec' "
+                                                                                 "has none"),
+    (["--mode", "diffusion", "--steps-per-block", "2"], "steps_per_block=2 sets the fixed schedule, which "
+                                                        "threshold=None selects"),
+    (["--mode", "linear_spec", "--block-length", "1"], "block_length=1 does not fit linear_spec: it needs 2 <= "
+                                                       "block_length (one seed and at least one draft token)"),
+    (["--mode", "quadratic_spec", "--block-length", "65"], "it needs 2 <= block_length <= 64"),
+    (["--max-thinking-tokens", "5"], "max_thinking_tokens=5 and end_think_token_id=None must be given together"),
+    (["--eos-token-id", "2", "--eos-token-id", "99999"], f"eos_token_id 99999 is outside the vocabulary [0, {VOCAB})"),
+    (["--end-think-token-id", str(VOCAB), "--max-thinking-tokens", "3"], f"end_think_token_id={VOCAB} is outside "
+                                                                         f"the vocabulary"),
     (["--prompt", os.fsdecode(b"def f():\xff")], "--prompt number 2 is not valid UTF-8 text: character 8 is byte "
                                                   "0xff, which is not UTF-8"),
     (["--chat"], "tokenizer has none: drop --chat"),
-    (["--checkpoint", "{ar}", "--mode", "linear_spec"], "--mode linear_spec needs a MASK token, and this model has "
-                                                        "none"),
+    (["--checkpoint", "{ar}", "--mode", "linear_spec"], "mode='linear_spec' needs config.mask_token_id (this model "
+                                                        "has none); use mode='ar'"),
 ])
 def test_checks_that_need_no_weights_run_before_they_load(extra, message, no_weights, tmp_path, capsys):
     argv = ["generate", "--checkpoint", str(DEFAULT_MODEL_DIR), "--prompt", "def f():", "--no-compile-cache"]

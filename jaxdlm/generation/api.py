@@ -53,8 +53,9 @@ def auto_mode(model, batch: int, max_new_tokens: int, block_length: int | None =
       ``max_new_tokens <= block_length`` (too short for drafting to pay off; default: the training block);
     * ``"linear_spec"`` otherwise (it uses the draft LoRA when the model has one).
     """
-    block = model.config.block_size if block_length is None else block_length
-    if not MODES["linear_spec"].available(model.config) or batch >= AUTO_AR_MIN_BATCH or max_new_tokens <= block:
+    config = getattr(model, "config", model)  # a Model or its ModelConfig
+    block = config.block_size if block_length is None else block_length
+    if not MODES["linear_spec"].available(config) or batch >= AUTO_AR_MIN_BATCH or max_new_tokens <= block:
         return "ar"
     return "linear_spec"
 
@@ -190,12 +191,12 @@ def _check_sizes(max_new_tokens, block_length):
 
 
 def resolve_mode(model, mode: str, batch: int, max_new_tokens: int, block_length: int) -> Mode:
-    """The registered mode that runs (``"auto"`` resolved by :func:`auto_mode`), checked against the model and the
-    block length."""
+    """The registered mode that runs (``"auto"`` resolved by :func:`auto_mode`), checked against the model (a
+    :class:`~jaxdlm.Model` or its config) and the block length."""
     if mode == "auto":
         mode = auto_mode(model, batch, max_new_tokens, block_length)
     record = get_mode(mode)
-    record.check(model.config, block_length)
+    record.check(getattr(model, "config", model), block_length)
     return record
 
 

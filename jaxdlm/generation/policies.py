@@ -16,6 +16,7 @@ Shapes: ``B`` rows, ``N`` block length, ``V`` vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -49,15 +50,19 @@ class Policy:
     commit: Callable
     fixed_schedule: bool = False
 
+    @property
+    def range_text(self) -> str:
+        """The valid range in words: ``"in [0, 1]"`` or ``">= 0"``."""
+        return f">= {self.low:g}" if math.isinf(self.high) else f"in [{self.low:g}, {self.high:g}]"
+
     def check(self, value) -> float:
         """``value`` as a float in ``[low, high]``, else a ``ValueError`` naming the knob and its range."""
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{self.knob}={value!r} must be a number in [{self.low}, {self.high}] "
-                             f"({self.meaning})") from None
+            v = math.nan
         if not self.low <= v <= self.high:
-            raise ValueError(f"{self.knob}={value!r} must lie in [{self.low}, {self.high}] ({self.meaning})")
+            raise ValueError(f"{self.knob}={value!r} must be a number {self.range_text} ({self.meaning})")
         return v
 
 
