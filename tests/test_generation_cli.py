@@ -162,8 +162,6 @@ def test_bad_arguments_exit_2_with_one_line(argv, allowed, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--checkpoint", "{tmp}/missing", "--prompt", "x"], "{tmp}/missing does not exist"),
-    (["generate", "--prompt", "x", "--steps-per-block", "3"], "steps_per_block=3 sets the fixed schedule, which "
-                                                              "threshold=None selects"),
     (["generate", "--prompt", "x", "--quantize", "int8", "--dtype", "float32"],
      "--quantize int8 dequantizes its weights into bfloat16 activations, and --dtype float32 asks for full precision"),
     (["generate", "--prompt", "x", "--quantize-head"], "--quantize-head needs --quantize int8, int4 or fp8"),
