@@ -25,8 +25,7 @@ entry (Orbax accepts absolute paths only).  :func:`load` also reads a training r
 
 Quantized checkpoints (:mod:`jaxdlm.quant`) hold int8 / int4 / fp8 weights and their ``*_scale`` arrays as
 ordinary parameters.  int4 arrays are packed two to a byte at this boundary only (Orbax stores ``int4`` one
-byte per element: measured with orbax-checkpoint 0.12.8, a 1024 x 1024 int4 array took the 1.07 MB of its int8
-twin); the manifest entry says so (``stored_as``) and loading unpacks on the device.  They are written as
+byte per element, docs/model.md section 9); the manifest entry says so (``stored_as``) and loading unpacks on the device.  They are written as
 format version 2; float checkpoints stay version 1, readable by older jaxdlm.
 """
 

@@ -13,10 +13,8 @@ user-facing :class:`Model`.
 Layers are stacked on a leading axis (one array per parameter, ``[L, ...]``).  Two layer loops give the same
 result (:data:`LAYER_LOOPS`): ``"unrolled"`` (straight-line code with static layer indices) and ``"scan"`` (a
 ``lax.scan``).  Training scans.  Inference uses ``layers="auto"``: unrolled on a GPU / TPU, where a loop makes
-XLA copy every layer's weight slice out of the stacked arrays (measured on an H100: 2.6x the weight-bandwidth
-floor per forward, against 0.92x unrolled), and scanned on a CPU, where the opposite holds (XLA's CPU backend
-copies static slices: the default model's AR decoding ran 1.9x slower unrolled) and the unrolled program
-compiles 5-8x longer.
+XLA copy every layer's weight slice out of the stacked arrays, and scanned on a CPU, where XLA copies static
+slices instead and the unrolled program compiles several times longer (the measurements: docs/gpu_speed.md).
 
 ==================  =======================================  ============================
 kind                queries attend to                        cache

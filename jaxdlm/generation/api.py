@@ -111,10 +111,10 @@ class GenerationOutput:
     """What a generation program returns (a pytree of device arrays; :class:`GenerationResult` is its host copy).
 
     Attributes:
-      tokens: ``int32 [R, max_new_tokens]``; row ``i``'s output is ``tokens[i, :lengths[i]]``, later slots
+      tokens: ``int32 [B, max_new_tokens]``; row ``i``'s output is ``tokens[i, :lengths[i]]``, later slots
         hold the pad id (:func:`output_pad_id`).
-      lengths: ``int32 [R]`` output length (up to and including the first EOS, at most ``max_new_tokens``).
-      nfe: ``int32 [R]`` forward passes row ``i`` took part in (docs/decoding.md accounting).
+      lengths: ``int32 [B]`` output length (up to and including the first EOS, at most ``max_new_tokens``).
+      nfe: ``int32 [B]`` forward passes row ``i`` took part in (docs/decoding.md accounting).
       total_nfe: ``int32 []`` batched forward passes the program ran.
     """
 
@@ -366,7 +366,7 @@ def _check_call_knobs(plan: core.Plan, knobs: dict) -> None:
 
 
 def _padded_prompts(model, rows: list[np.ndarray], p_len: int):
-    """Right-padded ``int32 [R, p_len]`` prompts and ``[R]`` lengths on the device (rows over the mesh's batch axes
+    """Right-padded ``int32 [B, p_len]`` prompts and ``[B]`` lengths on the device (rows over the mesh's batch axes
     for a sharded model, where they divide)."""
     padded = np.zeros((len(rows), p_len), np.int32)
     for i, r in enumerate(rows):

@@ -7,7 +7,7 @@ the KV cache, a fixed-size output buffer, per-row counters (emitted tokens, fina
 of theirs changes any more: their cache length, outputs and ``nfe`` are frozen, so row ``i`` of a batch gives
 exactly what it gives alone.
 
-Shape names (nanodo style suffixes, e.g. ``blk_RxN``): ``R`` rows (the batch), ``P`` bucketed prompt length,
+Shape names (nanodo style suffixes, e.g. ``blk_BxN``): ``R`` rows (the batch), ``P`` bucketed prompt length,
 ``S`` cache slots, ``N`` block length (``block_length``), ``V`` vocabulary, ``W`` output buffer width
 (``max_new_tokens`` + headroom for the widest emission), ``E`` EOS id slots.
 """
@@ -66,22 +66,22 @@ class DecodeState:
 
     Attributes:
       cache: the KV cache (committed tokens only; passes that commit nothing write scratch slots).
-      out: ``int32 [R, W]`` every emitted token, in order (may run past ``max_new`` and past an EOS).
-      count: ``int32 [R]`` tokens emitted so far.
-      length: ``int32 [R]`` final output length so far (capped at ``max_new``, up to the first EOS).
-      ended: ``bool [R]`` an EOS was emitted within the cap.
-      done: ``bool [R]`` the row takes no further part (ended, or ``max_new`` tokens out).
-      last_token: ``int32 [R]`` the last emitted token: the next token the model is conditioned on (it is not
+      out: ``int32 [B, W]`` every emitted token, in order (may run past ``max_new`` and past an EOS).
+      count: ``int32 [B]`` tokens emitted so far.
+      length: ``int32 [B]`` final output length so far (capped at ``max_new``, up to the first EOS).
+      ended: ``bool [B]`` an EOS was emitted within the cap.
+      done: ``bool [B]`` the row takes no further part (ended, or ``max_new`` tokens out).
+      last_token: ``int32 [B]`` the last emitted token: the next token the model is conditioned on (it is not
         in the cache yet).
-      think_done: ``bool [R]`` the end-of-thinking token has been emitted.
-      nfe: ``int32 [R]`` forward passes the row took part in.
+      think_done: ``bool [B]`` the end-of-thinking token has been emitted.
+      nfe: ``int32 [B]`` forward passes the row took part in.
       total: ``int32 []`` batched forward passes run.
       step: ``int32 []`` PRNG counter (one per forward).
       key: the call's PRNG key.
       knobs: the traced numeric settings (:class:`Knobs`).
       eos: ``int32 [E]`` EOS ids (``-1`` = unused slot).
-      draft: quadratic self-speculation: ``int32 [R, N-1]`` the current drafts (else None).
-      draft_probs: quadratic rejection sampling: ``float32 [R, N-1, V]`` their draft distributions (else None).
+      draft: quadratic self-speculation: ``int32 [B, N-1]`` the current drafts (else None).
+      draft_probs: quadratic rejection sampling: ``float32 [B, N-1, V]`` their draft distributions (else None).
     """
 
     cache: KVCache
@@ -112,54 +112,54 @@ def step_key(state: DecodeState, salt: int = 0):
     return jax.random.fold_in(jax.random.fold_in(state.key, state.step), salt)
 
 
-def init_state(module, plan: Plan, prompts_RxP, lens_R, key, knobs: Knobs, eos_E, params_dtype, *,
+def init_state(module, plan: Plan, prompts_BxP, lens_B, key, knobs: Knobs, eos_E, params_dtype, *,
                prefill_nfe: int, **mode_fields) -> DecodeState:
     """Causal prefill of the right-padded prompts, the first token, and the initial loop state.
 
-    ``prompts_RxP`` int32 (row ``i`` valid up to ``lens_R[i]``).  The prefill writes the K/V of all ``P`` slots
-    but advances each row's length by ``lens_R[i]`` only (padding slots are scratch).  The prefill's forward
+    ``prompts_BxP`` int32 (row ``i`` valid up to ``lens_B[i]``).  The prefill writes the K/V of all ``P`` slots
+    but advances each row's length by ``lens_B[i]`` only (padding slots are scratch).  The prefill's forward
     counts ``prefill_nfe`` in ``nfe`` (the mode's accounting, :attr:`jaxdlm.generation.modes.Mode.prefill_nfe`).  ``mode_fields`` set the
     mode-specific fields of :class:`DecodeState` (``draft``, ``draft_probs``).
     """
-    r = prompts_RxP.shape[0]
+    r = prompts_BxP.shape[0]
     cache = KVCache.init(module.config, r, plan.cache_len, params_dtype)
-    hidden_RxPxH, cache = forward(module, prompts_RxP, kind="causal", cache=cache, num_valid=lens_R,
+    hidden_BxPxH, cache = forward(module, prompts_BxP, kind="causal", cache=cache, num_valid=lens_B,
                                   **plan.forward_kw, return_hidden=True)
-    last_RxH = jnp.take_along_axis(hidden_RxPxH, (lens_R - 1)[:, None, None], axis=1)[:, 0]
+    last_BxH = jnp.take_along_axis(hidden_BxPxH, (lens_B - 1)[:, None, None], axis=1)[:, 0]
     zeros = jnp.zeros((r,), jnp.int32)
     state = DecodeState(cache=cache, out=jnp.full((r, plan.width), plan.pad_id, jnp.int32), count=zeros,
                         length=zeros, ended=zeros.astype(bool), done=zeros.astype(bool), last_token=zeros,
                         think_done=zeros.astype(bool), nfe=zeros + prefill_nfe,
                         total=jnp.int32(prefill_nfe), step=jnp.int32(0), key=key, knobs=knobs,
                         eos=eos_E, **mode_fields)
-    t0_R = choose(head(module, last_RxH), step_key(state), plan.sampler, knobs)
+    t0_B = choose(head(module, last_BxH), step_key(state), plan.sampler, knobs)
     state = state.replace(step=state.step + 1)
-    return emit(state, plan, t0_R[:, None], jnp.ones((r,), jnp.int32), jnp.ones((r,), bool))
+    return emit(state, plan, t0_B[:, None], jnp.ones((r,), jnp.int32), jnp.ones((r,), bool))
 
 
-def count_forward(state: DecodeState, active_R, n: int = 1) -> DecodeState:
+def count_forward(state: DecodeState, active_B, n: int = 1) -> DecodeState:
     """``nfe += n`` for active rows; one more batched pass (``total``) and a fresh PRNG step."""
-    return state.replace(nfe=state.nfe + n * active_R.astype(jnp.int32), total=state.total + n,
+    return state.replace(nfe=state.nfe + n * active_B.astype(jnp.int32), total=state.total + n,
                          step=state.step + 1)
 
 
-def _think_budget(state: DecodeState, new_RxN, n_R, active_R):
+def _think_budget(state: DecodeState, new_BxN, n_B, active_B):
     """Thinking budget (always compiled in; traced budget and id, ``end_think < 0`` = off): once a row has emitted
     ``max_thinking`` tokens without ``end_think``, the last token of this emission becomes ``end_think``.
-    Returns ``(new_RxN, think_done_R)``."""
-    r, nn = new_RxN.shape
+    Returns ``(new_BxN, think_done_B)``."""
+    r, nn = new_BxN.shape
     rows, j = jnp.arange(r), jnp.arange(nn)[None, :]
-    valid = j < n_R[:, None]
-    last = jnp.maximum(n_R - 1, 0)
+    valid = j < n_B[:, None]
+    last = jnp.maximum(n_B - 1, 0)
     end = state.knobs.end_think
-    seen_before = state.think_done | jnp.any((new_RxN == end) & (j < last[:, None]) & valid, axis=1)
-    force = (active_R & (n_R > 0) & ~seen_before & (end >= 0) & (state.count + last >= state.knobs.max_thinking))
-    new_RxN = new_RxN.at[rows, last].set(jnp.where(force, end, new_RxN[rows, last]))
-    return new_RxN, state.think_done | jnp.any((new_RxN == end) & valid, axis=1)
+    seen_before = state.think_done | jnp.any((new_BxN == end) & (j < last[:, None]) & valid, axis=1)
+    force = (active_B & (n_B > 0) & ~seen_before & (end >= 0) & (state.count + last >= state.knobs.max_thinking))
+    new_BxN = new_BxN.at[rows, last].set(jnp.where(force, end, new_BxN[rows, last]))
+    return new_BxN, state.think_done | jnp.any((new_BxN == end) & valid, axis=1)
 
 
-def emit(state: DecodeState, plan: Plan, new_RxN, n_R, active_R) -> DecodeState:
-    """Appends ``new_RxN[i, :n_R[i]]`` to each active row's output.
+def emit(state: DecodeState, plan: Plan, new_BxN, n_B, active_B) -> DecodeState:
+    """Appends ``new_BxN[i, :n_B[i]]`` to each active row's output.
 
     The last appended token is the row's new ``last_token`` (the next token the model is conditioned on).
     Thinking budget: once a row has emitted ``max_thinking`` tokens without ``end_think``, its last token is
@@ -167,31 +167,31 @@ def emit(state: DecodeState, plan: Plan, new_RxN, n_R, active_R) -> DecodeState:
     row is done once an EOS lands within ``max_new`` tokens or ``max_new`` tokens are out; the stream callback,
     if any, receives the tokens that became final output.
     """
-    r, nn = new_RxN.shape
+    r, nn = new_BxN.shape
     rows, j = jnp.arange(r), jnp.arange(nn)[None, :]
-    n_R = jnp.where(active_R, n_R, 0)
-    valid = j < n_R[:, None]
-    new_RxN, think_done = _think_budget(state, new_RxN, n_R, active_R)
+    n_B = jnp.where(active_B, n_B, 0)
+    valid = j < n_B[:, None]
+    new_BxN, think_done = _think_budget(state, new_BxN, n_B, active_B)
     pos = state.count[:, None] + j
-    out = state.out.at[rows[:, None], jnp.where(valid, pos, plan.width)].set(new_RxN, mode="drop")  # past W: dropped
+    out = state.out.at[rows[:, None], jnp.where(valid, pos, plan.width)].set(new_BxN, mode="drop")  # past W: dropped
     # final length: up to and including the first EOS, capped at max_new
     in_cap = valid & (pos < plan.max_new) & ~state.ended[:, None]
-    is_eos = jnp.any(new_RxN[:, :, None] == state.eos[None, None, :], axis=-1) & in_cap
+    is_eos = jnp.any(new_BxN[:, :, None] == state.eos[None, None, :], axis=-1) & in_cap
     hit = jnp.any(is_eos, axis=1)
-    count = state.count + n_R
+    count = state.count + n_B
     length = jnp.where(state.ended, state.length,
                        jnp.where(hit, state.count + jnp.argmax(is_eos, axis=1) + 1, jnp.minimum(count, plan.max_new)))
     if plan.stream is not None:
         delta = length - state.length
-        jax.debug.callback(plan.stream, jnp.where(j < delta[:, None], new_RxN, plan.pad_id), delta, ordered=True)
+        jax.debug.callback(plan.stream, jnp.where(j < delta[:, None], new_BxN, plan.pad_id), delta, ordered=True)
     ended = state.ended | hit
-    last = jnp.where(active_R & (n_R > 0), new_RxN[rows, jnp.maximum(n_R - 1, 0)], state.last_token)
+    last = jnp.where(active_B & (n_B > 0), new_BxN[rows, jnp.maximum(n_B - 1, 0)], state.last_token)
     return state.replace(out=out, count=count, length=length, ended=ended, think_done=think_done,
                          done=state.done | ended | (count >= plan.max_new), last_token=last)
 
 
 def finish(state: DecodeState, plan: Plan):
-    """``(tokens int32 [R, max_new], lengths [R], nfe [R], total [])``; slots past a row's length hold pad."""
+    """``(tokens int32 [B, max_new], lengths [B], nfe [B], total [])``; slots past a row's length hold pad."""
     out = state.out[:, :plan.max_new]
     out = jnp.where(jnp.arange(plan.max_new)[None, :] < state.length[:, None], out, plan.pad_id)
     return out, state.length, state.nfe, state.total
@@ -201,15 +201,15 @@ def not_done(state: DecodeState):
     return jnp.any(~state.done)
 
 
-def block_with_masks(last_R, block: int, mask_id: int):
-    """``[last token, MASK * (block - 1)]`` per row: ``int32 [R, block]``."""
-    r = last_R.shape[0]
-    return jnp.concatenate([last_R[:, None], jnp.full((r, block - 1), mask_id, jnp.int32)], axis=1)
+def block_with_masks(last_B, block: int, mask_id: int):
+    """``[last token, MASK * (block - 1)]`` per row: ``int32 [B, block]``."""
+    r = last_B.shape[0]
+    return jnp.concatenate([last_B[:, None], jnp.full((r, block - 1), mask_id, jnp.int32)], axis=1)
 
 
-def accepted_emission(draft_RxD, a_R, bonus_R, pad_id: int):
-    """The tokens a speculative cycle emits: ``draft[:, :a]`` then ``bonus`` (``int32 [R, D+1]``)."""
-    r, d = draft_RxD.shape
+def accepted_emission(draft_BxD, a_B, bonus_B, pad_id: int):
+    """The tokens a speculative cycle emits: ``draft[:, :a]`` then ``bonus`` (``int32 [B, D+1]``)."""
+    r, d = draft_BxD.shape
     j = jnp.arange(d + 1)[None, :]
-    padded = jnp.concatenate([draft_RxD, jnp.full((r, 1), pad_id, jnp.int32)], axis=1)
-    return jnp.where(j < a_R[:, None], padded, jnp.where(j == a_R[:, None], bonus_R[:, None], pad_id))
+    padded = jnp.concatenate([draft_BxD, jnp.full((r, 1), pad_id, jnp.int32)], axis=1)
+    return jnp.where(j < a_B[:, None], padded, jnp.where(j == a_B[:, None], bonus_B[:, None], pad_id))

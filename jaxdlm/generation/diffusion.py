@@ -1,7 +1,7 @@
 """Block diffusion decoding (docs/decoding.md, "Block diffusion").
 
-Per block ``blk = [seed, MASK * (B-1)]``: denoise passes (bidirectional over the block, the cache
-read-only) commit tokens until no MASK is left (at most ``B-1`` steps) or an EOS is committed with no
+Per block ``blk = [seed, MASK * (N-1)]``: denoise passes (bidirectional over the block, the cache
+read-only) commit tokens until no MASK is left (at most ``N-1`` steps) or an EOS is committed with no
 MASK before it; then one causal commit pass writes the block's K/V and yields the next seed.
 
 Which masked positions a denoise pass commits is the *policy* (:data:`jaxdlm.generation.policies.REGISTRY`, a traced id: switching
@@ -12,7 +12,7 @@ in the denominator, never chosen) of the chosen token ``x0`` (argmax, or a Gumbe
 * ``"confidence"`` (the default, the reference's rule): the most confident masked position and every
   masked position with ``p(x0) >= threshold``.  SGLang's ``low_confidence`` commits the same set up to
   ``>`` against ``>=`` (``p > threshold``, else the most confident one).  ``threshold=None``: a fixed
-  schedule of ``fixed_steps`` steps per block; step ``s`` commits the ``(B-1) // steps + (s < (B-1) %
+  schedule of ``fixed_steps`` steps per block; step ``s`` commits the ``(N-1) // steps + (s < (N-1) %
   steps)`` most confident masked positions (ties: lower index first); vLLM's NLD sampler schedules the
   same way (``ceil(masks left / steps left)`` per step gives the same counts).
 * ``"margin"``: the masked position with the largest margin and every one with margin ``>= margin``,
@@ -69,37 +69,37 @@ def _fixed_schedule_commit(logits, x0, masked, step, plan: core.Plan):
     return masked & (rank < n_commit)
 
 
-def _denoise_block(module, plan: core.Plan, state: core.DecodeState, active_R):
+def _denoise_block(module, plan: core.Plan, state: core.DecodeState, active_B):
     """Denoise passes over ``[last token, MASK * (N-1)]`` until no MASK is left (at most ``N-1`` passes: every
     policy commits at least one; the bound keeps a broken rule from looping forever, its MASK ids would reach
     the output, which the tests reject) or an EOS is committed with no MASK before it.
-    Returns ``(state, blk_RxN)``."""
+    Returns ``(state, blk_BxN)``."""
     n = plan.block
     idx = jnp.arange(n)[None, :]
 
     def denoise_step(carry):
-        state, blk_RxN, masked_RxN, live_R, i = carry
-        logits_RxNxV, cache = forward(module, blk_RxN, kind="denoise", cache=state.cache, **plan.forward_kw)
-        x0_RxN = choose(logits_RxNxV, core.step_key(state), plan.sampler, state.knobs)
+        state, blk_BxN, masked_BxN, live_B, i = carry
+        logits_BxNxV, cache = forward(module, blk_BxN, kind="denoise", cache=state.cache, **plan.forward_kw)
+        x0_BxN = choose(logits_BxNxV, core.step_key(state), plan.sampler, state.knobs)
         if plan.fixed_steps is None:
-            commit = commit_mask(state.knobs.policy, logits_RxNxV, x0_RxN, masked_RxN, state.knobs, plan.mask_id)
+            commit = commit_mask(state.knobs.policy, logits_BxNxV, x0_BxN, masked_BxN, state.knobs, plan.mask_id)
         else:
-            commit = _fixed_schedule_commit(logits_RxNxV, x0_RxN, masked_RxN, i, plan)
-        commit = commit & live_R[:, None]
-        blk_RxN = jnp.where(commit, x0_RxN, blk_RxN)
-        masked_RxN = masked_RxN & ~commit
-        state = core.count_forward(state.replace(cache=cache), live_R)
+            commit = _fixed_schedule_commit(logits_BxNxV, x0_BxN, masked_BxN, i, plan)
+        commit = commit & live_B[:, None]
+        blk_BxN = jnp.where(commit, x0_BxN, blk_BxN)
+        masked_BxN = masked_BxN & ~commit
+        state = core.count_forward(state.replace(cache=cache), live_B)
         # stop a row early once an EOS is committed with no MASK before it
-        is_eos = jnp.any(blk_RxN[:, :, None] == state.eos[None, None, :], axis=-1) & ~masked_RxN
-        no_mask_before = jnp.cumsum(masked_RxN.astype(jnp.int32), axis=1) == 0
+        is_eos = jnp.any(blk_BxN[:, :, None] == state.eos[None, None, :], axis=-1) & ~masked_BxN
+        no_mask_before = jnp.cumsum(masked_BxN.astype(jnp.int32), axis=1) == 0
         eos_stop = jnp.any(is_eos & no_mask_before, axis=1)
-        live_R = live_R & jnp.any(masked_RxN, axis=1) & ~eos_stop
-        return state, blk_RxN, masked_RxN, live_R, i + 1
+        live_B = live_B & jnp.any(masked_BxN, axis=1) & ~eos_stop
+        return state, blk_BxN, masked_BxN, live_B, i + 1
 
-    blk_RxN = core.block_with_masks(state.last_token, n, plan.mask_id)
-    carry = (state, blk_RxN, jnp.broadcast_to(idx > 0, blk_RxN.shape), active_R, jnp.int32(0))
-    state, blk_RxN, _, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]) & (c[4] < n - 1), denoise_step, carry)
-    return state, blk_RxN
+    blk_BxN = core.block_with_masks(state.last_token, n, plan.mask_id)
+    carry = (state, blk_BxN, jnp.broadcast_to(idx > 0, blk_BxN.shape), active_B, jnp.int32(0))
+    state, blk_BxN, _, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[3]) & (c[4] < n - 1), denoise_step, carry)
+    return state, blk_BxN
 
 
 def diffusion_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None) -> core.DecodeState:

@@ -126,13 +126,13 @@ def speculative_accept(draft, p, q, key):
     """Speculative rejection sampling (Leviathan et al. / Chen et al.) over a block of drafts.
 
     Args:
-      draft: ``int32 [R, N]`` draft tokens, ``draft[:, i]`` sampled from ``q[:, i]``.
-      p: ``float32 [R, N+1, V]`` target (AR) distributions; ``p[:, i]`` is the distribution of the token
+      draft: ``int32 [B, N]`` draft tokens, ``draft[:, i]`` sampled from ``q[:, i]``.
+      p: ``float32 [B, N+1, V]`` target (AR) distributions; ``p[:, i]`` is the distribution of the token
         that ``draft[:, i]`` proposes; ``p[:, N]`` the one after the whole draft.
-      q: ``float32 [R, N, V]`` draft distributions.
+      q: ``float32 [B, N, V]`` draft distributions.
       key: PRNG key.
 
-    Returns ``(a [R], bonus [R])``: the number of accepted drafts and the token emitted after them
+    Returns ``(a [B], bonus [B])``: the number of accepted drafts and the token emitted after them
     (from the residual ``max(p - q, 0)`` at the first rejection, or from ``p[:, N]`` when all are
     accepted).  The emitted sequence ``draft[:, :a] + [bonus]`` is distributed exactly as sampling
     token by token from ``p``.
@@ -155,9 +155,9 @@ def speculative_accept(draft, p, q, key):
 
 
 def exact_match_accept(draft, ar):
-    """Accept the longest prefix with ``ar[:, i] == draft[:, i]``; returns ``(a [R], bonus = ar[:, a])``.
+    """Accept the longest prefix with ``ar[:, i] == draft[:, i]``; returns ``(a [B], bonus = ar[:, a])``.
 
-    ``draft [R, N]``, ``ar [R, N+1]`` (the verifier's own choices).
+    ``draft [B, N]``, ``ar [B, N+1]`` (the verifier's own choices).
     """
     ok = (ar[:, :-1] == draft).astype(jnp.int32)
     a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)

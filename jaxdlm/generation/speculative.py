@@ -1,7 +1,7 @@
 """Self-speculative decoding (docs/decoding.md): linear (draft pass + verify pass) and quadratic
-(TiDAR-style: verification and the next draft in one forward over ``B(B+1)`` tokens).
+(TiDAR-style: verification and the next draft in one forward over ``N(N+1)`` tokens).
 
-Both keep the row's seed (last emitted token, not yet in the cache) in front of ``B-1`` drafts, verify
+Both keep the row's seed (last emitted token, not yet in the cache) in front of ``N-1`` drafts, verify
 them with causal attention (the exact AR model, LoRA off), accept the longest verified prefix ``a``
 plus one bonus token, and crop the cache to ``old_length + a + 1`` per row.  Emitted tokens per cycle:
 ``a + 1`` (outputs are capped at ``max_new_tokens``).
@@ -20,13 +20,13 @@ Acceptance (``spec_sampling``):
 
 ``nfe``: the prefill counts one (docs/decoding.md); linear counts two per cycle (draft, verify), quadratic one.
 
-Quadratic layout (``T = B + B*B`` tokens, order ``[d_0..d_{B-1}, group_0 masks, ..., group_{B-1} masks]``,
-``c`` = cache length): ``d_0`` is the seed and ``d_1..d_{B-1}`` the current drafts, CLEAN tokens at
-positions ``c+j`` in block ``j+1``; group ``j``'s ``B`` masks are NOISY block ``j+2`` at positions
-``c+j+1..c+j+B``, so by :func:`jaxdlm.attention.masks.allowed` they see the cache, ``d_0..d_j`` and their own
+Quadratic layout (``T = N + N*N`` tokens, order ``[d_0..d_{N-1}, group_0 masks, ..., group_{N-1} masks]``,
+``c`` = cache length): ``d_0`` is the seed and ``d_1..d_{N-1}`` the current drafts, CLEAN tokens at
+positions ``c+j`` in block ``j+1``; group ``j``'s ``N`` masks are NOISY block ``j+2`` at positions
+``c+j+1..c+j+N``, so by :func:`jaxdlm.attention.masks.allowed` they see the cache, ``d_0..d_j`` and their own
 group (:func:`jaxdlm.attention.masks.quadratic_info`; the model runs it as ``forward(kind="quadratic")``).
-The forward writes all ``B + B*B`` tokens' K/V at slots ``c..`` (the masks' slots are scratch, so the cache
-needs ``B + B*B`` free slots) and the crop keeps the accepted drafts only.  The first cycle has no drafts yet: its drafts are MASK
+The forward writes all ``N + N*N`` tokens' K/V at slots ``c..`` (the masks' slots are scratch, so the cache
+needs ``N + N*N`` free slots) and the crop keeps the accepted drafts only.  The first cycle has no drafts yet: its drafts are MASK
 ids (never accepted, since MASK is never chosen), so it emits exactly one token and yields the first
 real draft.  The next draft comes from the group at the acceptance point; its first mask (predicting
 the bonus position) is replaced by the exact AR bonus.
@@ -42,28 +42,28 @@ from jaxdlm.generation.sampling import choose, exact_match_accept, probs, specul
 from jaxdlm.model import forward
 
 
-def _accept(plan, state: core.DecodeState, draft_RxD, verify_logits_RxNxV, q_RxDxV, key):
-    """``(a_R, bonus_R)`` for drafts ``[R, N-1]`` given verify logits ``[R, N, V]`` (see module docstring)."""
+def _accept(plan, state: core.DecodeState, draft_BxD, verify_logits_BxNxV, q_BxDxV, key):
+    """``(a_B, bonus_B)`` for drafts ``[B, N-1]`` given verify logits ``[B, N, V]`` (see module docstring)."""
     if plan.sampler.greedy or plan.spec_sampling == "exact":
-        ar_RxN = choose(verify_logits_RxNxV, key, plan.sampler, state.knobs)
-        return exact_match_accept(draft_RxD, ar_RxN)
-    return speculative_accept(draft_RxD, probs(verify_logits_RxNxV, plan.sampler, state.knobs), q_RxDxV, key)
+        ar_BxN = choose(verify_logits_BxNxV, key, plan.sampler, state.knobs)
+        return exact_match_accept(draft_BxD, ar_BxN)
+    return speculative_accept(draft_BxD, probs(verify_logits_BxNxV, plan.sampler, state.knobs), q_BxDxV, key)
 
 
-def _draft(plan, state: core.DecodeState, logits_RxDxV, key):
-    """Draft tokens from draft logits ``[R, D, V]`` and, for rejection sampling, their distribution."""
+def _draft(plan, state: core.DecodeState, logits_BxDxV, key):
+    """Draft tokens from draft logits ``[B, D, V]`` and, for rejection sampling, their distribution."""
     if plan.sampler.greedy or plan.spec_sampling == "exact":
         greedy = type(plan.sampler)(greedy=True, mask_id=plan.sampler.mask_id)
-        return choose(logits_RxDxV, key, greedy, state.knobs), None
-    q_RxDxV = probs(logits_RxDxV, plan.sampler, state.knobs)
-    return choose(logits_RxDxV, key, plan.sampler, state.knobs), q_RxDxV
+        return choose(logits_BxDxV, key, greedy, state.knobs), None
+    q_BxDxV = probs(logits_BxDxV, plan.sampler, state.knobs)
+    return choose(logits_BxDxV, key, plan.sampler, state.knobs), q_BxDxV
 
 
-def _finish_cycle(state: core.DecodeState, plan, active_R, old_len_R, cache, draft_RxD, a_R, bonus_R):
+def _finish_cycle(state: core.DecodeState, plan, active_B, old_len_B, cache, draft_BxD, a_B, bonus_B):
     """Crop each active row's cache to ``old length + a + 1`` and emit its ``a`` accepted drafts + the bonus."""
-    cache = cache.with_length(jnp.where(active_R, old_len_R + a_R + 1, old_len_R))
-    new = core.accepted_emission(draft_RxD, a_R, bonus_R, plan.pad_id)
-    return core.emit(state.replace(cache=cache), plan, new, a_R + 1, active_R)
+    cache = cache.with_length(jnp.where(active_B, old_len_B + a_B + 1, old_len_B))
+    new = core.accepted_emission(draft_BxD, a_B, bonus_B, plan.pad_id)
+    return core.emit(state.replace(cache=cache), plan, new, a_B + 1, active_B)
 
 
 def linear_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None) -> core.DecodeState:
