@@ -125,7 +125,7 @@ def tiny_rows(args) -> dict:
     """Rows of tiny random models (one per seed; the means over seeds are in ``rows``)."""
     import jax.numpy as jnp
 
-    from jaxdlm.quant import quantize_model
+    from jaxdlm.model import quantize_model
     from jaxdlm.testing import tiny_config, tiny_model
 
     cfg = tiny_config(vocab_size=256, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2,

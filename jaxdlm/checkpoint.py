@@ -560,8 +560,11 @@ def _mesh_sharding(config, mesh, sharding, rules, quant=None):
     if sharding is not None:
         raise ValueError("pass either mesh= or sharding= to jaxdlm.load, not both")
     rules = sh.DEFAULT_RULES if rules is None else rules
-    sh.check_divisible(config, mesh, rules, quant=quant)
-    return sh.sharding_for_path(mesh, rules, quant)
+    from jaxdlm.model import param_layout
+
+    layout = param_layout(config, quant)
+    sh.check_divisible(config, mesh, rules, layout=layout)
+    return sh.sharding_for_path(layout, mesh, rules)
 
 
 def _restore_params(root: Path, manifest: dict, params, sharding, quantize=None):

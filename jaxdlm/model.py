@@ -97,7 +97,7 @@ def _linear(module: nnx.Module, name: str, rngs: nnx.Rngs, shape, dtype, axes: t
             quant: Quantization | None) -> None:
     """Sets ``module.<name>``: a float weight ``[in, out]`` drawn from N(0, 0.02^2), or with ``quant`` its
     quantized form (zeros of the storage dtype) and ``module.<name>_scale`` ``[G, out]`` (ones; a structure to
-    restore into: :func:`jaxdlm.quant.quantize_model` fills both from a float model)."""
+    restore into: :func:`quantize_model` fills both from a float model)."""
     if quant is None:
         setattr(module, name, _normal(rngs, shape, dtype, axes))
         return
@@ -436,7 +436,7 @@ class Model:
         """A model with random parameters (normal, std 0.02; norms at one).
 
         ``quantize`` (``"int8"``, ``"int4"``, ``"fp8"`` or a :class:`~jaxdlm.quant.Quantization`): the float model
-        of the same seed, quantized (:func:`jaxdlm.quant.quantize_model`); ``dtype`` is the compute dtype.
+        of the same seed, quantized (:func:`quantize_model`); ``dtype`` is the compute dtype.
         """
         quant = quant_lib.as_quantization(quantize)
         if quant is not None:
@@ -444,7 +444,7 @@ class Model:
         transformer = Transformer(config, rngs=nnx.Rngs(params=seed), dtype=jnp.dtype(dtype))
         graphdef, params = nnx.split(transformer)
         model = cls(config, graphdef, params)
-        return model if quant is None else quant_lib.quantize_model(model, quant)
+        return model if quant is None else quantize_model(model, quant)
 
     @classmethod
     def abstract(cls, config: ModelConfig, *, dtype=jnp.float32, quantize=None) -> "Model":
@@ -471,6 +471,16 @@ class Model:
     def quant(self) -> Quantization | None:
         """The weight quantization (static, from the module graph), or ``None`` for float weights."""
         return nnx.merge(self.graphdef, self.params).quant
+
+    def layout(self) -> dict[tuple[str, ...], "ParamInfo"]:
+        """Every parameter's path -> :class:`ParamInfo` (shape, logical axes): :func:`param_layout` of this model."""
+        return param_layout(self.config, self.quant)
+
+    def replace(self, *, params=None, lora=None, mesh=None) -> "Model":
+        """A copy with ``params`` / ``lora`` / ``mesh`` replaced where given (same graph, config, tokenizer)."""
+        return Model(self.config, self.graphdef, self.params if params is None else params,
+                     lora=self.lora if lora is None else lora, tokenizer=self.tokenizer,
+                     mesh=self.mesh if mesh is None else mesh)
 
     def astype(self, dtype) -> "Model":
         """A copy with every floating parameter (and the LoRA) cast to ``dtype``; quantized weights keep their
@@ -511,3 +521,25 @@ class Model:
         quant = "" if self.quant is None else f", quantized={self.quant.describe()}"
         return (f"Model({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, "
                 f"params={c.num_params() / 1e6:.1f}M, dtype={self.dtype}{quant}, lora={self.lora is not None})")
+
+
+def quantize_model(model, quantize):
+    """A copy of a float :class:`Model` with its linear weights quantized (``quantize``: a scheme name or a
+    :class:`~jaxdlm.quant.Quantization`); the LoRA and tokenizer are shared.  Each weight is fetched to the host,
+    quantized there (:func:`jaxdlm.quant.quantize`, in the model's dtype) and put back on the default device; shard the result
+    with :func:`jaxdlm.shard_model`."""
+    quant = quant_lib.as_quantization(quantize)
+    if quant is None:
+        raise ValueError("quantize_model needs a scheme: 'int8', 'int4' or 'fp8'")
+    if model.quant is not None:
+        raise ValueError(f"the model is already quantized ({model.quant.describe()}); quantize its float original")
+    target = Model.abstract(model.config, dtype=model.dtype, quantize=quant)
+    pure = nnx.to_pure_dict(model.params)
+    for path in quant.weight_paths():
+        node = pure
+        for key in path[:-1]:
+            node = node[key]
+        for leaf_path, value in quant_lib.quantized_leaves(path, node[path[-1]], quant, model.dtype):
+            node[leaf_path[-1]] = jnp.asarray(value)
+    nnx.replace_by_pure_dict(target.params, pure)
+    return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer)

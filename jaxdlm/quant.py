@@ -324,29 +324,3 @@ def quantized_leaves(path: tuple[str, ...], w, quant: Quantization, scale_dtype)
     q, s = quantize(np.asarray(jax.device_get(w)), quant, scale_dtype)
     yield path, q
     yield scale_path(path), s
-
-
-def quantize_model(model, quantize):
-    """A copy of a float :class:`~jaxdlm.model.Model` with its linear weights quantized (``quantize``: a scheme
-    name or a :class:`Quantization`); the LoRA and tokenizer are shared.  Each weight is fetched to the host,
-    quantized there (:func:`quantize`, in the model's dtype) and put back on the default device; shard the result
-    with :func:`jaxdlm.shard_model`."""
-    from flax import nnx
-
-    from jaxdlm.model import Model
-
-    quant = as_quantization(quantize)
-    if quant is None:
-        raise ValueError("quantize_model needs a scheme: 'int8', 'int4' or 'fp8'")
-    if model.quant is not None:
-        raise ValueError(f"the model is already quantized ({model.quant.describe()}); quantize its float original")
-    target = Model.abstract(model.config, dtype=model.dtype, quantize=quant)
-    pure = nnx.to_pure_dict(model.params)
-    for path in quant.weight_paths():
-        node = pure
-        for key in path[:-1]:
-            node = node[key]
-        for leaf_path, value in quantized_leaves(path, node[path[-1]], quant, model.dtype):
-            node[leaf_path[-1]] = jnp.asarray(value)
-    nnx.replace_by_pure_dict(target.params, pure)
-    return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer)

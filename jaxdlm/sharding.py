@@ -26,7 +26,6 @@ layers       -                    the stacked layer axis (scanned)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Mapping, Sequence
 
@@ -36,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdlm.config import ModelConfig
 from jaxdlm.lora import OProjLoRA
-from jaxdlm.quant import SCALE_SUFFIX, Quantization
+from jaxdlm.quant import SCALE_SUFFIX
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -141,9 +140,10 @@ def constrain(x, axes: Sequence[str | None], rules=DEFAULT_RULES):
 
 
 def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch: int | None = None,
-                    quant: Quantization | None = None):
-    """Raises ``ValueError`` naming the mesh axis and sizes when the mesh does not divide the model (with
-    ``quant``: also the int4 scale groups, ``in / group_size`` along a weight's sharded input axis)."""
+                    layout: Mapping | None = None):
+    """Raises ``ValueError`` naming the mesh axis and sizes when the mesh does not divide the model (with the
+    model's ``layout``, :meth:`jaxdlm.Model.layout`: also the quantization scales' groups, ``in / group_size``
+    along a weight's sharded input axis)."""
     table = dict(rules)
     dims = {"heads": ("num_attention_heads", config.num_heads), "kv_heads": ("num_key_value_heads", config.num_kv_heads),
             "vocab": ("vocab_size", config.vocab_size), "mlp": ("intermediate_size", config.intermediate_size),
@@ -157,11 +157,7 @@ def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch:
             axes = "x".join(f"{t}={mesh.shape.get(t, 1)}" for t in targets)
             raise ValueError(f"mesh axis {axes} (size {n}) does not divide {field}={size}; "
                              f"choose a {'/'.join(targets)} size that divides {size}")
-    if quant is None:
-        return
-    from jaxdlm.model import param_layout
-
-    for path, info in param_layout(config, quant).items():
+    for path, info in (layout or {}).items():
         if not path[-1].endswith(SCALE_SUFFIX):
             continue
         for size, logical in zip(info.shape, info.axes):
@@ -169,53 +165,27 @@ def check_divisible(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES, batch:
             n = math.prod(mesh.shape.get(t, 1) for t in targets)
             if size % n:
                 axes = "x".join(f"{t}={mesh.shape.get(t, 1)}" for t in targets)
-                raise ValueError(f"mesh axis {axes} (size {n}) does not divide the {size} {quant.scheme} scale groups "
+                raise ValueError(f"mesh axis {axes} (size {n}) does not divide the {size} quantization scale groups "
                                  f"of {'/'.join(path)} along {logical}; choose a {'/'.join(targets)} size that "
                                  f"divides {size}")
 
 
-def param_axes(config: ModelConfig, quant: Quantization | None = None) -> dict:
-    """Logical axes of each parameter of a model of ``config`` (quantized by ``quant``), as a pure dict shaped like
-    ``nnx.to_pure_dict(params)`` (from :func:`jaxdlm.model.param_layout`: the axes each parameter declares)."""
-    from jaxdlm.model import param_layout
-
-    return traverse_util.unflatten_dict({path: info.axes for path, info in param_layout(config, quant).items()})
-
-
 def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedShardings for ``model.params`` (an ``nnx.State`` with NamedSharding leaves)."""
-    quant = model.quant
-    check_divisible(model.config, mesh, rules, quant=quant)
-    shardings = jax.tree.map(lambda axes: named_sharding(axes, mesh, rules), param_axes(model.config, quant),
-                             is_leaf=lambda x: isinstance(x, tuple))
+    """NamedShardings for ``model.params`` (an ``nnx.State`` with NamedSharding leaves), from the logical axes each
+    parameter declares (:meth:`jaxdlm.Model.layout`)."""
+    layout = model.layout()
+    check_divisible(model.config, mesh, rules, layout=layout)
+    shardings = traverse_util.unflatten_dict({path: named_sharding(info.axes, mesh, rules)
+                                              for path, info in layout.items()})
     target = jax.tree.map(lambda x: x, model.params)
     nnx.replace_by_pure_dict(target, shardings)
     return target
 
 
-# A config with every optional parameter (q/k norms, an untied head): logical axes do not depend on sizes,
-# so its layout names the axes of every parameter path any model can have.
-_EVERY_PARAMETER = ModelConfig(model_type="qwen3", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                               num_heads=1, num_kv_heads=1, head_dim=2, qk_norm=True, tie_word_embeddings=False)
-
-
-def _every_parameter(quant: Quantization | None):
-    """``(config, quant)`` naming every parameter path: :data:`_EVERY_PARAMETER`, with ``quant`` (head included)
-    its inputs one int4 group wide."""
-    if quant is None:
-        return _EVERY_PARAMETER, None
-    g = quant.group_size or 2
-    config = dataclasses.replace(_EVERY_PARAMETER, hidden_size=g, intermediate_size=g, head_dim=g)
-    return config, dataclasses.replace(quant, head=True)
-
-
-def sharding_for_path(mesh: Mesh, rules=DEFAULT_RULES, quant: Quantization | None = None):
-    """A function ``parameter path tuple -> NamedSharding`` (LoRA leaves are ``("lora", "a")`` ...),
-    the form :func:`jaxdlm.load` takes to restore straight into the target shardings (``quant``: the paths and
-    axes of a model quantized that way, scales included)."""
-    from jaxdlm.model import param_layout
-
-    layout = param_layout(*_every_parameter(quant))
+def sharding_for_path(layout: Mapping, mesh: Mesh, rules=DEFAULT_RULES):
+    """A function ``parameter path tuple -> NamedSharding`` for the parameters of ``layout`` (a model's
+    :meth:`~jaxdlm.Model.layout`, or :func:`jaxdlm.model.param_layout` of a config; LoRA leaves are
+    ``("lora", "a")`` ...), the form :func:`jaxdlm.load` takes to restore straight into the target shardings."""
     lora_axes = OProjLoRA.logical_axes()
 
     def fn(path: tuple[str, ...]) -> NamedSharding:
@@ -223,7 +193,7 @@ def sharding_for_path(mesh: Mesh, rules=DEFAULT_RULES, quant: Quantization | Non
             return named_sharding(lora_axes[path[1]], mesh, rules)
         if path not in layout:
             known = sorted("/".join(p) for p in layout) + [f"lora/{name}" for name in lora_axes]
-            raise ValueError(f"{'/'.join(path)} is not a jaxdlm parameter path; known: {', '.join(known)}")
+            raise ValueError(f"{'/'.join(path)} is not a parameter of this model; known: {', '.join(known)}")
         return named_sharding(layout[path].axes, mesh, rules)
 
     return fn
@@ -254,8 +224,6 @@ def batch_size_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
 
 def shard_model(model, mesh: Mesh, rules=DEFAULT_RULES):
     """A copy of ``model`` with parameters (and LoRA) placed on ``mesh`` by ``rules``."""
-    from jaxdlm.model import Model
-
     params = jax.device_put(model.params, param_shardings(model, mesh, rules))
     lora = None if model.lora is None else jax.device_put(model.lora, lora_shardings(mesh, rules))
-    return Model(model.config, model.graphdef, params, lora=lora, tokenizer=model.tokenizer, mesh=mesh)
+    return model.replace(params=params, lora=lora, mesh=mesh)

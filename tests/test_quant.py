@@ -19,7 +19,8 @@ from flax import nnx
 import jaxdlm
 from jaxdlm import Model, ModelConfig, forward
 from jaxdlm.hf import model_from_pure_dict
-from jaxdlm.quant import Quantization, dequantize, quantize, quantize_model, weight_bytes
+from jaxdlm.model import quantize_model
+from jaxdlm.quant import Quantization, dequantize, quantize, weight_bytes
 from jaxdlm.testing import Reference, random_lora, ref_ar, tiny_config, tiny_model
 from numerics import rel_err
 
@@ -259,7 +260,7 @@ def test_scales_are_sharded_like_their_weights_output_axis(seed, rng, tmp_path):
     assert loaded.params["layers"]["o_proj_scale"][...].sharding.spec == P(None, None, "fsdp")
     # int4 scale groups follow the input axis: the 3 groups of 16 of down_proj's 48 inputs cannot be split over
     # tensor=2
-    with pytest.raises(ValueError, match="does not divide the 3 int4 scale groups of layers/down_proj_scale along mlp"):
+    with pytest.raises(ValueError, match="does not divide the 3 quantization scale groups of layers/down_proj_scale along mlp"):
         jaxdlm.shard_model(Model.init(CFG, seed=seed, quantize=INT4), mesh)
 
 

@@ -123,7 +123,7 @@ def _refuse_quantized(params) -> None:
         name = "/".join(key for k in path if not (key := str(getattr(k, "key", k))).startswith("."))
         if name.endswith(SCALE_SUFFIX):
             raise ValueError(f"params hold quantized weights ({name}): training needs float parameters; train "
-                             "the float model and quantize afterwards (jaxdlm.quant.quantize_model)")
+                             "the float model and quantize afterwards (jaxdlm.model.quantize_model)")
 
 
 def cast_floating(tree, dtype):
