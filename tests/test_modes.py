@@ -65,8 +65,9 @@ def test_a_mode_registered_outside_the_package_runs_everywhere(toy_mode, seed, r
         register_mode(toy_mode)
 
 
-def test_every_mode_reaches_the_model_through_forward(monkeypatch, seed, rng):
-    """Transformer.__call__ is only ever entered from jaxdlm.model.forward (one route to the kernels)."""
+def test_every_mode_reaches_the_model_through_forward(monkeypatch, seed):
+    """Transformer.__call__ is only ever entered from jaxdlm.model.forward (one route to the kernels): each mode's
+    program is traced (not compiled) with both wrapped."""
     from jaxdlm import model as model_lib
 
     inside, calls = [False], []
@@ -87,10 +88,11 @@ def test_every_mode_reaches_the_model_through_forward(monkeypatch, seed, rng):
     for name in ("core", "ar", "diffusion", "speculative"):
         monkeypatch.setattr(f"jaxdlm.generation.{name}.forward", forward)
     model = tiny_model(seed)
-    prompt = [rng.integers(4, CFG.vocab_size, size=5)]
+    prompts, lens = _padded([[5, 6, 7]])
     for mode in modes.mode_names():
         calls.clear()
-        jaxdlm.generate(model, prompt, mode=mode, max_new_tokens=4, block_length=3, layers="scan", cache_length=128)
+        fn = jaxdlm.make_generate_fn(model, mode=mode, batch=1, prompt_length=P_LEN, max_new_tokens=4, block_length=3)
+        jax.make_jaxpr(fn)(model.params, None, prompts, lens, jax.random.PRNGKey(0))
         assert calls and all(calls), (mode, calls)
 
 
@@ -133,19 +135,14 @@ def test_one_options_object_for_both_entry_points(seed, rng):
 
 
 def test_block_length_defaults_to_the_training_block(seed, rng):
+    """config.block_size, not a literal 32: every block mode's plan, and the fixed schedule's nfe (N-1 denoise
+    passes + 1 commit pass per block) shows the block that ran."""
     model = tiny_model(seed, config=tiny_config(block_size=3))
-    rows = [rng.integers(4, CFG.vocab_size, size=5)]
     for mode in ("diffusion", "linear_spec", "quadratic_spec"):
-        default = jaxdlm.generate(model, rows, mode=mode, max_new_tokens=6, threshold=None if mode == "diffusion"
-                                  else 0.9, eos_token_id=())
-        explicit = jaxdlm.generate(model, rows, mode=mode, max_new_tokens=6, block_length=3,
-                                   threshold=None if mode == "diffusion" else 0.9, eos_token_id=())
-        np.testing.assert_array_equal(default.nfe, explicit.nfe)
-        fn = jaxdlm.make_generate_fn(model, mode=mode, batch=1, prompt_length=P_LEN, max_new_tokens=6)
-        assert fn.plan.block == 3
-    # the fixed schedule's nfe shows the block: 2 denoise + 1 commit pass per 3-token block, 2 blocks
-    assert jaxdlm.generate(model, rows, mode="diffusion", max_new_tokens=6, threshold=None,
-                           eos_token_id=()).nfe.tolist() == [6]
+        assert jaxdlm.make_generate_fn(model, mode=mode, batch=1, prompt_length=P_LEN, max_new_tokens=6).plan.block == 3
+    rows = [rng.integers(4, CFG.vocab_size, size=5)]
+    res = jaxdlm.generate(model, rows, mode="diffusion", max_new_tokens=6, threshold=None, eos_token_id=())
+    assert res.nfe.tolist() == [2 * 3]
 
 
 @pytest.mark.parametrize("kwargs,message", [
