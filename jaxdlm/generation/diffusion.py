@@ -90,7 +90,7 @@ def _denoise_block(module, plan: core.Plan, state: core.DecodeState, active_B):
         masked_BxN = masked_BxN & ~commit
         state = core.count_forward(state.replace(cache=cache), live_B)
         # stop a row early once an EOS is committed with no MASK before it
-        is_eos = jnp.any(blk_BxN[:, :, None] == state.eos[None, None, :], axis=-1) & ~masked_BxN
+        is_eos = core.is_eos(blk_BxN, state.eos) & ~masked_BxN
         no_mask_before = jnp.cumsum(masked_BxN.astype(jnp.int32), axis=1) == 0
         eos_stop = jnp.any(is_eos & no_mask_before, axis=1)
         live_B = live_B & jnp.any(masked_BxN, axis=1) & ~eos_stop

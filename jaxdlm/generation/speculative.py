@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdlm.generation import core
-from jaxdlm.generation.sampling import choose, exact_match_accept, probs, speculative_accept
+from jaxdlm.generation.sampling import choose, exact_match_accept, probs, speculative_accept, split2
 from jaxdlm.model import forward
 
 
@@ -107,7 +107,7 @@ def quadratic_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None)
     hidden_BxTxH, cache = forward(module, tokens_BxT, kind="quadratic", cache=state.cache, **plan.forward_kw,
                                   return_hidden=True)
     vlogits_BxNxV = core.head(module, hidden_BxTxH[:, :n])
-    key_a, key_d = jax.random.split(core.step_key(state))
+    key_a, key_d = split2(core.step_key(state))
     a_B, bonus_B = _accept(plan, state, draft_BxD, vlogits_BxNxV, state.draft_probs, key_a)
     group_BxNxH = hidden_BxTxH[:, n:].reshape(b, n, n, -1)[jnp.arange(b), a_B]  # the group at the acceptance point
     new_draft, new_q = _draft(plan, state, core.head(module, group_BxNxH[:, 1:]), key_d)
