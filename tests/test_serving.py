@@ -24,17 +24,18 @@ def _alone(model, mode, prompt, opts, cap):
 
 
 def _requests(rng, vocab, mode):
-    """Mixed prompt lengths, caps and knobs: greedy and seeded sampled rows, with top-k / top-p, thresholds and
-    (diffusion) every policy."""
-    kinds = [dict(threshold=0.6), dict(temperature=0.8, seed=int(rng.integers(1 << 30))),
-             dict(threshold=0.95), dict(temperature=0.6, top_k=5, seed=3),
-             dict(temperature=0.9, top_p=0.8, seed=11), dict(threshold=0.3)]
+    """Mixed prompt lengths, caps and knobs: greedy rows at two caps and thresholds, seeded sampled rows at other
+    temperatures, top-k and top-p values (one static choice: generate compiles three programs) and (diffusion)
+    every policy."""
+    greedy = [dict(threshold=0.6), dict(threshold=0.95), dict(threshold=0.3)]
     if mode == "diffusion":
-        kinds[2] = dict(policy="margin", margin=0.5)
-        kinds[5] = dict(policy="entropy", entropy_bound=0.8)
-        kinds.append(dict(policy="leftmost", threshold=0.5))
+        greedy += [dict(policy="margin", margin=0.5), dict(policy="entropy", entropy_bound=0.8),
+                   dict(policy="leftmost", threshold=0.5)]
+    sampled = [dict(temperature=t, top_k=k, top_p=p, seed=int(rng.integers(1 << 30)))
+               for t, k, p in ((0.8, 30, 0.99), (0.6, 5, 0.9), (1.2, 50, 0.7))]
+    kinds = [k for pair in zip(greedy, sampled) for k in pair] + greedy[len(sampled):]
+    caps = [CAPS[(i // 2) % 2] if "temperature" not in k else CAPS[1] for i, k in enumerate(kinds)]
     prompts = [rng.integers(4, vocab, size=int(n)) for n in rng.integers(2, 40, size=len(kinds))]
-    caps = [CAPS[i % 2] for i in range(len(kinds))]
     return prompts, [DecodeOptions(**k) for k in kinds], caps
 
 
