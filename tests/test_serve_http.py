@@ -151,11 +151,11 @@ def test_streams_join_to_the_text_and_chat_uses_the_template(server, model):
     assert full.usage.completion_tokens == 40
 
     messages = [{"role": "system", "content": "code"}, {"role": "user", "content": "def add(a, b):"}]
-    chat = client.chat.completions.create(model="jaxdlm", messages=messages, max_tokens=24)
+    chat = client.chat.completions.create(model="jaxdlm", messages=messages, max_tokens=16)
     rendered = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
-    tokens, nfe = _alone(model, model.tokenizer(rendered, add_special_tokens=False)["input_ids"], 24)
+    tokens, nfe = _alone(model, model.tokenizer(rendered, add_special_tokens=False)["input_ids"], 16)
     assert chat.choices[0].message.content == _decode(model, tokens) and chat.usage.model_extra["nfe"] == nfe
-    streamed = client.chat.completions.create(model="jaxdlm", messages=messages, max_tokens=24, stream=True,
+    streamed = client.chat.completions.create(model="jaxdlm", messages=messages, max_tokens=16, stream=True,
                                               stream_options={"include_usage": True})
     parts, usage = [], None
     for c in streamed:

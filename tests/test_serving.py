@@ -24,9 +24,9 @@ def _alone(model, mode, prompt, opts, cap):
 
 
 def _requests(rng, vocab, mode):
-    """Mixed prompt lengths, caps and knobs: greedy rows at two caps and thresholds, seeded sampled rows at other
-    temperatures, top-k and top-p values (one static choice: generate compiles three programs) and (diffusion)
-    every policy."""
+    """Mixed prompt lengths, caps and knobs: greedy rows (cap 6) at several thresholds and (diffusion) every policy,
+    seeded sampled rows (cap 11) at other temperatures, top-k and top-p values (one static choice: generate alone
+    compiles two programs)."""
     greedy = [dict(threshold=0.6), dict(threshold=0.95), dict(threshold=0.3)]
     if mode == "diffusion":
         greedy += [dict(policy="margin", margin=0.5), dict(policy="entropy", entropy_bound=0.8),
@@ -34,7 +34,7 @@ def _requests(rng, vocab, mode):
     sampled = [dict(temperature=t, top_k=k, top_p=p, seed=int(rng.integers(1 << 30)))
                for t, k, p in ((0.8, 30, 0.99), (0.6, 5, 0.9), (1.2, 50, 0.7))]
     kinds = [k for pair in zip(greedy, sampled) for k in pair] + greedy[len(sampled):]
-    caps = [CAPS[(i // 2) % 2] if "temperature" not in k else CAPS[1] for i, k in enumerate(kinds)]
+    caps = [CAPS[1] if "temperature" in k else CAPS[0] for k in kinds]
     prompts = [rng.integers(4, vocab, size=int(n)) for n in rng.integers(2, 40, size=len(kinds))]
     return prompts, [DecodeOptions(**k) for k in kinds], caps
 
