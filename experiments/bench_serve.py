@@ -64,7 +64,7 @@ def pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
-def drive(engine, prompts, caps, opts, concurrency: int) -> dict:
+def drive(engine, prompts, caps, opts, concurrency: int, cycles: int = 1) -> dict:
     """Closed-loop clients over the engine: at most ``concurrency`` requests in the system; returns the figures."""
     n = len(prompts)
     waiting, submitted, first, last, owner = [], {}, {}, {}, {}
@@ -80,7 +80,7 @@ def drive(engine, prompts, caps, opts, concurrency: int) -> dict:
         while waiting and engine.free:
             i = waiting.pop(0)
             owner[engine.insert(prompts[i], opts, caps[i])] = i
-        out = engine.step()
+        out = engine.step(cycles)
         now = time.perf_counter()
         for slot, i in list(owner.items()):
             k = int(out.counts[slot])
@@ -128,8 +128,9 @@ def offline(model, engine, prompts, caps, opts, args) -> dict:
         jaxdlm.generate(model, [prompts[i] for i in b], max_new_tokens=max(caps[i] for i in b), **gen)
     static = time.perf_counter() - t
 
+    engine.generate_many(prompts[:2], opts, caps[:2], cycles=args.offline_cycles)
     t = time.perf_counter()
-    res = engine.generate_many(prompts, opts, caps)
+    res = engine.generate_many(prompts, opts, caps, cycles=args.offline_cycles)
     cont = time.perf_counter() - t
     assert sum(len(r.tokens) for r in res) == useful
     rows = {}
@@ -140,7 +141,8 @@ def offline(model, engine, prompts, caps, opts, args) -> dict:
 
 
 def table(result) -> str:
-    lines = [f"bench_serve: {result['preset']} {result['mode']}, {result['slots']} slots, "
+    lines = [f"bench_serve: {result['preset']} {result['mode']}, {result['slots']} slots, {result['cycles']} / "
+             f"{result['offline_cycles']} cycles per dispatch (load / offline), "
              f"{result['versions']['devices'][0]}, jax {result['versions']['jax']}, {result['date']}", "",
              "| concurrency | requests | tokens/s | requests/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
              "|---:|---:|---:|---:|---:|---:|"]
@@ -174,6 +176,9 @@ def main(argv=None):
     p.add_argument("--caps", type=int, nargs="+", default=[16, 32, 64, 128], help="max_tokens choices")
     p.add_argument("--smoke", action="store_true", help="concurrency 1 / 4, 2 requests per client, 16 offline "
                                                          "prompts, caps 8 / 16 / 32")
+    p.add_argument("--cycles", type=int, default=1, help="cycles per engine dispatch under load (the server's "
+                                                          "--cycles-per-step)")
+    p.add_argument("--offline-cycles", type=int, default=8, help="cycles per dispatch of the offline run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -192,20 +197,25 @@ def main(argv=None):
     opts = DecodeOptions(eos_token_id=())  # lengths = caps
     engine = Engine(model, mode=args.mode, slots=args.slots, max_len=256 + max(args.caps) + 64,
                     max_new=max(args.caps), block_length=args.block_length)
-    for n in (64, 128, 200):  # compile the insert of every prompt bucket (64, 128, 256) and the step
-        engine.generate_many([np.full(n, 5, np.int32)], opts, 2)
+    from jaxdlm.testing import count_compilations
+
+    for n in (64, 128, 200) * 2:  # compile the insert of every prompt bucket (64, 128, 256) and the step (twice:
+        # an insert after a step's state may compile once more; `compiles` in the results counts any left)
+        engine.generate_many([np.full(n, 5, np.int32)], opts, 2, cycles=args.cycles)
     load = []
     for c in args.concurrency:
         n = max(8, c * args.requests_per_client)
         prompts = make_prompts(model, n, rng)
         caps = [int(x) for x in rng.choice(args.caps, size=n)]
-        load.append(drive(engine, prompts, caps, opts, c))
+        with count_compilations() as compiles:
+            load.append(drive(engine, prompts, caps, opts, c, args.cycles))
+        load[-1]["compiles"] = compiles.value
         print(json.dumps(load[-1]), flush=True)
     prompts = make_prompts(model, args.offline, rng)
     caps = [int(x) for x in rng.choice(args.caps, size=args.offline)]
     off = offline(model, engine, prompts, caps, opts, args)
     result = dict(benchmark="bench_serve", preset=args.preset, tiny=args.tiny, smoke=args.smoke, mode=args.mode,
-                  slots=args.slots, block_length=args.block_length or model.config.block_size,
+                  slots=args.slots, cycles=args.cycles, offline_cycles=args.offline_cycles, block_length=args.block_length or model.config.block_size,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   versions=versions(), load=load, offline=off,
                   note="engine driven in process (no HTTP); EOS off so output lengths equal the caps")

@@ -534,7 +534,8 @@ def cmd_serve(args) -> int:
     print(f"jaxdlm serve: {mode}, {args.slots} slots of {engine.max_len} cache slots; compiling, then serving on "
           f"http://{args.host}:{args.port}", file=sys.stderr)
     return serve(engine, tokenizer, host=args.host, port=args.port, model_name=args.model_name,
-                 max_queue=args.max_queue, chat_template=template, log_level=args.log_level)
+                 max_queue=args.max_queue, chat_template=template, log_level=args.log_level,
+                 cycles=args.cycles_per_step)
 
 
 def add_serve_parser(sub, parents=()):
@@ -565,6 +566,10 @@ def add_serve_parser(sub, parents=()):
                    help="requests that may wait for a slot; more get 503 with Retry-After")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's)")
+    p.add_argument("--cycles-per-step", type=_int_in(1), default=1,
+                   help="decoding cycles per engine dispatch while no request waits (a finished request still ends "
+                        "the dispatch): more hides the host's per-step cost, but a stream chunk then spans several "
+                        "passes (default 1: one chunk per pass)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
     return p

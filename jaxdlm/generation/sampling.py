@@ -145,12 +145,27 @@ def _greedy_rows(logits, sampler: Sampler, knobs: Knobs):
 def choose(logits, key, sampler: Sampler, knobs: Knobs):
     """Chosen tokens ``int32 [...]``: argmax (greedy, or a row at temperature 0) or Gumbel-max over
     :func:`filtered_logits`."""
-    x = filtered_logits(logits, sampler, knobs)
     if sampler.greedy:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    sampled = jnp.argmax(x + gumbel(key, x.shape), axis=-1).astype(jnp.int32)
-    greedy = jnp.argmax(_exclude_mask(logits.astype(jnp.float32), sampler.mask_id), axis=-1).astype(jnp.int32)
-    return jnp.where(_greedy_rows(logits, sampler, knobs), greedy, sampled)
+        return jnp.argmax(filtered_logits(logits, sampler, knobs), axis=-1).astype(jnp.int32)
+
+    def greedy():
+        return jnp.argmax(_exclude_mask(logits.astype(jnp.float32), sampler.mask_id), axis=-1).astype(jnp.int32)
+
+    def mixed():
+        x = filtered_logits(logits, sampler, knobs)
+        sampled = jnp.argmax(x + gumbel(key, x.shape), axis=-1).astype(jnp.int32)
+        return jnp.where(_greedy_rows(logits, sampler, knobs), greedy(), sampled)
+
+    return _unless_all_greedy(knobs, mixed, greedy)
+
+
+def _unless_all_greedy(knobs: Knobs, mixed, greedy):
+    """``mixed()``; with per-row temperatures, ``greedy()`` (the same values, none of the sampling work) when every
+    row is at temperature 0."""
+    t = jnp.asarray(knobs.temperature)
+    if t.ndim == 0:
+        return mixed()
+    return jax.lax.cond(jnp.any(t > 0), mixed, greedy)
 
 
 def confidence(logits, tokens):
@@ -184,12 +199,19 @@ def entropy(logits):
 
 def probs(logits, sampler: Sampler, knobs: Knobs):
     """The sampling distribution ``float32 [..., V]`` (one-hot argmax when greedy)."""
-    x = filtered_logits(logits, sampler, knobs)
     if sampler.greedy:
+        x = filtered_logits(logits, sampler, knobs)
         return jax.nn.one_hot(jnp.argmax(x, -1), x.shape[-1], dtype=jnp.float32)
-    greedy = jax.nn.one_hot(jnp.argmax(_exclude_mask(logits.astype(jnp.float32), sampler.mask_id), -1), x.shape[-1],
-                            dtype=jnp.float32)
-    return jnp.where(_greedy_rows(logits, sampler, knobs)[..., None], greedy, jax.nn.softmax(x, axis=-1))
+
+    def greedy():
+        return jax.nn.one_hot(jnp.argmax(_exclude_mask(logits.astype(jnp.float32), sampler.mask_id), -1),
+                              logits.shape[-1], dtype=jnp.float32)
+
+    def mixed():
+        x = filtered_logits(logits, sampler, knobs)
+        return jnp.where(_greedy_rows(logits, sampler, knobs)[..., None], greedy(), jax.nn.softmax(x, axis=-1))
+
+    return _unless_all_greedy(knobs, mixed, greedy)
 
 
 def speculative_accept(draft, p, q, key):

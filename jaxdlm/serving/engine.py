@@ -143,7 +143,7 @@ class Engine:
                               layers=resolve_layers(layers))
         self.width = block + 1  # K: the widest emission of one cycle, and one more
         self._insert = _insert_fn(model.graphdef, self.plan, record.name)
-        self._step = _step_fn(model.graphdef, self.plan, record.name, self.width)
+        self._steps = {}
         with model.mesh_context():
             self.state = _empty_state(model.graphdef, self.plan, record.name, slots, self.eos_slots)(model.params)
         self.alive = np.zeros(slots, bool)      # slots holding a request that is still running
@@ -208,11 +208,16 @@ class Engine:
         self.alive[slot], self.seen[slot] = True, 0
         return slot
 
-    def step(self) -> StepOutput:
-        """One cycle of the mode over every slot; returns each slot's new tokens and flags (numpy).  A slot whose
-        request is done is freed here (its next :meth:`insert` may take it at once)."""
+    def step(self, cycles: int = 1) -> StepOutput:
+        """One cycle of the mode over every slot (``cycles > 1``: up to that many in one dispatch, ending early
+        when a running slot finishes: fewer host round trips, coarser streaming); returns each slot's new tokens
+        and flags (numpy).  A slot whose request is done is freed here (its next :meth:`insert` may take it at
+        once).  Each ``cycles`` value is one compiled program."""
+        if cycles not in self._steps:
+            self._steps[cycles] = _step_fn(self.model.graphdef, self.plan, self.mode.name, self.width, int(cycles))
         with self.model.mesh_context():
-            self.state, out = self._step(self.model.params, self.model.lora, self.state, self.alive, self.seen)
+            self.state, out = self._steps[cycles](self.model.params, self.model.lora, self.state, self.alive,
+                                                  self.seen)
         out = jax.device_get(out)
         self.seen = self.seen + np.where(self.alive, out.counts, 0).astype(np.int32)
         for slot in np.flatnonzero(self.alive & out.done):
@@ -232,10 +237,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- offline
 
-    def generate_many(self, prompts: Sequence[Sequence[int]], options=None, max_tokens=16) -> list[Completion]:
+    def generate_many(self, prompts: Sequence[Sequence[int]], options=None, max_tokens=16,
+                      cycles: int = 8) -> list[Completion]:
         """Streams ``prompts`` through the slots (continuous batching); returns one :class:`Completion` per
         prompt, in input order.  ``options``: one :class:`DecodeOptions` (or None) for all, or one per prompt;
-        ``max_tokens``: an int for all, or one per prompt.  Every request is checked before the first runs."""
+        ``max_tokens``: an int for all, or one per prompt.  Every request is checked before the first runs.
+        ``cycles``: cycles per dispatch (:meth:`step`; a finished slot still ends the dispatch at once)."""
         n = len(prompts)
         opts = list(options) if isinstance(options, (list, tuple)) else [options or DecodeOptions()] * n
         caps = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * n
@@ -253,7 +260,7 @@ class Engine:
                 slot = self.insert(prompts[nxt], opts[nxt], caps[nxt])
                 owner[slot], outputs[nxt] = nxt, []
                 nxt += 1
-            out = self.step()
+            out = self.step(cycles)
             for slot, i in list(owner.items()):
                 outputs[i].extend(out.tokens[slot, :out.counts[slot]].tolist())
                 if out.done[slot]:
@@ -313,19 +320,26 @@ def _insert_fn(graphdef, plan: core.Plan, mode: str):
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(graphdef, plan: core.Plan, mode: str, width: int):
-    """``step(params, lora, state, alive [S], seen [S]) -> (state, StepOutput)``: one cycle of the mode over every
-    slot (slots not ``alive`` are marked done first: nothing of theirs changes); the output holds each slot's final
+def _step_fn(graphdef, plan: core.Plan, mode: str, width: int, cycles: int):
+    """``step(params, lora, state, alive [S], seen [S]) -> (state, StepOutput)``: up to ``cycles`` cycles of the mode
+    over every slot, stopping early once a running slot is done (so that a waiting request takes it at once);
+    slots not ``alive`` are marked done first (nothing of theirs changes).  The output holds each slot's final
     tokens from index ``seen`` on (the first step after an insert also returns the prefill's token)."""
 
     def step(params, lora, state, alive_S, seen_S):
         module = _module(graphdef, params)
         state = state.replace(done=state.done | ~alive_S)
-        old_S = seen_S
-        state = MODES[mode].cycle(module, plan, state, lora if plan.use_lora else None)
-        idx_SxK = jnp.minimum(old_S[:, None] + jnp.arange(width)[None, :], plan.width - 1)
+        cycle = lambda s: MODES[mode].cycle(module, plan, s, lora if plan.use_lora else None)  # noqa: E731
+        state = cycle(state)
+        if cycles > 1:
+            def more(carry):
+                s, i = carry
+                return (i < cycles) & ~jnp.any(alive_S & s.done) & jnp.any(~s.done)
+
+            state, _ = jax.lax.while_loop(more, lambda c: (cycle(c[0]), c[1] + 1), (state, jnp.int32(1)))
+        idx_SxK = jnp.minimum(seen_S[:, None] + jnp.arange(width * cycles)[None, :], plan.width - 1)
         tokens_SxK = jnp.take_along_axis(state.out, idx_SxK, axis=1)
-        return state, StepOutput(tokens=tokens_SxK, counts=state.length - old_S, done=state.done, ended=state.ended,
+        return state, StepOutput(tokens=tokens_SxK, counts=state.length - seen_S, done=state.done, ended=state.ended,
                                  nfe=state.nfe)
 
     return jax.jit(step, donate_argnums=(2,))

@@ -162,9 +162,9 @@ class Metrics:
 class Worker(threading.Thread):
     """The host thread that owns the engine (nothing else touches it)."""
 
-    def __init__(self, engine, metrics: Metrics, max_queue: int = 256):
+    def __init__(self, engine, metrics: Metrics, max_queue: int = 256, cycles: int = 1):
         super().__init__(name="jaxdlm-engine", daemon=True)
-        self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+        self.engine, self.metrics, self.max_queue, self.cycles = engine, metrics, max_queue, cycles
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: list[Job] = []
         self.running: dict[int, Job] = {}
@@ -245,7 +245,8 @@ class Worker(threading.Thread):
         self.metrics.active.set(len(self.running))
 
     def _step(self) -> None:
-        out = self.engine.step()
+        # several cycles per dispatch only while nobody waits (a finished slot still ends the dispatch at once)
+        out = self.engine.step(1 if self.waiting else self.cycles)
         now = time.perf_counter()
         self.metrics.steps.inc()
         for slot, job in list(self.running.items()):
@@ -279,12 +280,12 @@ class Server:
     """The HTTP side: tokenization, validation, the worker, the FastAPI app (:meth:`app`)."""
 
     def __init__(self, engine, tokenizer, *, model_name: str = "jaxdlm", max_queue: int = 256,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, cycles: int = 1):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         if chat_template is not None:
             tokenizer.chat_template = chat_template
         self.metrics = Metrics()
-        self.worker = Worker(engine, self.metrics, max_queue)
+        self.worker = Worker(engine, self.metrics, max_queue, cycles)
         self.ready = False
 
     # --------------------------------------------------------------------------------------- requests
@@ -489,20 +490,22 @@ class Server:
         return app
 
 
-def warm_up(engine) -> None:
-    """Compiles the engine's programs (the shortest prompt bucket's insert, and the step) before it serves."""
-    engine.generate_many([[engine.model.config.bos_token_id or 1]], DecodeOptions(), max_tokens=1)
+def warm_up(engine, cycles: int = 1) -> None:
+    """Compiles the engine's programs (the shortest prompt bucket's insert, and the steps) before it serves."""
+    for c in sorted({1, cycles}):
+        engine.generate_many([[engine.model.config.bos_token_id or 1]], DecodeOptions(), max_tokens=1, cycles=c)
 
 
 def serve(engine, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "jaxdlm",
-          max_queue: int = 256, chat_template: str | None = None, log_level: str = "info") -> int:
+          max_queue: int = 256, chat_template: str | None = None, log_level: str = "info", cycles: int = 1) -> int:
     """Compiles, then serves until SIGTERM / SIGINT (running requests finish first); returns 0 after a SIGTERM."""
     import signal
 
     import uvicorn
 
-    warm_up(engine)
-    server = Server(engine, tokenizer, model_name=model_name, max_queue=max_queue, chat_template=chat_template)
+    warm_up(engine, cycles)
+    server = Server(engine, tokenizer, model_name=model_name, max_queue=max_queue, chat_template=chat_template,
+                    cycles=cycles)
     # uvicorn handles SIGTERM (graceful shutdown), then re-raises it under the handler it found: a no-op one, so
     # a drained server exits 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
