@@ -330,13 +330,14 @@ def _step_fn(graphdef, plan: core.Plan, mode: str, width: int, cycles: int):
         module = _module(graphdef, params)
         state = state.replace(done=state.done | ~alive_S)
         cycle = lambda s: MODES[mode].cycle(module, plan, s, lora if plan.use_lora else None)  # noqa: E731
-        state = cycle(state)
-        if cycles > 1:
-            def more(carry):
+        if cycles == 1:
+            state = cycle(state)
+        else:
+            def more(carry):  # the first cycle always runs
                 s, i = carry
-                return (i < cycles) & ~jnp.any(alive_S & s.done) & jnp.any(~s.done)
+                return (i == 0) | ((i < cycles) & ~jnp.any(alive_S & s.done) & jnp.any(~s.done))
 
-            state, _ = jax.lax.while_loop(more, lambda c: (cycle(c[0]), c[1] + 1), (state, jnp.int32(1)))
+            state, _ = jax.lax.while_loop(more, lambda c: (cycle(c[0]), c[1] + 1), (state, jnp.int32(0)))
         idx_SxK = jnp.minimum(seen_S[:, None] + jnp.arange(width * cycles)[None, :], plan.width - 1)
         tokens_SxK = jnp.take_along_axis(state.out, idx_SxK, axis=1)
         return state, StepOutput(tokens=tokens_SxK, counts=state.length - seen_S, done=state.done, ended=state.ended,
