@@ -215,7 +215,8 @@ def main(argv=None):
     caps = [int(x) for x in rng.choice(args.caps, size=args.offline)]
     off = offline(model, engine, prompts, caps, opts, args)
     result = dict(benchmark="bench_serve", preset=args.preset, tiny=args.tiny, smoke=args.smoke, mode=args.mode,
-                  slots=args.slots, cycles=args.cycles, offline_cycles=args.offline_cycles, block_length=args.block_length or model.config.block_size,
+                  slots=args.slots, cycles=args.cycles, offline_cycles=args.offline_cycles,
+                  block_length=args.block_length or model.config.block_size,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   versions=versions(), load=load, offline=off,
                   note="engine driven in process (no HTTP); EOS off so output lengths equal the caps")
