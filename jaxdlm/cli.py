@@ -530,7 +530,7 @@ def cmd_serve(args) -> int:
     model = load(path, dtype=args.dtype, tokenizer=False)
     mode = args.mode or ("linear_spec" if model.config.mask_token_id is not None else "ar")
     engine = Engine(model, mode=mode, slots=args.slots, max_len=args.max_len, max_new=args.max_tokens,
-                    block_length=args.block_length, spec_sampling=args.spec_sampling)
+                    block_length=args.block_length, spec_sampling=args.spec_sampling, logprobs=args.logprobs)
     print(f"jaxdlm serve: {mode}, {args.slots} slots of {engine.max_len} cache slots; compiling, then serving on "
           f"http://{args.host}:{args.port}", file=sys.stderr)
     return serve(engine, tokenizer, host=args.host, port=args.port, model_name=args.model_name,
@@ -566,6 +566,9 @@ def add_serve_parser(sub, parents=()):
                    help="requests that may wait for a slot; more get 503 with Retry-After")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's)")
+    p.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each token's log-probability, for requests that ask for logprobs (default on; "
+                        "--no-logprobs skips the work)")
     p.add_argument("--cycles-per-step", type=_int_in(1), default=1,
                    help="decoding cycles per engine dispatch while no request waits (a finished request still ends "
                         "the dispatch): more hides the host's per-step cost, but a stream chunk then spans several "

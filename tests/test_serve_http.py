@@ -178,6 +178,7 @@ BAD = [
     ({"prompt": "x" * 150, "max_tokens": MAX_TOKENS}, "max_tokens"),  # over the context
     ({"prompt": "x", "max_tokens": MAX_TOKENS + 1}, "max_tokens"),
     ({"prompt": [1, 99999]}, "prompt"),
+    ({"prompt": "x", "model": "gpt-4"}, "model"),
 ]
 
 

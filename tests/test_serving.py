@@ -1,6 +1,7 @@
 """The slot engine (``jaxdlm.serving.Engine``): continuous batching that gives every request exactly what
 ``jaxdlm.generate`` gives that prompt alone (tokens and nfe, T = 0 and seeded T > 0), whatever runs beside it and
-whenever it joined; per-row knobs in the sampling code; slots freed and reused; ``generate_many`` order."""
+whenever it joined, with each token's causal log-probability; per-row knobs in the sampling code; slots freed and
+reused; ``generate_many`` order."""
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,23 @@ def _alone(model, mode, prompt, opts, cap):
     return ref.sequences()[0], int(ref.nfe[0])
 
 
+def _causal_logprobs(model, prompt, tokens):
+    """Each output token's log-probability under one uncached causal forward over prompt + output (padded to 64:
+    causal logits do not see the padding)."""
+    seq = np.zeros((1, 64), np.int32)
+    seq[0, :len(prompt) + len(tokens)] = np.concatenate([prompt, tokens])
+    logp = jax.nn.log_softmax(model.logits(seq)[0], axis=-1)
+    at = np.arange(len(tokens)) + len(prompt) - 1
+    return np.asarray(logp[at, tokens])
+
+
 def _requests(rng, vocab, mode):
-    """Mixed prompt lengths, caps and knobs: greedy rows (cap 6) at several thresholds and (diffusion) every policy,
+    """Mixed prompt lengths, caps and knobs: greedy rows (cap 6) at several thresholds, EOS ids, a thinking budget
+    and (diffusion) every policy,
     seeded sampled rows (cap 11) at other temperatures, top-k and top-p values (one static choice: generate alone
     compiles two programs)."""
-    greedy = [dict(threshold=0.6), dict(threshold=0.95), dict(threshold=0.3)]
+    greedy = [dict(threshold=0.6), dict(threshold=0.95, eos_token_id=(5, 9, 17)),
+              dict(threshold=0.3, max_thinking_tokens=2, end_think_token_id=7)]
     if mode == "diffusion":
         greedy += [dict(policy="margin", margin=0.5), dict(policy="entropy", entropy_bound=0.8),
                    dict(policy="leftmost", threshold=0.5)]
@@ -44,14 +57,15 @@ def test_each_request_equals_generate_alone(mode, seed, rng):
     """More requests than slots: they join as slots free up, beside rows at other caps, knobs and temperatures."""
     model = tiny_model(seed, head_scale=8.0, lora_rank=4)
     prompts, opts, caps = _requests(rng, model.config.vocab_size, mode)
-    engine = Engine(model, mode=mode, slots=3, max_len=128, max_new=max(CAPS), block_length=BLOCK)
+    engine = Engine(model, mode=mode, slots=3, max_len=128, max_new=max(CAPS), block_length=BLOCK, logprobs=True)
     results = engine.generate_many(prompts, opts, caps)
     assert engine.free == [2, 1, 0] and not engine.alive.any()  # every slot freed
     for i, (p, o, cap, r) in enumerate(zip(prompts, opts, caps, results)):
         tokens, nfe = _alone(model, mode, p, o, cap)
         np.testing.assert_array_equal(r.tokens, tokens, err_msg=f"request {i} {o}")
         assert r.nfe == nfe, (i, o)
-        ended = len(tokens) > 0 and int(tokens[-1]) in model.config.eos_token_ids
+        np.testing.assert_allclose(r.logprobs, _causal_logprobs(model, p, tokens), atol=2e-4, err_msg=f"request {i}")
+        ended = len(tokens) > 0 and int(tokens[-1]) in o.eos_ids(model.config)
         assert r.finish_reason == ("stop" if ended else "length")
 
 

@@ -86,6 +86,8 @@ class DecodeState:
       draft_probs: quadratic rejection sampling: ``float32 [B, N-1, V]`` their draft distributions (else None).
       cap: ``int32 [B]`` per-row output caps ``<= plan.max_new`` (the serving engine's ``max_tokens``), or None
         (every row's cap is ``plan.max_new``).
+      logp: ``float32 [B, W]`` the causal (AR) model's log-probability of each emitted token at temperature 1
+        (the serving engine's ``logprobs``), or None (not computed).
     """
 
     cache: KVCache
@@ -105,6 +107,7 @@ class DecodeState:
     draft: jax.Array | None = None
     draft_probs: jax.Array | None = None
     cap: jax.Array | None = None
+    logp: jax.Array | None = None
 
 
 def head(module, hidden):
@@ -118,7 +121,7 @@ def step_key(state: DecodeState, salt: int = 0):
 
 
 def init_state(module, plan: Plan, prompts_BxP, lens_B, key, knobs: Knobs, eos_E, params_dtype, *,
-               prefill_nfe: int, cap_B=None, **mode_fields) -> DecodeState:
+               prefill_nfe: int, cap_B=None, logprobs: bool = False, **mode_fields) -> DecodeState:
     """Causal prefill of the right-padded prompts, the first token, and the initial loop state.
 
     ``prompts_BxP`` int32 (row ``i`` valid up to ``lens_B[i]``).  The prefill writes the K/V of all ``P`` slots
@@ -126,7 +129,7 @@ def init_state(module, plan: Plan, prompts_BxP, lens_B, key, knobs: Knobs, eos_E
     counts ``prefill_nfe`` in ``nfe`` (the mode's accounting, :attr:`jaxdlm.generation.modes.Mode.prefill_nfe`).  ``mode_fields`` set the
     mode-specific fields of :class:`DecodeState` (``draft``, ``draft_probs``).  Per-row settings (the serving
     engine): ``key`` ``uint32 [B, 2]``, ``knobs`` of ``[B]`` arrays, ``eos_E`` ``[B, E]`` and ``cap_B`` (per-row
-    output caps); see :class:`DecodeState`.
+    output caps); ``logprobs``: keep each emitted token's log-probability (:attr:`DecodeState.logp`).
     """
     r = prompts_BxP.shape[0]
     cache = KVCache.init(module.config, r, plan.cache_len, params_dtype)
@@ -139,10 +142,19 @@ def init_state(module, plan: Plan, prompts_BxP, lens_B, key, knobs: Knobs, eos_E
                         think_done=zeros.astype(bool), nfe=zeros + prefill_nfe,
                         total=jnp.int32(prefill_nfe), step=jnp.zeros(key.shape[:1] if keys_per_row(key) else (),
                                                                      jnp.int32),
-                        key=key, knobs=knobs, eos=eos_E, cap=cap_B, **mode_fields)
-    t0_B = choose(head(module, last_BxH), step_key(state), plan.sampler, knobs)
+                        key=key, knobs=knobs, eos=eos_E, cap=cap_B,
+                        logp=jnp.zeros((r, plan.width), jnp.float32) if logprobs else None, **mode_fields)
+    logits_BxV = head(module, last_BxH)
+    t0_B = choose(logits_BxV, step_key(state), plan.sampler, knobs)
     state = state.replace(step=state.step + 1)
-    return emit(state, plan, t0_B[:, None], jnp.ones((r,), jnp.int32), jnp.ones((r,), bool))
+    return emit(state, plan, t0_B[:, None], jnp.ones((r,), jnp.int32), jnp.ones((r,), bool),
+                logits_BxNxV=logits_BxV[:, None])
+
+
+def token_logp(logits_BxNxV, tokens_BxN):
+    """``float32 [B, N]``: ``log softmax(logits)[token]`` at temperature 1 over the full vocabulary."""
+    logp = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens_BxN[..., None], -1)[..., 0]
 
 
 def count_forward(state: DecodeState, active_B, n: int = 1) -> DecodeState:
@@ -179,14 +191,15 @@ def _think_budget(state: DecodeState, new_BxN, n_B, active_B):
     return new_BxN, state.think_done | jnp.any((new_BxN == end_col) & valid, axis=1)
 
 
-def emit(state: DecodeState, plan: Plan, new_BxN, n_B, active_B) -> DecodeState:
+def emit(state: DecodeState, plan: Plan, new_BxN, n_B, active_B, logits_BxNxV=None) -> DecodeState:
     """Appends ``new_BxN[i, :n_B[i]]`` to each active row's output.
 
     The last appended token is the row's new ``last_token`` (the next token the model is conditioned on).
     Thinking budget: once a row has emitted ``max_thinking`` tokens without ``end_think``, its last token is
     replaced by ``end_think`` before anything is conditioned on it, and the replacement is what is emitted.  A
     row is done once an EOS lands within ``max_new`` tokens or ``max_new`` tokens are out; the stream callback,
-    if any, receives the tokens that became final output.
+    if any, receives the tokens that became final output.  ``logits_BxNxV``: the causal model's logits that
+    predict each emitted token (read only when the state keeps log-probabilities, :attr:`DecodeState.logp`).
     """
     r, nn = new_BxN.shape
     rows, j = jnp.arange(r), jnp.arange(nn)[None, :]
@@ -194,7 +207,11 @@ def emit(state: DecodeState, plan: Plan, new_BxN, n_B, active_B) -> DecodeState:
     valid = j < n_B[:, None]
     new_BxN, think_done = _think_budget(state, new_BxN, n_B, active_B)
     pos = state.count[:, None] + j
-    out = state.out.at[rows[:, None], jnp.where(valid, pos, plan.width)].set(new_BxN, mode="drop")  # past W: dropped
+    where_BxN = jnp.where(valid, pos, plan.width)
+    out = state.out.at[rows[:, None], where_BxN].set(new_BxN, mode="drop")  # past W: dropped
+    if state.logp is not None:
+        state = state.replace(logp=state.logp.at[rows[:, None], where_BxN].set(
+            token_logp(logits_BxNxV, new_BxN), mode="drop"))
     # final length: up to and including the first EOS, capped at max_new
     cap = output_cap(state, plan)
     in_cap = valid & (pos < per_row(cap, 2)) & ~state.ended[:, None]

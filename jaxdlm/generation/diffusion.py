@@ -113,4 +113,6 @@ def diffusion_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None)
     nxt_B = choose(core.head(module, hidden_BxNxH[:, -1]), core.step_key(state), plan.sampler, state.knobs)
     state = core.count_forward(state.replace(cache=cache), active_B)
     new_BxN = jnp.concatenate([blk_BxN[:, 1:], nxt_B[:, None]], axis=1)
-    return core.emit(state, plan, new_BxN, jnp.full_like(nxt_B, n), active_B)
+    # the commit pass's logits predict each emitted token (computed only when log-probabilities are kept)
+    logits = core.head(module, hidden_BxNxH) if state.logp is not None else None
+    return core.emit(state, plan, new_BxN, jnp.full_like(nxt_B, n), active_B, logits_BxNxV=logits)

@@ -55,6 +55,7 @@ class StepOutput:
       done: ``bool [S]`` the slot's request is finished (EOS, its ``max_tokens``, or cancelled).
       ended: ``bool [S]`` it finished on an EOS.
       nfe: ``int32 [S]`` forward passes the slot's request has taken part in.
+      logp: ``float32 [S, K]`` each new token's log-probability (``Engine(logprobs=True)``), else None.
     """
 
     tokens: jax.Array
@@ -62,6 +63,7 @@ class StepOutput:
     done: jax.Array
     ended: jax.Array
     nfe: jax.Array
+    logp: jax.Array | None = None
 
 
 @dataclasses.dataclass
@@ -72,11 +74,13 @@ class Completion:
       tokens: ``int32 [n]`` the output (up to and including the first EOS, at most ``max_tokens``).
       nfe: forward passes the request took part in (docs/decoding.md accounting, as ``generate``).
       finish_reason: ``"stop"`` (an EOS) or ``"length"`` (``max_tokens``).
+      logprobs: ``float32 [n]`` each token's log-probability (``Engine(logprobs=True)``), else None.
     """
 
     tokens: np.ndarray
     nfe: int
     finish_reason: str
+    logprobs: np.ndarray | None = None
 
 
 def _put(full, row, slot, axis: int):
@@ -109,6 +113,8 @@ class Engine:
       spec_sampling: the self-speculative acceptance rule at T > 0 (``"exact"`` or ``"rejection"``).
       use_lora: the draft LoRA in linear-spec draft passes (when the model has one).
       eos_slots: EOS ids per request at most.
+      logprobs: keep each emitted token's log-probability under the causal (AR) model at temperature 1: the
+        verify pass's for the self-speculative modes, the commit pass's for diffusion, the forward's for AR.
       impl, layers: the forwards' attention backend and layer loop (as ``generate``).
 
     One host thread owns an engine (it is not thread-safe): :class:`jaxdlm.serving.server.Worker` in the server,
@@ -117,8 +123,8 @@ class Engine:
 
     def __init__(self, model, *, mode: str = "ar", slots: int = 8, max_len: int = 1024, max_new: int | None = None,
                  block_length: int | None = None, sampling: bool = True, spec_sampling: str = "exact",
-                 use_lora: bool = True, eos_slots: int = MIN_EOS_SLOTS, impl: str | None = None,
-                 layers: str = "auto"):
+                 use_lora: bool = True, eos_slots: int = MIN_EOS_SLOTS, logprobs: bool = False,
+                 impl: str | None = None, layers: str = "auto"):
         c = model.config
         if mode == "auto" or mode not in MODES:
             raise ValueError(f"mode={mode!r}: an engine runs one registered mode, one of {tuple(MODES)}")
@@ -135,6 +141,7 @@ class Engine:
         DecodeOptions(spec_sampling=spec_sampling).check(c)
         self.model, self.mode, self.slots, self.max_len = model, record, slots, max_len
         self.sampling, self.spec_sampling, self.eos_slots = bool(sampling), spec_sampling, int(eos_slots)
+        self.logprobs = bool(logprobs)
         sampler = Sampler(greedy=not sampling, use_top_k=bool(sampling), use_top_p=bool(sampling),
                           mask_id=c.mask_token_id)
         self.plan = core.Plan(mode=record.name, max_new=max_new, block=block, cache_len=max_len, sampler=sampler,
@@ -142,10 +149,11 @@ class Engine:
                               use_lora=bool(use_lora and model.lora is not None), impl=impl,
                               layers=resolve_layers(layers))
         self.width = block + 1  # K: the widest emission of one cycle, and one more
-        self._insert = _insert_fn(model.graphdef, self.plan, record.name)
+        self._insert = _insert_fn(model.graphdef, self.plan, record.name, self.logprobs)
         self._steps = {}
         with model.mesh_context():
-            self.state = _empty_state(model.graphdef, self.plan, record.name, slots, self.eos_slots)(model.params)
+            self.state = _empty_state(model.graphdef, self.plan, record.name, slots, self.eos_slots,
+                                      self.logprobs)(model.params)
         self.alive = np.zeros(slots, bool)      # slots holding a request that is still running
         self.seen = np.zeros(slots, np.int32)   # output tokens of each slot's request already returned by step
         self.free = list(range(slots))[::-1]    # free slots (pop() takes the lowest)
@@ -253,19 +261,24 @@ class Engine:
             self.check(len(p), o, m)
         results: list[Completion | None] = [None] * n
         outputs: dict[int, list] = {}
+        logps: dict[int, list] = {}
         owner: dict[int, int] = {}           # slot -> prompt index
         nxt = 0
         while nxt < n or owner:
             while nxt < n and self.free:
                 slot = self.insert(prompts[nxt], opts[nxt], caps[nxt])
-                owner[slot], outputs[nxt] = nxt, []
+                owner[slot], outputs[nxt], logps[nxt] = nxt, [], []
                 nxt += 1
             out = self.step(cycles)
             for slot, i in list(owner.items()):
                 outputs[i].extend(out.tokens[slot, :out.counts[slot]].tolist())
+                if out.logp is not None:
+                    logps[i].extend(out.logp[slot, :out.counts[slot]].tolist())
                 if out.done[slot]:
+                    lp = logps.pop(i)
                     results[i] = Completion(np.asarray(outputs.pop(i), np.int32), int(out.nfe[slot]),
-                                            "stop" if out.ended[slot] else "length")
+                                            "stop" if out.ended[slot] else "length",
+                                            np.asarray(lp, np.float32) if self.logprobs else None)
                     del owner[slot]
         return results
 
@@ -281,7 +294,7 @@ def _module(graphdef, params):
 
 
 @functools.lru_cache(maxsize=16)
-def _empty_state(graphdef, plan: core.Plan, mode: str, slots: int, eos_slots: int):
+def _empty_state(graphdef, plan: core.Plan, mode: str, slots: int, eos_slots: int, logprobs: bool):
     """A program giving the state of ``slots`` empty (done) rows."""
 
     def make(params):
@@ -297,13 +310,13 @@ def _empty_state(graphdef, plan: core.Plan, mode: str, slots: int, eos_slots: in
             ended=zeros.astype(bool), done=jnp.ones((slots,), bool), last_token=zeros,
             think_done=zeros.astype(bool), nfe=zeros, total=jnp.int32(0), step=zeros,
             key=jnp.zeros((slots, 2), jnp.uint32), knobs=knobs, eos=jnp.full((slots, eos_slots), -1, jnp.int32),
-            cap=zeros, **fields)
+            cap=zeros, logp=jnp.zeros((slots, plan.width), jnp.float32) if logprobs else None, **fields)
 
     return jax.jit(make)
 
 
 @functools.lru_cache(maxsize=16)
-def _insert_fn(graphdef, plan: core.Plan, mode: str):
+def _insert_fn(graphdef, plan: core.Plan, mode: str, logprobs: bool):
     """``insert(params, lora, state, slot, prompt [1, P], len [1], key [1, 2], knobs [1], eos [1, E], cap [1])
     -> state``: the causal prefill of one request (``core.init_state`` of one row) written into ``slot``."""
 
@@ -313,7 +326,7 @@ def _insert_fn(graphdef, plan: core.Plan, mode: str):
         fields = record.init_fields(module, plan, 1) if record.init_fields else {}
         dtype = jax.tree.leaves(params)[0].dtype
         row = core.init_state(module, plan, prompt_1xP, len_1, key_1, knobs_1, eos_1xE, dtype,
-                              prefill_nfe=record.prefill_nfe, cap_B=cap_1, **fields)
+                              prefill_nfe=record.prefill_nfe, cap_B=cap_1, logprobs=logprobs, **fields)
         return put_row(state, row, slot)
 
     return jax.jit(insert, donate_argnums=(2,))
@@ -340,7 +353,8 @@ def _step_fn(graphdef, plan: core.Plan, mode: str, width: int, cycles: int):
             state, _ = jax.lax.while_loop(more, lambda c: (cycle(c[0]), c[1] + 1), (state, jnp.int32(0)))
         idx_SxK = jnp.minimum(seen_S[:, None] + jnp.arange(width * cycles)[None, :], plan.width - 1)
         tokens_SxK = jnp.take_along_axis(state.out, idx_SxK, axis=1)
+        logp_SxK = None if state.logp is None else jnp.take_along_axis(state.logp, idx_SxK, axis=1)
         return state, StepOutput(tokens=tokens_SxK, counts=state.length - seen_S, done=state.done, ended=state.ended,
-                                 nfe=state.nfe)
+                                 nfe=state.nfe, logp=logp_SxK)
 
     return jax.jit(step, donate_argnums=(2,))

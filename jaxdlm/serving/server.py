@@ -64,6 +64,7 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=5)
 
 
 class Message(BaseModel):
@@ -75,6 +76,8 @@ class Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class RequestError(ValueError):
@@ -131,6 +134,7 @@ class Job:
     cancelled: bool = False
     slot: int | None = None
     produced: int = 0  # output tokens so far
+    logprobs: bool = False  # the response carries each token's log-probability
 
     def send(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -261,7 +265,8 @@ class Worker(threading.Thread):
                 self.last_time[slot] = now
                 self.metrics.tokens.inc(n)
                 job.produced += n
-                job.send(("tokens", out.tokens[slot, :n].tolist(), int(out.nfe[slot])))
+                lps = out.logp[slot, :n].tolist() if out.logp is not None else [None] * n
+                job.send(("tokens", out.tokens[slot, :n].tolist(), int(out.nfe[slot]), lps))
             if out.done[slot]:
                 nfe = int(out.nfe[slot])
                 self.metrics.nfe.inc(nfe)
@@ -312,12 +317,37 @@ class Server:
 
     def job(self, body: _Body, loop) -> Job:
         """The checked request (``RequestError`` naming the field)."""
+        if body.model is not None and body.model != self.model_name:
+            raise RequestError(f"model={body.model!r} is not served here; this server serves {self.model_name!r}",
+                               "model")
         ids = self.prompt_ids(body)
         try:
             opts = self.engine.check(ids.size, options_of(body), body.max_tokens)
         except ValueError as e:
             raise RequestError(str(e), param_of(str(e))) from None
-        return Job(ids, opts, body.max_tokens, loop, asyncio.Queue())
+        return Job(ids, opts, body.max_tokens, loop, asyncio.Queue(), logprobs=self._wants_logprobs(body))
+
+    def _wants_logprobs(self, body: _Body) -> bool:
+        """Whether the response carries log-probabilities (only the chosen tokens': no top alternatives)."""
+        if isinstance(body, ChatBody):
+            want, top, field = body.logprobs, body.top_logprobs or 0, "top_logprobs"
+        else:
+            want, top, field = body.logprobs is not None, body.logprobs or 0, "logprobs"
+        if top:
+            raise RequestError(f"{field}={top}: only the chosen token's log-probability is served (pass {field}=0)",
+                               field)
+        if want and not getattr(self.engine, "logprobs", False):
+            raise RequestError("logprobs: this server was started with --no-logprobs", "logprobs")
+        return want
+
+    def _logprobs(self, kind: str, ids: list[int], lps: list[float], offset: int) -> dict:
+        """The OpenAI ``logprobs`` object of ``ids`` (completions: text offsets from ``offset``)."""
+        pieces = [self.tokenizer.decode([i]) for i in ids]
+        if kind == "chat":
+            return {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode("utf-8", "surrogatepass")),
+                                 "top_logprobs": []} for p, lp in zip(pieces, lps)]}
+        offsets = list(np.cumsum([offset] + [len(p) for p in pieces[:-1]])) if pieces else []
+        return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": None, "text_offset": [int(o) for o in offsets]}
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -365,11 +395,12 @@ class Server:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(kind, endpoint, job, body, rid, created, include_usage),
                                      media_type="text/event-stream")
-        ids, finish, nfe = [], "length", 0
+        ids, lps, finish, nfe = [], [], "length", 0
         try:
             async for event in self._events(job, request):
                 if event[0] == "tokens":
                     ids += event[1]
+                    lps += event[3]
                 else:
                     finish, nfe = event[1], event[2]
         except BaseException:
@@ -379,6 +410,8 @@ class Server:
         text = self.decode(ids)
         out = self._chunk(kind, rid, created, text, finish, ids if body.return_token_ids else None)
         choice = out["choices"][0]
+        if job.logprobs:
+            choice["logprobs"] = self._logprobs(kind, ids, lps, 0)
         if kind == "chat":
             choice.pop("delta")
             choice["message"] = {"role": "assistant", "content": text}
@@ -389,7 +422,15 @@ class Server:
 
     async def _stream(self, kind, endpoint, job: Job, body: _Body, rid, created, include_usage):
         ids, sent, finished = [], "", False
+        pending, pending_lp = [], []  # tokens not sent yet (an unfinished UTF-8 character waits for its bytes)
         sse = lambda obj: f"data: {json.dumps(obj)}\n\n"  # noqa: E731
+
+        def chunk(delta, finish):
+            c = self._chunk(kind, rid, created, delta, finish, pending if body.return_token_ids else None)
+            if job.logprobs:
+                c["choices"][0]["logprobs"] = self._logprobs(kind, pending, pending_lp, len(sent))
+            return sse(c)
+
         try:
             if kind == "chat":
                 first = self._chunk(kind, rid, created, None, None)
@@ -397,17 +438,16 @@ class Server:
                 yield sse(first)
             async for event in self._events(job):
                 if event[0] == "tokens":
-                    new = event[1]
-                    ids += new
+                    ids += event[1]
+                    pending, pending_lp = pending + event[1], pending_lp + event[3]
                     text = self.decode(ids)
-                    if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next bytes
+                    if text.endswith("\ufffd"):
                         continue
-                    delta, sent = text[len(sent):], text
-                    yield sse(self._chunk(kind, rid, created, delta, None, new if body.return_token_ids else None))
+                    yield chunk(text[len(sent):], None)
+                    sent, pending, pending_lp = text, [], []
                 else:
                     text = self.decode(ids)
-                    yield sse(self._chunk(kind, rid, created, text[len(sent):], event[1],
-                                          [] if body.return_token_ids else None))
+                    yield chunk(text[len(sent):], event[1])
                     if include_usage:
                         usage = self._chunk(kind, rid, created, None, None)
                         usage["choices"], usage["usage"] = [], self._usage(job, len(ids), event[2])
