@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 import jaxdlm
@@ -149,6 +150,16 @@ def test_streams_join_to_the_text_and_chat_uses_the_template(server, model):
     assert len(chunks) > 1 and "".join(chunks) == full.choices[0].text
     assert full.usage.completion_tokens == 40
 
+    # log-probabilities: one per token, the same streamed or not
+    body = dict(model="jaxdlm", prompt=prompt, max_tokens=24, logprobs=0, extra_body={"return_token_ids": True})
+    lp = client.completions.create(**body).choices[0]
+    streamed = [c.choices[0] for c in client.completions.create(stream=True, **body) if c.choices]
+    assert len(lp.logprobs.token_logprobs) == len(lp.model_extra["token_ids"]) == 24
+    assert all(x <= 0 for x in lp.logprobs.token_logprobs)
+    assert len(lp.logprobs.tokens) == 24 and lp.logprobs.text_offset[0] == 0
+    joined = [x for c in streamed if c.logprobs for x in c.logprobs.token_logprobs]
+    np.testing.assert_allclose(joined, lp.logprobs.token_logprobs, rtol=0, atol=1e-6)
+
     messages = [{"role": "system", "content": "code"}, {"role": "user", "content": "def add(a, b):"}]
     chat = client.chat.completions.create(model="jaxdlm", messages=messages, max_tokens=16)
     rendered = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
@@ -162,6 +173,11 @@ def test_streams_join_to_the_text_and_chat_uses_the_template(server, model):
             parts.append(c.choices[0].delta.content)
         usage = c.usage or usage
     assert "".join(parts) == chat.choices[0].message.content and usage.completion_tokens == len(tokens)
+    with_lp = client.chat.completions.create(model="jaxdlm", messages=messages, max_tokens=16, logprobs=True)
+    assert [t.token for t in with_lp.choices[0].logprobs.content] == [model.tokenizer.decode([t]) for t in tokens]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="jaxdlm", messages=messages, max_tokens=4, logprobs=True,
+                                       top_logprobs=2)
     models = client.models.list()
     assert [m.id for m in models.data] == ["jaxdlm"]
 
@@ -179,6 +195,7 @@ BAD = [
     ({"prompt": "x", "max_tokens": MAX_TOKENS + 1}, "max_tokens"),
     ({"prompt": [1, 99999]}, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, "model"),
+    ({"prompt": "x", "logprobs": 2}, "logprobs"),                 # top alternatives are not served
 ]
 
 
