@@ -179,7 +179,10 @@ class Worker(threading.Thread):
         self.error: BaseException | None = None
 
     def submit(self, job: Job) -> None:
-        """Queues ``job`` (thread-safe); :class:`QueueFull` when ``max_queue`` requests already wait."""
+        """Queues ``job`` (thread-safe); :class:`QueueFull` when ``max_queue`` requests already wait or the engine
+        has stopped on an error."""
+        if self.error is not None:
+            raise QueueFull(f"the engine stopped on an error ({type(self.error).__name__}: {self.error})")
         with self._lock:
             if self.pending >= self.max_queue:
                 raise QueueFull(f"{self.pending} requests are waiting for a slot; retry later")
