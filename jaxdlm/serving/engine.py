@@ -160,10 +160,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- checks
 
-    def check(self, prompt_len: int, options: DecodeOptions, max_tokens) -> DecodeOptions:
-        """Checks one request; returns its options checked (``ValueError`` naming the bad field)."""
+    def check(self, prompt_len: int, options: DecodeOptions | None, max_tokens) -> DecodeOptions:
+        """Checks one request (``options`` None: the defaults); returns its options checked (``ValueError`` naming
+        the bad field)."""
         c = self.model.config
-        options = options.check(c)
+        options = (options or DecodeOptions()).check(c)
         options.check_mode(self.mode, self.plan.block)
         if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 1")
@@ -200,7 +201,7 @@ class Engine:
         row = np.asarray(prompt, np.int32).reshape(-1)
         if row.size == 0 or row.min() < 0 or row.max() >= self.model.config.vocab_size:
             raise ValueError(f"prompt must be 1..{self.max_len} token ids in [0, {self.model.config.vocab_size})")
-        opts = self.check(row.size, options or DecodeOptions(), max_tokens)
+        opts = self.check(row.size, options, max_tokens)
         p_len = min(bucket_length(row.size), self.max_len)
         padded = np.zeros((1, p_len), np.int32)
         padded[0, :row.size] = row
@@ -252,7 +253,7 @@ class Engine:
         ``max_tokens``: an int for all, or one per prompt.  Every request is checked before the first runs.
         ``cycles``: cycles per dispatch (:meth:`step`; a finished slot still ends the dispatch at once)."""
         n = len(prompts)
-        opts = list(options) if isinstance(options, (list, tuple)) else [options or DecodeOptions()] * n
+        opts = list(options) if isinstance(options, (list, tuple)) else [options] * n
         caps = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * n
         if len(opts) != n or len(caps) != n:
             raise ValueError(f"{n} prompts need one options / max_tokens each or one for all, got {len(opts)} "
