@@ -4,7 +4,7 @@
 # transformers and torch; jaxdlm is used from the checkout, not installed):
 #
 #   bash experiments/gpu_session.sh PART OUTDIR      # PART = bandwidth | check | gen4_16 | attention | quant
-#                                                    #        | train_default
+#                                                    #        | train_default | serve
 #
 # bandwidth - decode at the memory-bandwidth limit (issue 13), under 8 minutes in all: the in-place stacked-cache
 #             kernels' tests compiled for the GPU; decode attention per layer (timed over many layers in one
@@ -27,12 +27,16 @@
 #             15 MiB) next to eval.json, steps.log, env.log. Work files go to $GD_WORK (default /tmp/jaxdlm_gd).
 #             GD_CORPUS (build_corpus.py options) and GD_SET (render_configs.py --set items) rescale it.
 #             --tiny as a third argument runs it all on tiny sizes (CPU dry-run, ~2 minutes on 2 cores).
+# serve     - the serving engine (issue 24), under 9 minutes: experiments/bench_serve.py on the 8B-shaped random bf16
+#             model, linear_spec with 64 slots: offered load at concurrency 1 / 4 / 16 / 64 and an offline run of
+#             128 mixed-length prompts against static batches and sequential generate. --tiny as a third argument
+#             runs it on a tiny model (--smoke sizes).
 #
 # Each step is bounded by `timeout` so a slow one cannot take the rest with it. env.log, steps.log and the
 # result files go to OUTDIR (the device tool's $OUT; at most 8 files per part), to be copied into
 # experiments/results/ and committed.
 set -uo pipefail
-PART=${1:?PART: bandwidth | check | gen4_16 | attention | quant | train_default}
+PART=${1:?PART: bandwidth | check | gen4_16 | attention | quant | train_default | serve}
 OUT=${2:?OUTDIR}
 TINY=${3:-}
 mkdir -p "$OUT"
@@ -127,5 +131,12 @@ case "$PART" in
     step ${L[7]} eval $PY experiments/small_scale/eval_heldout.py "$W/ckpt" default --prompts-json "$W/data/heldout_prompts.json" \
       "${EVAL[@]}" --out "$OUT/eval.json"
     ;;
-  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant | train_default)"; exit 2 ;;
+  serve)
+    { nvidia-smi; $PY -c "import jax, flax, fastapi, uvicorn; print(jax.__version__, jax.devices(), flax.__version__)"; } > "$OUT/env.log" 2>&1
+    cat "$OUT/env.log"
+    SERVE=(--preset gpu8b --mode linear_spec --slots 64 --offline 128 --requests-per-client 2)
+    if [ -n "$TINY" ]; then SERVE=(--preset gpu8b --tiny --mode linear_spec --smoke); fi
+    step 520 bench_serve $PY experiments/bench_serve.py "${SERVE[@]}" --out "$OUT/bench_serve_gpu8b.json"
+    ;;
+  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant | train_default | serve)"; exit 2 ;;
 esac

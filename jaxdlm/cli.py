@@ -506,6 +506,78 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Loads the checkpoint (default: the embedded default model), compiles the engine's programs, then serves the
+    OpenAI-compatible API until SIGTERM / Ctrl-C (running requests finish first)."""
+    from jaxdlm.checkpoint import load, resolve_path
+    from jaxdlm.serving import Engine
+    from jaxdlm.serving.server import serve
+
+    if args.checkpoint is None:
+        from jaxdlm.default import default_model_path
+
+        path = default_model_path()
+        print(f"jaxdlm serve: {default_model_note()}", file=sys.stderr)
+    else:
+        path = resolve_path(args.checkpoint)
+    tokenizer = _tokenizer(args, path)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer files: pass --tokenizer PATH (the server takes text)")
+    template = None
+    if args.chat_template is not None:
+        with open(args.chat_template, encoding="utf-8") as f:
+            template = f.read()
+    model = load(path, dtype=args.dtype, tokenizer=False)
+    mode = args.mode or ("linear_spec" if model.config.mask_token_id is not None else "ar")
+    engine = Engine(model, mode=mode, slots=args.slots, max_len=args.max_len, max_new=args.max_tokens,
+                    block_length=args.block_length, spec_sampling=args.spec_sampling, logprobs=args.logprobs)
+    print(f"jaxdlm serve: {mode}, {args.slots} slots of {engine.max_len} cache slots; compiling, then serving on "
+          f"http://{args.host}:{args.port}", file=sys.stderr)
+    return serve(engine, tokenizer, host=args.host, port=args.port, model_name=args.model_name,
+                 max_queue=args.max_queue, chat_template=template, log_level=args.log_level,
+                 cycles=args.cycles_per_step)
+
+
+def add_serve_parser(sub, parents=()):
+    """The ``serve`` subcommand: an OpenAI-compatible HTTP server (docs/serving.md)."""
+    from jaxdlm.generation.modes import MODES, mode_names
+
+    p = sub.add_parser("serve", parents=list(parents), help="serve a checkpoint over an OpenAI-compatible HTTP API",
+                       description="Continuous batching over --slots KV-cache rows; /v1/completions, "
+                                   "/v1/chat/completions, /v1/models, /health, /metrics (docs/serving.md).")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder; default: the embedded default model")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a folder of tokenizer files or a tokenizer.json; default: the checkpoint's")
+    p.add_argument("--mode", default=None, choices=mode_names(),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in MODES.values())
+                        + "; default: linear_spec (ar for a model without a MASK token)")
+    p.add_argument("--slots", type=_int_in(1), default=8, help="concurrent requests (KV-cache rows)")
+    p.add_argument("--max-len", type=_int_in(1), default=1024,
+                   help="cache slots per row: prompt + max_tokens + the mode's widest pass must fit")
+    p.add_argument("--max-tokens", type=_int_in(1), default=512, help="the largest max_tokens a request may ask")
+    p.add_argument("--block-length", type=_int_in(1), default=None,
+                   help="diffusion / draft block length; default: the model's training block")
+    p.add_argument("--spec-sampling", default="exact", choices=("exact", "rejection"))
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="parameter dtype; default: as stored")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    p.add_argument("--model-name", default="jaxdlm", help="the model id the API reports and accepts")
+    p.add_argument("--max-queue", type=_int_in(1), default=256,
+                   help="requests that may wait for a slot; more get 503 with Retry-After")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's)")
+    p.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each token's log-probability, for requests that ask for logprobs (default on; "
+                        "--no-logprobs skips the work)")
+    p.add_argument("--cycles-per-step", type=_int_in(1), default=1,
+                   help="decoding cycles per engine dispatch while no request waits (a finished request still ends "
+                        "the dispatch): more hides the host's per-step cost, but a stream chunk then spans several "
+                        "passes (default 1: one chunk per pass)")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
 def cmd_train(args) -> int:
     from jaxdlm.training.run import run_command
 
@@ -537,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "no PATH (or 'default'): the embedded default model")
     p.set_defaults(func=cmd_info)
     add_generate_parser(sub, parents=[common])
+    add_serve_parser(sub, parents=[common])
     p = sub.add_parser("train", parents=[common], help="train / fine-tune from a TOML or JSON experiment config")
     from jaxdlm.training.run import add_arguments as _train_arguments
 

@@ -149,7 +149,7 @@ def test_cli_silences_transformers_advice_on_missing_torch(monkeypatch, capsys):
     (["generate"], "the following arguments are required: --prompt"),
     (["demo", "--prompt-index", "-1"], "expected an integer >= 0"),
     (["demo", "--num-prompts", "0"], "expected an integer >= 1"),
-    (["frobnicate"], "(choose from 'demo', 'info', 'generate', 'train')"),
+    (["frobnicate"], "(choose from 'demo', 'info', 'generate', 'serve', 'train')"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, allowed, capsys):
     with pytest.raises(SystemExit) as e:

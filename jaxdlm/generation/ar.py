@@ -20,4 +20,4 @@ def ar_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None) -> cor
                                   num_valid=active_B.astype(jnp.int32), **plan.forward_kw)
     tok_B = choose(logits_Bx1xV[:, 0], core.step_key(state), plan.sampler, state.knobs)
     state = core.count_forward(state.replace(cache=cache), active_B)
-    return core.emit(state, plan, tok_B[:, None], jnp.ones_like(tok_B), active_B)
+    return core.emit(state, plan, tok_B[:, None], jnp.ones_like(tok_B), active_B, logits_BxNxV=logits_Bx1xV)

@@ -23,7 +23,7 @@ from flax import struct
 
 from jaxdlm.cache import KVCache
 from jaxdlm.generation.knobs import Knobs
-from jaxdlm.generation.sampling import Sampler, choose
+from jaxdlm.generation.sampling import Sampler, choose, fold_in, keys_per_row, per_row
 from jaxdlm.model import forward
 
 
@@ -76,12 +76,18 @@ class DecodeState:
       think_done: ``bool [B]`` the end-of-thinking token has been emitted.
       nfe: ``int32 [B]`` forward passes the row took part in.
       total: ``int32 []`` batched forward passes run.
-      step: ``int32 []`` PRNG counter (one per forward).
-      key: the call's PRNG key.
-      knobs: the traced numeric settings (:class:`Knobs`).
-      eos: ``int32 [E]`` EOS ids (``-1`` = unused slot).
+      step: ``int32 []`` PRNG counter (one per forward); with per-row keys ``int32 [B]``, one per forward the
+        row took part in.
+      key: the call's PRNG key, or one per row (``uint32 [B, 2]``: the serving engine; each row's randomness then
+        comes from its own key and counter only).
+      knobs: the traced numeric settings (:class:`Knobs`): scalars, or ``[B]`` arrays (one value per row).
+      eos: ``int32 [E]`` EOS ids (``-1`` = unused slot), or ``int32 [B, E]`` per row.
       draft: quadratic self-speculation: ``int32 [B, N-1]`` the current drafts (else None).
       draft_probs: quadratic rejection sampling: ``float32 [B, N-1, V]`` their draft distributions (else None).
+      cap: ``int32 [B]`` per-row output caps ``<= plan.max_new`` (the serving engine's ``max_tokens``), or None
+        (every row's cap is ``plan.max_new``).
+      logp: ``float32 [B, W]`` the causal (AR) model's log-probability of each emitted token at temperature 1
+        (the serving engine's ``logprobs``), or None (not computed).
     """
 
     cache: KVCache
@@ -100,6 +106,8 @@ class DecodeState:
     eos: jax.Array
     draft: jax.Array | None = None
     draft_probs: jax.Array | None = None
+    cap: jax.Array | None = None
+    logp: jax.Array | None = None
 
 
 def head(module, hidden):
@@ -109,17 +117,19 @@ def head(module, hidden):
 
 def step_key(state: DecodeState, salt: int = 0):
     """A fresh PRNG key for the current forward pass (folded from the call's key and a counter)."""
-    return jax.random.fold_in(jax.random.fold_in(state.key, state.step), salt)
+    return fold_in(fold_in(state.key, state.step), salt)
 
 
 def init_state(module, plan: Plan, prompts_BxP, lens_B, key, knobs: Knobs, eos_E, params_dtype, *,
-               prefill_nfe: int, **mode_fields) -> DecodeState:
+               prefill_nfe: int, cap_B=None, logprobs: bool = False, **mode_fields) -> DecodeState:
     """Causal prefill of the right-padded prompts, the first token, and the initial loop state.
 
     ``prompts_BxP`` int32 (row ``i`` valid up to ``lens_B[i]``).  The prefill writes the K/V of all ``P`` slots
     but advances each row's length by ``lens_B[i]`` only (padding slots are scratch).  The prefill's forward
     counts ``prefill_nfe`` in ``nfe`` (the mode's accounting, :attr:`jaxdlm.generation.modes.Mode.prefill_nfe`).  ``mode_fields`` set the
-    mode-specific fields of :class:`DecodeState` (``draft``, ``draft_probs``).
+    mode-specific fields of :class:`DecodeState` (``draft``, ``draft_probs``).  Per-row settings (the serving
+    engine): ``key`` ``uint32 [B, 2]``, ``knobs`` of ``[B]`` arrays, ``eos_E`` ``[B, E]`` and ``cap_B`` (per-row
+    output caps); ``logprobs``: keep each emitted token's log-probability (:attr:`DecodeState.logp`).
     """
     r = prompts_BxP.shape[0]
     cache = KVCache.init(module.config, r, plan.cache_len, params_dtype)
@@ -130,17 +140,39 @@ def init_state(module, plan: Plan, prompts_BxP, lens_B, key, knobs: Knobs, eos_E
     state = DecodeState(cache=cache, out=jnp.full((r, plan.width), plan.pad_id, jnp.int32), count=zeros,
                         length=zeros, ended=zeros.astype(bool), done=zeros.astype(bool), last_token=zeros,
                         think_done=zeros.astype(bool), nfe=zeros + prefill_nfe,
-                        total=jnp.int32(prefill_nfe), step=jnp.int32(0), key=key, knobs=knobs,
-                        eos=eos_E, **mode_fields)
-    t0_B = choose(head(module, last_BxH), step_key(state), plan.sampler, knobs)
+                        total=jnp.int32(prefill_nfe), step=jnp.zeros(key.shape[:1] if keys_per_row(key) else (),
+                                                                     jnp.int32),
+                        key=key, knobs=knobs, eos=eos_E, cap=cap_B,
+                        logp=jnp.zeros((r, plan.width), jnp.float32) if logprobs else None, **mode_fields)
+    logits_BxV = head(module, last_BxH)
+    t0_B = choose(logits_BxV, step_key(state), plan.sampler, knobs)
     state = state.replace(step=state.step + 1)
-    return emit(state, plan, t0_B[:, None], jnp.ones((r,), jnp.int32), jnp.ones((r,), bool))
+    return emit(state, plan, t0_B[:, None], jnp.ones((r,), jnp.int32), jnp.ones((r,), bool),
+                logits_BxNxV=logits_BxV[:, None])
+
+
+def token_logp(logits_BxNxV, tokens_BxN):
+    """``float32 [B, N]``: ``log softmax(logits)[token]`` at temperature 1 over the full vocabulary."""
+    logp = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens_BxN[..., None], -1)[..., 0]
 
 
 def count_forward(state: DecodeState, active_B, n: int = 1) -> DecodeState:
-    """``nfe += n`` for active rows; one more batched pass (``total``) and a fresh PRNG step."""
-    return state.replace(nfe=state.nfe + n * active_B.astype(jnp.int32), total=state.total + n,
-                         step=state.step + 1)
+    """``nfe += n`` for active rows; one more batched pass (``total``) and a fresh PRNG step (per-row counters:
+    for the active rows only, so a row's randomness never depends on the passes its neighbours take)."""
+    step = state.step + (1 if state.step.ndim == 0 else active_B.astype(jnp.int32))
+    return state.replace(nfe=state.nfe + n * active_B.astype(jnp.int32), total=state.total + n, step=step)
+
+
+def is_eos(tokens_BxN, eos):
+    """``bool [B, N]``: which tokens are EOS ids (``eos``: ``int32 [E]`` for every row, or ``[B, E]`` per row)."""
+    eos_1xE = eos[None, None, :] if eos.ndim == 1 else eos[:, None, :]
+    return jnp.any(tokens_BxN[:, :, None] == eos_1xE, axis=-1)
+
+
+def output_cap(state: DecodeState, plan: Plan):
+    """Each row's output cap: ``plan.max_new`` (a Python int), or the per-row ``state.cap`` (``int32 [B]``)."""
+    return plan.max_new if state.cap is None else state.cap
 
 
 def _think_budget(state: DecodeState, new_BxN, n_B, active_B):
@@ -152,20 +184,22 @@ def _think_budget(state: DecodeState, new_BxN, n_B, active_B):
     valid = j < n_B[:, None]
     last = jnp.maximum(n_B - 1, 0)
     end = state.knobs.end_think
-    seen_before = state.think_done | jnp.any((new_BxN == end) & (j < last[:, None]) & valid, axis=1)
+    end_col = per_row(end, 2)
+    seen_before = state.think_done | jnp.any((new_BxN == end_col) & (j < last[:, None]) & valid, axis=1)
     force = (active_B & (n_B > 0) & ~seen_before & (end >= 0) & (state.count + last >= state.knobs.max_thinking))
     new_BxN = new_BxN.at[rows, last].set(jnp.where(force, end, new_BxN[rows, last]))
-    return new_BxN, state.think_done | jnp.any((new_BxN == end) & valid, axis=1)
+    return new_BxN, state.think_done | jnp.any((new_BxN == end_col) & valid, axis=1)
 
 
-def emit(state: DecodeState, plan: Plan, new_BxN, n_B, active_B) -> DecodeState:
+def emit(state: DecodeState, plan: Plan, new_BxN, n_B, active_B, logits_BxNxV=None) -> DecodeState:
     """Appends ``new_BxN[i, :n_B[i]]`` to each active row's output.
 
     The last appended token is the row's new ``last_token`` (the next token the model is conditioned on).
     Thinking budget: once a row has emitted ``max_thinking`` tokens without ``end_think``, its last token is
     replaced by ``end_think`` before anything is conditioned on it, and the replacement is what is emitted.  A
     row is done once an EOS lands within ``max_new`` tokens or ``max_new`` tokens are out; the stream callback,
-    if any, receives the tokens that became final output.
+    if any, receives the tokens that became final output.  ``logits_BxNxV``: the causal model's logits that
+    predict each emitted token (read only when the state keeps log-probabilities, :attr:`DecodeState.logp`).
     """
     r, nn = new_BxN.shape
     rows, j = jnp.arange(r), jnp.arange(nn)[None, :]
@@ -173,21 +207,26 @@ def emit(state: DecodeState, plan: Plan, new_BxN, n_B, active_B) -> DecodeState:
     valid = j < n_B[:, None]
     new_BxN, think_done = _think_budget(state, new_BxN, n_B, active_B)
     pos = state.count[:, None] + j
-    out = state.out.at[rows[:, None], jnp.where(valid, pos, plan.width)].set(new_BxN, mode="drop")  # past W: dropped
+    where_BxN = jnp.where(valid, pos, plan.width)
+    out = state.out.at[rows[:, None], where_BxN].set(new_BxN, mode="drop")  # past W: dropped
+    if state.logp is not None:
+        state = state.replace(logp=state.logp.at[rows[:, None], where_BxN].set(
+            token_logp(logits_BxNxV, new_BxN), mode="drop"))
     # final length: up to and including the first EOS, capped at max_new
-    in_cap = valid & (pos < plan.max_new) & ~state.ended[:, None]
-    is_eos = jnp.any(new_BxN[:, :, None] == state.eos[None, None, :], axis=-1) & in_cap
-    hit = jnp.any(is_eos, axis=1)
+    cap = output_cap(state, plan)
+    in_cap = valid & (pos < per_row(cap, 2)) & ~state.ended[:, None]
+    eos_BxN = is_eos(new_BxN, state.eos) & in_cap
+    hit = jnp.any(eos_BxN, axis=1)
     count = state.count + n_B
     length = jnp.where(state.ended, state.length,
-                       jnp.where(hit, state.count + jnp.argmax(is_eos, axis=1) + 1, jnp.minimum(count, plan.max_new)))
+                       jnp.where(hit, state.count + jnp.argmax(eos_BxN, axis=1) + 1, jnp.minimum(count, cap)))
     if plan.stream is not None:
         delta = length - state.length
         jax.debug.callback(plan.stream, jnp.where(j < delta[:, None], new_BxN, plan.pad_id), delta, ordered=True)
     ended = state.ended | hit
     last = jnp.where(active_B & (n_B > 0), new_BxN[rows, jnp.maximum(n_B - 1, 0)], state.last_token)
     return state.replace(out=out, count=count, length=length, ended=ended, think_done=think_done,
-                         done=state.done | ended | (count >= plan.max_new), last_token=last)
+                         done=state.done | ended | (count >= cap), last_token=last)
 
 
 def finish(state: DecodeState, plan: Plan):

@@ -90,7 +90,7 @@ def _denoise_block(module, plan: core.Plan, state: core.DecodeState, active_B):
         masked_BxN = masked_BxN & ~commit
         state = core.count_forward(state.replace(cache=cache), live_B)
         # stop a row early once an EOS is committed with no MASK before it
-        is_eos = jnp.any(blk_BxN[:, :, None] == state.eos[None, None, :], axis=-1) & ~masked_BxN
+        is_eos = core.is_eos(blk_BxN, state.eos) & ~masked_BxN
         no_mask_before = jnp.cumsum(masked_BxN.astype(jnp.int32), axis=1) == 0
         eos_stop = jnp.any(is_eos & no_mask_before, axis=1)
         live_B = live_B & jnp.any(masked_BxN, axis=1) & ~eos_stop
@@ -113,4 +113,6 @@ def diffusion_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None)
     nxt_B = choose(core.head(module, hidden_BxNxH[:, -1]), core.step_key(state), plan.sampler, state.knobs)
     state = core.count_forward(state.replace(cache=cache), active_B)
     new_BxN = jnp.concatenate([blk_BxN[:, 1:], nxt_B[:, None]], axis=1)
-    return core.emit(state, plan, new_BxN, jnp.full_like(nxt_B, n), active_B)
+    # the commit pass's logits predict each emitted token (computed only when log-probabilities are kept)
+    logits = core.head(module, hidden_BxNxH) if state.logp is not None else None
+    return core.emit(state, plan, new_BxN, jnp.full_like(nxt_B, n), active_B, logits_BxNxV=logits)

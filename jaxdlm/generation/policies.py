@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdlm.generation.sampling import confidence, entropy, margin
+from jaxdlm.generation.sampling import confidence, entropy, margin, per_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,14 +135,19 @@ def commit_mask(policy, logits_BxNxV, x0_BxN, masked_BxN, knobs, mask_id: int | 
     """The positions one denoise pass commits under the traced ``policy`` id.
 
     Args:
-      policy: ``int32 []`` index into :data:`REGISTRY`.
+      policy: ``int32 []`` index into :data:`REGISTRY`, or ``int32 [B]`` one per row (the serving engine).
       logits_BxNxV: ``float32`` denoise-pass logits; x0_BxN: ``int32`` the chosen tokens.
       masked_BxN: ``bool`` positions still masked (a row with none commits nothing).
-      knobs: :class:`~jaxdlm.generation.knobs.Knobs` (each policy reads its own knob field).
+      knobs: :class:`~jaxdlm.generation.knobs.Knobs` (each policy reads its own knob field; scalars or ``[B]``).
       mask_id: the MASK id (excluded from the margin's runner-up).
 
-    Returns ``bool [B, N]``.  Only the selected policy's branch runs (``lax.switch`` over :data:`REGISTRY`).
+    Returns ``bool [B, N]``.  One policy id: only the selected policy's branch runs (``lax.switch`` over
+    :data:`REGISTRY`); one per row: every policy runs and each row takes its own.
     """
-    branches = [lambda _, p=p: p.commit(logits_BxNxV, x0_BxN, masked_BxN, getattr(knobs, p.knob), mask_id)
-                for p in REGISTRY]
-    return jax.lax.switch(policy, branches, None)
+    rules = [lambda _, p=p: p.commit(logits_BxNxV, x0_BxN, masked_BxN, per_row(getattr(knobs, p.knob), 2), mask_id)
+             for p in REGISTRY]
+    policy = jnp.asarray(policy)
+    if policy.ndim == 0:
+        return jax.lax.switch(policy, rules, None)
+    every_KxBxN = jnp.stack([rule(None) for rule in rules])
+    return jnp.take_along_axis(every_KxBxN, policy[None, :, None], axis=0)[0]

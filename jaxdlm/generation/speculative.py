@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdlm.generation import core
-from jaxdlm.generation.sampling import choose, exact_match_accept, probs, speculative_accept
+from jaxdlm.generation.sampling import choose, exact_match_accept, probs, speculative_accept, split2
 from jaxdlm.model import forward
 
 
@@ -59,11 +59,12 @@ def _draft(plan, state: core.DecodeState, logits_BxDxV, key):
     return choose(logits_BxDxV, key, plan.sampler, state.knobs), q_BxDxV
 
 
-def _finish_cycle(state: core.DecodeState, plan, active_B, old_len_B, cache, draft_BxD, a_B, bonus_B):
-    """Crop each active row's cache to ``old length + a + 1`` and emit its ``a`` accepted drafts + the bonus."""
+def _finish_cycle(state: core.DecodeState, plan, active_B, old_len_B, cache, draft_BxD, a_B, bonus_B, vlogits_BxNxV):
+    """Crop each active row's cache to ``old length + a + 1`` and emit its ``a`` accepted drafts + the bonus
+    (``vlogits_BxNxV[:, j]``, the verify pass's logits, predict emitted token ``j``)."""
     cache = cache.with_length(jnp.where(active_B, old_len_B + a_B + 1, old_len_B))
     new = core.accepted_emission(draft_BxD, a_B, bonus_B, plan.pad_id)
-    return core.emit(state.replace(cache=cache), plan, new, a_B + 1, active_B)
+    return core.emit(state.replace(cache=cache), plan, new, a_B + 1, active_B, logits_BxNxV=vlogits_BxNxV)
 
 
 def linear_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None) -> core.DecodeState:
@@ -80,7 +81,7 @@ def linear_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None) ->
                                    num_valid=jnp.where(active_B, n, 0), **plan.forward_kw)
     a_B, bonus_B = _accept(plan, state, draft_BxD, vlogits_BxNxV, q_BxDxV, core.step_key(state))
     state = core.count_forward(state, active_B)
-    return _finish_cycle(state, plan, active_B, old_len_B, cache, draft_BxD, a_B, bonus_B)
+    return _finish_cycle(state, plan, active_B, old_len_B, cache, draft_BxD, a_B, bonus_B, vlogits_BxNxV)
 
 
 def quadratic_fields(module, plan: core.Plan, batch: int) -> dict:
@@ -107,7 +108,7 @@ def quadratic_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None)
     hidden_BxTxH, cache = forward(module, tokens_BxT, kind="quadratic", cache=state.cache, **plan.forward_kw,
                                   return_hidden=True)
     vlogits_BxNxV = core.head(module, hidden_BxTxH[:, :n])
-    key_a, key_d = jax.random.split(core.step_key(state))
+    key_a, key_d = split2(core.step_key(state))
     a_B, bonus_B = _accept(plan, state, draft_BxD, vlogits_BxNxV, state.draft_probs, key_a)
     group_BxNxH = hidden_BxTxH[:, n:].reshape(b, n, n, -1)[jnp.arange(b), a_B]  # the group at the acceptance point
     new_draft, new_q = _draft(plan, state, core.head(module, group_BxNxH[:, 1:]), key_d)
@@ -115,4 +116,4 @@ def quadratic_cycle(module, plan: core.Plan, state: core.DecodeState, lora=None)
     state = state.replace(draft=jnp.where(active_B[:, None], new_draft, draft_BxD))
     if new_q is not None:
         state = state.replace(draft_probs=jnp.where(active_B[:, None, None], new_q, state.draft_probs))
-    return _finish_cycle(state, plan, active_B, old_len_B, cache, draft_BxD, a_B, bonus_B)
+    return _finish_cycle(state, plan, active_B, old_len_B, cache, draft_BxD, a_B, bonus_B, vlogits_BxNxV)
