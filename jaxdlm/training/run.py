@@ -252,19 +252,14 @@ def _full_experiment(cfg, mcfg, base: tuple[str, int] | None, eval_ds, mesh) -> 
     they land in their shards) or from the checkpoint ``base = (run folder, step)`` (restored into them)."""
     import jax
 
-    from jaxdlm import sharding as sh
     from jaxdlm.model import Model
     from jaxdlm.training import step as step_lib
 
-    abstract = Model.abstract(mcfg)
-    tx, _, run_step, eval_step = _steps(abstract.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)
+    tx, run_step, eval_step, shapes, shardings = _steps(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh)
     eval_key = jax.random.PRNGKey(EVAL_NOISE_SEED)
 
     def init_state(params):
         return step_lib.init_state(params, tx, cfg.run.seed)
-
-    shapes = jax.eval_shape(init_state, abstract.params)
-    shardings = _state_shardings(tx, shapes, "params", sh.param_shardings(abstract, mesh), mesh)
 
     def init():
         if base is None:
@@ -305,7 +300,7 @@ def _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step, mesh) -> _E
     from jaxdlm.training import lora as lora_lib
     from jaxdlm.training import step as step_lib
 
-    tx = _steps(model.graphdef, cfg.optim, cfg.objective, cfg.compute_dtype)[0]
+    tx = step_lib.make_optimizer(cfg.optim)
 
     def init_state():
         lora0 = OProjLoRA.init(mcfg, cfg.lora.rank, cfg.lora.alpha, jax.random.PRNGKey(cfg.run.seed))
@@ -496,19 +491,28 @@ def _silent(*_args, **_kwargs) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(graphdef, optim_cfg, loss_cfg, compute_dtype: str):
-    """``(tx, schedule, train_step, eval_step)``, cached so that resuming in the same process reuses the
-    compiled steps (everything here is hashable configuration)."""
+def _steps(mcfg, optim_cfg, loss_cfg, compute_dtype: str, mesh):
+    """``(tx, train_step, eval_step, state shapes, state shardings)`` of a full experiment on ``mesh``: the train
+    step keeps the state in its shardings.  Cached so that resuming in the same process reuses the compiled
+    steps (everything here is hashable configuration)."""
+    import jax
     import jax.numpy as jnp
 
+    from jaxdlm import sharding as sh
+    from jaxdlm.model import Model
     from jaxdlm.training import step as step_lib
 
+    abstract = Model.abstract(mcfg)
     compute = jnp.bfloat16 if compute_dtype == "bfloat16" else None
     tx = step_lib.make_optimizer(optim_cfg)
-    schedule = step_lib.wsd_schedule(optim_cfg)
-    train_step = step_lib.make_train_step(graphdef, tx, loss_cfg, compute_dtype=compute, schedule=schedule)
-    eval_step = step_lib.make_eval_step(graphdef, loss_cfg, compute_dtype=compute)
-    return tx, schedule, train_step, eval_step
+    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), abstract.params)
+    shardings = _state_shardings(tx, shapes, "params", sh.param_shardings(abstract, mesh), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = step_lib.make_train_step(abstract.graphdef, tx, loss_cfg, compute_dtype=compute,
+                                          schedule=step_lib.wsd_schedule(optim_cfg),
+                                          out_shardings=(shardings, replicated))
+    eval_step = step_lib.make_eval_step(abstract.graphdef, loss_cfg, compute_dtype=compute)
+    return tx, train_step, eval_step, shapes, shardings
 
 
 def _merge(graphdef, params):

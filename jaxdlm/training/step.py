@@ -164,10 +164,12 @@ def _accumulate(loss_fn, params, batch, key):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: LossConfig, *, compute_dtype=None,
-                    schedule: optax.Schedule | None = None, donate: bool = True) -> Callable:
+                    schedule: optax.Schedule | None = None, donate: bool = True, out_shardings=None) -> Callable:
     """A jitted ``step(state, batch) -> (state, metrics)`` (see the module docstring for the layouts).
 
     Metrics: the loss terms averaged over micro-batches, ``grad_norm`` (before clipping) and ``lr``.
+    ``out_shardings``: ``(state shardings, metrics sharding)`` to pin the outputs to (on a mesh: the state keeps
+    the layout it was created or restored in, so every step runs the same compiled program).
     """
     loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype)
 
@@ -182,7 +184,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: LossCo
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    pinned = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(step, donate_argnums=(0,) if donate else (), **pinned)
 
 
 def make_eval_step(graphdef, loss_cfg: LossConfig, *, compute_dtype=None) -> Callable:
