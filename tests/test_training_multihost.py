@@ -156,7 +156,7 @@ def _single_device_reference(config: str):
         batch = {k: jax.device_put(jnp.asarray(v), device) for k, v in ds.batch(s, cfg.batch_size, cfg.accum).items()}
         state, metrics = run_step(state, batch)
         losses[s + 1] = float(metrics["loss"])
-    return losses, [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+    return losses, [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
 @pytest.fixture(scope="module")
@@ -333,3 +333,30 @@ def test_multi_process_flags_go_together(tmp_path, capsys):
                                                    "data": {"train": "train.npy", "seq_len": 16}}))
     assert cli.main(["train", str(tmp_path / "exp.json"), "--coordinator", "127.0.0.1:1234", "--no-compile-cache"]) == 2
     assert "needs --num-processes and --process-id" in capsys.readouterr().err
+
+
+def test_checkpoints_of_the_plain_dict_state_restore_into_train_state(tmp_path, seed):
+    """Earlier versions saved the train state as a dict; it restores into the typed TrainState, which saves under the
+    same keys (a dict target reads its parts back)."""
+    from jaxdlm.training.checkpointing import Checkpointer
+
+    model = Model.init(tiny_config(), seed=seed)
+    tx = step_lib.make_optimizer(step_lib.OptimConfig())
+    state = step_lib.init_state(model.params, tx, seed)
+    old = {"step": state.step + 7, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+    ck = Checkpointer(tmp_path / "ck")
+    try:
+        ck.save(7, old)
+        restored, _ = ck.restore(jax.eval_shape(lambda: state))
+        assert isinstance(restored, step_lib.TrainState) and int(restored.step) == 7
+        for name in ("params", "opt_state", "rng"):
+            for a, b in zip(jax.tree.leaves(getattr(restored, name)), jax.tree.leaves(old[name])):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        ck.save(8, restored.replace(step=restored.step + 1))
+        part = ck.restore({"step": jax.ShapeDtypeStruct((), np.int32), "params": jax.eval_shape(lambda: state.params)},
+                          8, partial=True)[0]
+        assert int(part["step"]) == 8
+        for a, b in zip(jax.tree.leaves(part["params"]), jax.tree.leaves(state.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    finally:
+        ck.close()

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -149,9 +149,10 @@ class _Experiment(NamedTuple):
     """What a run steps: ``abstract`` (the train state's shapes, dtypes and shardings: the restore target),
     ``init() -> state`` (a fresh state, created directly in its shards), ``run_step(state, batch) -> (state,
     metrics)``, ``evaluate(state) -> metrics`` (``None`` without eval data) and the record saved with each
-    checkpoint."""
+    checkpoint.  States are :class:`~jaxdlm.training.step.TrainState` or
+    :class:`~jaxdlm.training.lora.LoraTrainState` pytrees."""
 
-    abstract: dict
+    abstract: Any
     init: Callable
     run_step: Callable
     evaluate: Callable | None
@@ -268,26 +269,25 @@ def _full_experiment(cfg, mcfg, base: tuple[str, int] | None, eval_ds, mesh) -> 
         return jax.jit(init_state, out_shardings=shardings)(load_trained(*base, mesh=mesh).params)
 
     def evaluate(state):
-        return _mean_metrics(eval_step(state["params"], b, jax.random.fold_in(eval_key, i))
+        return _mean_metrics(eval_step(state.params, b, jax.random.fold_in(eval_key, i))
                              for i, b in enumerate(_eval_batches(eval_ds, cfg, mesh)))
 
     return _Experiment(_placed(shapes, shardings), init, run_step, evaluate if eval_ds is not None else None,
                        {"kind": "full"})
 
 
-def _state_shardings(tx, shapes: dict, trained: str, trained_shardings, mesh) -> dict:
-    """Shardings of a train state ``shapes``: ``shapes[trained]`` and its optimizer-state copies (Adam's moments)
-    as ``trained_shardings``, everything else (step, RNG, counters) replicated."""
+def _state_shardings(tx, shapes, trained: str, trained_shardings, mesh):
+    """Shardings of a train state ``shapes`` (:class:`~jaxdlm.training.step.TrainState` or
+    :class:`~jaxdlm.training.lora.LoraTrainState`): the field ``trained`` and its optimizer-state copies (Adam's
+    moments) as ``trained_shardings``, everything else (step, RNG, counters) replicated."""
     import jax
     import optax
 
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    out = {k: jax.tree.map(lambda _: rep, v) for k, v in shapes.items()}
-    out[trained] = trained_shardings
-    out["opt_state"] = optax.tree_map_params(tx, lambda _, s: s, shapes["opt_state"], trained_shardings,
-                                             transform_non_params=lambda _: rep,
-                                             is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return out
+    opt = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, trained_shardings,
+                                transform_non_params=lambda _: rep,
+                                is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return jax.tree.map(lambda _: rep, shapes).replace(opt_state=opt, **{trained: trained_shardings})
 
 
 def _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step, mesh) -> _Experiment:
@@ -304,7 +304,7 @@ def _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step, mesh) -> _E
 
     def init_state():
         lora0 = OProjLoRA.init(mcfg, cfg.lora.rank, cfg.lora.alpha, jax.random.PRNGKey(cfg.run.seed))
-        return dict(lora_lib.init_lora_state(lora0, tx), rng=jax.random.PRNGKey(cfg.run.seed))
+        return lora_lib.LoraTrainState(rng=jax.random.PRNGKey(cfg.run.seed), **lora_lib.init_lora_state(lora0, tx))
 
     shapes = jax.eval_shape(init_state)
     shardings = _state_shardings(tx, shapes, "lora", sh.lora_shardings(mesh), mesh)
@@ -313,15 +313,16 @@ def _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step, mesh) -> _E
     flatten = jax.jit(lambda batch: {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()})
 
     def run_step(state, batch):
-        new, metrics = lstep(base_params, {k: state[k] for k in ("lora", "opt_state", "step")}, flatten(batch))
-        return dict(new, rng=state["rng"]), metrics
+        new, metrics = lstep(base_params, {"lora": state.lora, "opt_state": state.opt_state, "step": state.step},
+                             flatten(batch))
+        return state.replace(**new), metrics
 
     graphdef = model.graphdef
     eval_fn = jax.jit(lambda lora, params, b: lora_lib.draft_loss(
         _merge(graphdef, params), b["tokens"], lora, target=cfg.lora.target, loss_mask=b["loss_mask"])[1])
 
     def evaluate(state):
-        return _mean_metrics(eval_fn(state["lora"], base_params, b) for b in _eval_batches(eval_ds, cfg, mesh))
+        return _mean_metrics(eval_fn(state.lora, base_params, b) for b in _eval_batches(eval_ds, cfg, mesh))
 
     meta = {"kind": "lora", "base_run": base_run, "base_step": base_step, "lora_rank": cfg.lora.rank}
     return _Experiment(_placed(shapes, shardings), jax.jit(init_state, out_shardings=shardings), run_step,
@@ -373,7 +374,7 @@ def _resume(ck, cfg, exp: _Experiment, out: str, log) -> tuple[dict, int]:
         raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
                          "use a new run.out_dir or restore the original values")
     state, meta = ck.restore(exp.abstract)
-    start = int(state["step"])
+    start = int(state.step)
     log(f"resumed from step {start} ({meta.get('samples_seen')} samples seen)")
     return state, start
 
