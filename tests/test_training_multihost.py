@@ -173,15 +173,15 @@ def runs(tmp_path_factory):
     np.save(tmp / "eval.npy", counting_data(rng, 8, 16, mcfg.vocab_size))
     two = _config(tmp, "two", data=2, fsdp=4)
     out = {"tmp": tmp, "two": two}
-    # the 2-process runs run in the background while this process runs its own
-    def background():
+
+    def two_process_runs():  # one after another: the later ones find the compiled programs in JAX's cache
         out["straight"] = _two_processes(two, tmp, "straight")
         term = _config(tmp, "term", data=2, fsdp=4)
         out["term"] = _two_processes(term, tmp, "term", hooks=("SIGTERM:1", "SIGTERM:1"))
         out["term_stop"] = [int(d) for d in os.listdir(tmp / "term" / "checkpoints") if d.isdigit()]
         out["term_resumed"] = _two_processes(term, tmp, "term_resumed")
 
-    worker = threading.Thread(target=background, daemon=True)
+    worker = threading.Thread(target=two_process_runs, daemon=True)  # much of it waits (rendezvous, gloo set-up)
     worker.start()
     out["eight"] = train(load_config(_config(tmp, "eight")), progress=False, log=lambda *_: None)
     out["single"] = _single_device_reference(two)
