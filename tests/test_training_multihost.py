@@ -360,3 +360,25 @@ def test_checkpoints_of_the_plain_dict_state_restore_into_train_state(tmp_path, 
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     finally:
         ck.close()
+
+
+def test_cluster_auto_detection_starts_only_multi_process_jobs(monkeypatch):
+    """No flag and no cluster: a plain run, jax.distributed untouched; a SLURM job of one task stays plain too; a task
+    of a two-task job starts jax.distributed (stubbed here) with the heartbeat bound."""
+    from jaxdlm import compat
+    from jaxdlm.training import distributed
+
+    started = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: started.append((a, k)))
+    monkeypatch.setattr(compat, "use_gloo_cpu_collectives", lambda: None)
+    for var in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+                "OMPI_MCA_orte_hnp_uri", "PMIX_NAMESPACE", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    assert compat.detected_cluster() is None and distributed.initialize() is False
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    for name, value in dict(slurm, SLURM_NTASKS="1").items():
+        monkeypatch.setenv(name, value)
+    assert compat.detected_cluster() == ("SlurmCluster", 1) and distributed.initialize() is False
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert compat.detected_cluster() == ("SlurmCluster", 2)
+    assert distributed.initialize(heartbeat_timeout_s=30) is True and started[0][1]["heartbeat_timeout_seconds"] == 30
