@@ -195,15 +195,16 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
         raise ValueError(f"data.eval has {len(eval_ds)} sequences, fewer than optim.batch_size={cfg.batch_size}")
     ck = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.run.keep)
     try:
+        latest = ck.latest_step()
+        if latest is not None and latest >= cfg.optim.total_steps:
+            log(f"{out} is finished: it stopped at step {latest} of optim.total_steps={cfg.optim.total_steps}; "
+                "nothing to train (raise optim.total_steps in a new run.out_dir to train on)")
+            return _last_metrics(out) if main else {}
         exp = _experiment(cfg, mcfg, eval_ds, mesh)  # (outside set_mesh: NNX would read the logical axis names
         state, start = _resume(ck, cfg, exp, out, log)  # of new params as mesh axes)
         if main:
             _write_configs(out, mcfg, cfg)
             _truncate_log(out, start)
-        if start >= cfg.optim.total_steps:
-            log(f"{out} is finished: it stopped at step {start} of optim.total_steps={cfg.optim.total_steps}; "
-                "nothing to train (raise optim.total_steps in a new run.out_dir to train on)")
-            return _last_metrics(out) if main else {}
         with jax.set_mesh(mesh):  # the model pins its activations' shardings under it
             return _loop(cfg, exp, state, train_ds, ck, out, start, max_steps, progress and main, log, mesh)
     finally:
@@ -440,7 +441,8 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
         return n and done % n == 0 or done == stop
 
     def record(kind, step, metrics):
-        rec = {"kind": kind, "step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        values = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        rec = {"kind": kind, "step": step, "time": time.time(), **values}
         if logf is not None:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
