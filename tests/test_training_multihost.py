@@ -32,7 +32,7 @@ from numerics import rel_err
 from training_utils import counting_data, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 8  # optim.total_steps of every run here; checkpoints every 4
+STEPS = 10  # optim.total_steps of every run here; checkpoints every 4
 TOL = 2e-4  # a mesh changes the order of reductions, nothing else
 RUN_TIMEOUT_S = 240  # any one (pair of) subprocess(es)
 
@@ -49,7 +49,7 @@ if hook:
         if step == int(at):
             os.kill(os.getpid(), getattr(signal, name))
         if step > int(at):
-            time.sleep(0.2)
+            time.sleep(0.5)
         return batch(self, step, *args, **kwargs)
     data.Dataset.batch = hooked
 from jaxdlm import cli
@@ -90,7 +90,7 @@ def _env(**extra) -> dict:
     return env
 
 
-def _two_processes(config: str, tmp, tag: str, *args, hooks=(None, None), timeout=RUN_TIMEOUT_S, kill_at=None):
+def _two_processes(config: str, tmp, tag: str, *args, hooks=(None, None), timeout=RUN_TIMEOUT_S):
     """Runs ``jaxdlm train config`` as processes 0 and 1 of a job on 127.0.0.1; returns their exit codes and
     outputs (and the seconds each took).  ``hooks``: each process's TEST_SIGNAL_AT."""
     port = _free_port()
@@ -159,9 +159,10 @@ def _single_device_reference(config: str):
     return losses, [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def runs(tmp_path_factory):
-    """The shared runs: 2 processes x 4 devices (data=2, fsdp=4) uninterrupted; the same pair SIGTERMed mid-run and
+    """The runs that one test checks several ways (a fixture shared by several tests would be built once per
+    pytest-xdist worker): 2 processes x 4 devices (data=2, fsdp=4) uninterrupted; the same pair SIGTERMed mid-run and
     resumed; 1 process x 8 devices (the default mesh, fsdp=8) in this process; the library on one device."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py)")
@@ -190,7 +191,8 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_two_processes_equal_one_process_and_one_device(runs):
+def _equal_across_meshes(runs):
+    """2 processes x 4 devices, 1 x 8 and one device: the same per-step losses and final params within TOL."""
     tmp = runs["tmp"]
     codes, outputs, _ = runs["straight"]
     assert codes == [0, 0], outputs
@@ -208,10 +210,11 @@ def test_two_processes_equal_one_process_and_one_device(runs):
     assert json.load(open(tmp / "two" / "train_config.json"))["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
-def test_two_process_checkpoint_resumes_on_one_process_with_another_mesh(runs):
+def _resumes_on_another_mesh(runs):
+    """The 2-process checkpoint of step 4 (data=2, fsdp=4) continues on 1 process (fsdp=8) like the 2-process run."""
     tmp = runs["tmp"]
     shutil.copytree(tmp / "two", tmp / "moved")
-    for step in (8,):  # the 2-process run as it was after step 4
+    for step in (8, 10):  # the 2-process run as it was after step 4
         shutil.rmtree(tmp / "moved" / "checkpoints" / str(step))
     conf = json.load(open(runs["two"]))
     conf["run"]["out_dir"], conf["mesh"] = "moved", {"fsdp": 8}
@@ -227,7 +230,8 @@ def test_two_process_checkpoint_resumes_on_one_process_with_another_mesh(runs):
         assert rel_err(a, b) <= TOL
 
 
-def test_sigterm_on_both_processes_checkpoints_and_resumes_bit_identically(runs):
+def _sigterm_resumes_bit_identically(runs):
+    """SIGTERM to both processes: a checkpoint, exit 75; the resumed pair equals the uninterrupted pair bit for bit."""
     tmp = runs["tmp"]
     codes, outputs, _ = runs["term"]
     assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], outputs
@@ -243,9 +247,9 @@ def test_sigterm_on_both_processes_checkpoints_and_resumes_bit_identically(runs)
         np.testing.assert_array_equal(a, b)
 
 
-def test_sigint_checkpoints_and_resumes_bit_identically_then_says_finished(runs, monkeypatch):
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal handlers need the main thread")
+def _sigint_resumes_bit_identically_then_says_finished(runs, monkeypatch):
+    """SIGINT to this process: Stopped after a checkpoint; resuming equals the uninterrupted 8-device run bit for bit;
+    a third call says the run is finished."""
     tmp = runs["tmp"]
     config = _config(tmp, "interrupted")
     batch = data_lib.Dataset.batch
@@ -272,6 +276,14 @@ def test_sigint_checkpoints_and_resumes_bit_identically_then_says_finished(runs,
     final = train(load_config(config), progress=False, log=msgs.append)
     assert any("is finished" in m and f"step {STEPS}" in m for m in msgs), msgs
     assert final["step"] == STEPS and final["loss"] == _losses(tmp / "eight")[STEPS]
+
+
+def test_runs_on_meshes_and_processes_agree_resume_and_stop(runs, monkeypatch):
+    _equal_across_meshes(runs)
+    _resumes_on_another_mesh(runs)
+    _sigterm_resumes_bit_identically(runs)
+    if threading.current_thread() is threading.main_thread():  # (signal handlers need the main thread)
+        _sigint_resumes_bit_identically_then_says_finished(runs, monkeypatch)
 
 
 def test_lost_process_ends_its_peer_with_an_error(tmp_path, rng):
