@@ -177,7 +177,7 @@ def runs(tmp_path_factory):
 
     def two_process_runs():  # one after another: the later ones find the compiled programs in JAX's cache
         out["straight"] = _two_processes(two, tmp, "straight")
-        term = _config(tmp, "term", data=2, fsdp=4)
+        term = _config(tmp, "term", eval=False, data=2, fsdp=4)  # (training does not depend on eval: cheaper)
         out["term"] = _two_processes(term, tmp, "term", hooks=("SIGTERM:1", "SIGTERM:1"))
         out["term_stop"] = [int(d) for d in os.listdir(tmp / "term" / "checkpoints") if d.isdigit()]
         out["term_resumed"] = _two_processes(term, tmp, "term_resumed")
