@@ -196,6 +196,8 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
     ck = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.run.keep)
     try:
         latest = ck.latest_step()
+        if latest is not None:
+            _check_same_config(ck, cfg, out)
         if latest is not None and latest >= cfg.optim.total_steps:
             log(f"{out} is finished: it stopped at step {latest} of optim.total_steps={cfg.optim.total_steps}; "
                 "nothing to train (raise optim.total_steps in a new run.out_dir to train on)")
@@ -361,11 +363,21 @@ def _with_leading_axis(sharding):
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
 
 
-def _resume(ck, cfg, exp: _Experiment, out: str, log) -> tuple[dict, int]:
-    """``(state, first step)``: the latest checkpoint of ``out`` restored into the state's shards (refused when
-    the run's config changed since; the mesh and process count may change), else a fresh state at step 0."""
+def _resume(ck, cfg, exp: _Experiment, out: str, log) -> tuple[Any, int]:
+    """``(state, first step)``: the latest checkpoint of ``out`` (its config checked by
+    :func:`_check_same_config` first) restored into the state's shards of this mesh and process count, else a fresh
+    state at step 0."""
     if ck.latest_step() is None:
         return exp.init(), 0
+    state, meta = ck.restore(exp.abstract)
+    start = int(state.step)
+    log(f"resumed from step {start} ({meta.get('samples_seen')} samples seen)")
+    return state, start
+
+
+def _check_same_config(ck, cfg, out: str) -> None:
+    """Refuses to go on with a run folder whose latest checkpoint was written under another config (only
+    ``[mesh]`` and ``[run]`` may change)."""
     saved = ck.restore_meta().get("train_config") or {}
     now = json.loads(json.dumps(cfg.to_dict(), default=str))
     changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora")
@@ -374,10 +386,6 @@ def _resume(ck, cfg, exp: _Experiment, out: str, log) -> tuple[dict, int]:
     if saved and changed:
         raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
                          "use a new run.out_dir or restore the original values")
-    state, meta = ck.restore(exp.abstract)
-    start = int(state.step)
-    log(f"resumed from step {start} ({meta.get('samples_seen')} samples seen)")
-    return state, start
 
 
 def _write_configs(out: str, mcfg, cfg) -> None:
