@@ -85,3 +85,12 @@ def use_gloo_cpu_collectives() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):  # pragma: no cover - a jax where gloo is the only choice
         pass
+
+
+def wait_for_all_processes(name: str, timeout_s: int) -> None:
+    """Blocks until every process of the ``jax.distributed`` job reached the barrier ``name`` (through the
+    coordination service, not a device collective).  JAX exposes its client only privately
+    (``jax._src.distributed.global_state.client.wait_at_barrier``)."""
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))

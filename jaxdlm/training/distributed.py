@@ -75,6 +75,20 @@ def global_batch(sharding, local: dict, global_shape: tuple[int, ...]) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), global_shape) for k, v in local.items()}
 
 
+#: how long the processes wait for each other to finish compiling the train step (big models compile for minutes)
+COMPILE_BARRIER_TIMEOUT_S = 3600
+
+
+def compile_everywhere(step_fn, *args) -> None:
+    """Compiles the jitted ``step_fn`` for ``args`` and waits until every process has done the same.  The first
+    run of a program sets up its gloo / NCCL contexts with a fixed deadline (30 s for gloo), which a process still
+    compiling would miss; after this barrier all processes start the step together.  One process: nothing."""
+    if jax.process_count() == 1 or not hasattr(step_fn, "lower"):
+        return
+    step_fn.lower(*args).compile()
+    compat.wait_for_all_processes("jaxdlm_train_step_compiled", COMPILE_BARRIER_TIMEOUT_S)
+
+
 class StopSignals:
     """SIGTERM and SIGINT ask the run to stop at a step boundary every process agrees on (a context manager).
 

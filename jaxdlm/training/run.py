@@ -466,6 +466,8 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
         ck.save(done, state, json.loads(json.dumps(meta, default=str)))
 
     try:
+        if start < stop:
+            distributed.compile_everywhere(exp.run_step, state, _train_batch(train_ds, cfg, mesh, start))
         if start == 0 and exp.evaluate is not None and stop > 0:
             evaluate(0)  # the baseline (e.g. AR loss before conversion)
         bar = tqdm(range(start, stop), initial=start, total=total, disable=not progress, desc="train",
