@@ -55,6 +55,11 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def is_single_process() -> bool:
+    """Whether the run has one process (no ``jax.distributed`` job, or a job of one)."""
+    return jax.process_count() == 1
+
+
 def local_rows(sharding, global_shape: tuple[int, ...], axis: int) -> slice:
     """The rows along ``axis`` of an array of ``global_shape`` laid out by ``sharding`` that this process's devices
     hold (one contiguous range: the meshes of :func:`jaxdlm.sharding.make_mesh` give each process a block)."""
@@ -83,7 +88,7 @@ def compile_everywhere(step_fn, *args) -> None:
     """Compiles the jitted ``step_fn`` for ``args`` and waits until every process has done the same.  The first
     run of a program sets up its gloo / NCCL contexts with a fixed deadline (30 s for gloo), which a process still
     compiling would miss; after this barrier all processes start the step together.  One process: nothing."""
-    if jax.process_count() == 1 or not hasattr(step_fn, "lower"):
+    if is_single_process() or not hasattr(step_fn, "lower"):
         return
     step_fn.lower(*args).compile()
     compat.wait_for_all_processes("jaxdlm_train_step_compiled", COMPILE_BARRIER_TIMEOUT_S)

@@ -466,7 +466,7 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
         ck.save(done, state, json.loads(json.dumps(meta, default=str)))
 
     try:
-        if start < stop:
+        if start < stop and not distributed.is_single_process():
             distributed.compile_everywhere(exp.run_step, state, _train_batch(train_ds, cfg, mesh, start))
         if start == 0 and exp.evaluate is not None and stop > 0:
             evaluate(0)  # the baseline (e.g. AR loss before conversion)
