@@ -61,3 +61,36 @@ def lowered_text_for_platform(fn, *args, platform: str = "cuda", device_kind: st
             from jax import export
             checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
             return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+
+
+def detected_cluster() -> tuple[str, int] | None:
+    """``(name, process count)`` of the cluster JAX's own auto-detection finds in the environment (SLURM, Open
+    MPI, TPU pods, ...; the opt-in mpi4py method excluded), or ``None``.  JAX keeps its cluster list private
+    (``jax._src.clusters``); a jax without it detects nothing here."""
+    try:
+        from jax._src import clusters
+        envs = clusters.ClusterEnv._cluster_types
+    except (ImportError, AttributeError):  # pragma: no cover - a jax that moved its cluster list
+        return None
+    for env in envs:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.__name__, int(env.get_process_count())
+    return None
+
+
+def use_gloo_cpu_collectives() -> None:
+    """Cross-process collectives of the CPU backend through gloo (multi-process CPU runs need them; the option
+    only concerns the CPU backend).  Must run before the backends start."""
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):  # pragma: no cover - a jax where gloo is the only choice
+        pass
+
+
+def wait_for_all_processes(name: str, timeout_s: int) -> None:
+    """Blocks until every process of the ``jax.distributed`` job reached the barrier ``name`` (through the
+    coordination service, not a device collective).  JAX exposes its client only privately
+    (``jax._src.distributed.global_state.client.wait_at_barrier``)."""
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -239,7 +239,7 @@ def test_training_refuses_quantized_params(seed):
     from jaxdlm.training.step import init_state
 
     state = init_state(Model.init(CFG, seed=seed).params, optax.sgd(1e-3), seed)  # float params: accepted
-    assert state["params"]["layers"]["q_proj"][...].dtype == jnp.float32
+    assert state.params["layers"]["q_proj"][...].dtype == jnp.float32
     for scheme in ("fp8", "int8"):
         with pytest.raises(ValueError, match=r"params hold quantized weights \(layers/\w+_scale\): training needs "
                                              r"float parameters"):

@@ -192,7 +192,7 @@ def test_sharded_train_step_keeps_params_sharded(devices, seed, rng):
         new_state, metrics = step(init_state(sharded.params, tx, seed), sharded_batch)
     for name in ("loss", "ar_loss", "diff_loss", "grad_norm"):
         assert abs(float(metrics[name]) - float(ref_metrics[name])) <= 1e-5 * abs(float(ref_metrics[name])), name
-    new = nnx.to_pure_dict(new_state["params"])
+    new = nnx.to_pure_dict(new_state.params)
     layout = param_layout(model.config)
     for path in (("layers", "q_proj"), ("embed",), ("layers", "down_proj")):
         arr = new[path[0]] if len(path) == 1 else new[path[0]][path[1]]

@@ -222,9 +222,9 @@ def test_gradient_accumulation_equals_large_batch(seed, rng):
     two, m2 = step(st, {"tokens": jnp.asarray(tokens.reshape(2, 2, 8)), "loss_mask": jnp.ones((2, 2, 8), bool)})
     assert np.isclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     assert np.isclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"])):
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-    assert not np.allclose(jax.tree.leaves(one["params"])[0], jax.tree.leaves(st["params"])[0])
+    assert not np.allclose(jax.tree.leaves(one.params)[0], jax.tree.leaves(st.params)[0])
 
 
 def test_bf16_compute_keeps_float32_master(seed, rng):
@@ -237,13 +237,13 @@ def test_bf16_compute_keeps_float32_master(seed, rng):
     lc = losses.LossConfig(objective="ar")
     s16, m16 = step_lib.make_train_step(model.graphdef, tx, lc, compute_dtype=jnp.bfloat16, donate=False)(st, batch)
     loss32 = float(losses.ar_loss(model.module, tokens[0])[0])
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16["params"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
     assert abs(float(m16["loss"]) - loss32) < 0.05 * loss32
     assert float(m16["loss"]) != loss32  # really ran in bf16
     # the float32 master moved, by updates finer than bf16 resolution in places (kept in float32)
-    moved = [np.asarray(a) - np.asarray(b) for a, b in zip(jax.tree.leaves(s16["params"]), jax.tree.leaves(st["params"]))]
+    moved = [np.asarray(a) - np.asarray(b) for a, b in zip(jax.tree.leaves(s16.params), jax.tree.leaves(st.params))]
     assert all(np.abs(d).max() > 0 for d in moved if d.size > 64)
-    new = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(s16["params"])])
+    new = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(s16.params)])
     assert not np.array_equal(new, new.astype(jnp.bfloat16).astype(np.float32))
 
 

@@ -17,11 +17,11 @@ _EXPORTS = {
     "apply_noise": "masking",
     "LossConfig": "losses", "joint_loss": "losses", "ar_loss": "losses", "batch_loss": "losses",
     "token_ce": "losses",
-    "OptimConfig": "step", "make_optimizer": "step", "wsd_schedule": "step", "init_state": "step",
+    "OptimConfig": "step", "make_optimizer": "step", "wsd_schedule": "step", "init_state": "step", "TrainState": "step",
     "make_train_step": "step", "make_eval_step": "step",
     "Dataset": "data", "pack": "data", "pack_stream": "data", "chat_tokens": "data", "sft_batch": "data",
     "Checkpointer": "checkpointing",
-    "draft_loss": "lora", "make_lora_step": "lora", "init_lora_state": "lora",
+    "draft_loss": "lora", "make_lora_step": "lora", "init_lora_state": "lora", "LoraTrainState": "lora",
     "TrainConfig": "config", "load_config": "config", "parse_config": "config",
     "train": "run", "load_trained": "run",
 }

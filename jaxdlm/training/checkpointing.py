@@ -41,13 +41,15 @@ class Checkpointer:
     def restore(self, target: dict, step: int | None = None, *, partial: bool = False) -> tuple[dict, dict]:
         """Restores ``(state, meta)`` of ``step`` (default: the latest) into the structure of ``target``.
 
-        ``target`` is a train state or its ``jax.eval_shape`` (``ShapeDtypeStruct`` leaves).  With
-        ``partial=True`` ``target`` may name only some top-level entries (e.g. ``{"params": ...}``).
+        ``target`` is a train state or its ``jax.eval_shape`` (``ShapeDtypeStruct`` leaves).  Leaves with a
+        sharding are restored straight into it (each process reads only its shards, whatever mesh or process
+        count wrote the checkpoint).  With ``partial=True`` ``target`` may name only some top-level entries
+        (e.g. ``{"params": ...}``).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"no checkpoint found in {self.directory}")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding(x)), target)
         restore = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
                                          partial_restore=partial)
         out = self.manager.restore(int(step), args=ocp.args.Composite(state=restore, meta=ocp.args.JsonRestore()))
@@ -61,6 +63,17 @@ class Checkpointer:
         out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out.meta or {})
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process has agreed to stop after ``step`` (Orbax / JAX's preemption sync point: a
+        SIGTERM to any process of a multi-process run); call it after every step on every process."""
+        return bool(self.manager.reached_preemption(int(step)))
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _sharding(x):
+    """The ``jax.sharding.NamedSharding`` a restored leaf goes to (``None``: Orbax's default placement)."""
+    sharding = getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None

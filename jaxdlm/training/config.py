@@ -35,6 +35,11 @@ Every value is checked before any compute starts; a bad one raises ``ValueError`
     alpha = 32.0
     target = "soft"           # or "hard"
 
+    [mesh]                    # how the devices of every process together are laid out (jaxdlm.sharding)
+    data = 1                  # data-parallel replicas
+    fsdp = 0                  # parameter (and batch) sharding; 0: every device left over (the default)
+    tensor = 1                # Megatron-style tensor parallelism
+
     [run]
     out_dir = "runs/x"
     eval_every = 100          # 0: only at the end
@@ -87,6 +92,26 @@ class LoraSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Mesh axis sizes; ``fsdp = 0`` takes every device the other axes leave (without ``[mesh]``: all of them)."""
+
+    data: int = 1
+    fsdp: int = 0
+    tensor: int = 1
+
+    def sizes(self, num_devices: int) -> dict[str, int]:
+        """``{"data", "fsdp", "tensor"}`` sizes for ``num_devices`` devices (``fsdp = 0`` resolved); raises
+        ``ValueError`` naming the sizes when they do not multiply to ``num_devices``."""
+        fixed = self.data * self.tensor * max(self.fsdp, 1)
+        fsdp = self.fsdp or num_devices // (self.data * self.tensor)
+        if (self.fsdp and fixed != num_devices) or (not self.fsdp and num_devices % (self.data * self.tensor)):
+            raise ValueError(f"[mesh] data={self.data}, fsdp={self.fsdp}, tensor={self.tensor} does not fit the "
+                             f"{num_devices} devices of this run; make data x fsdp x tensor = {num_devices} "
+                             "(fsdp = 0 takes every device left over)")
+        return {"data": self.data, "fsdp": fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSection:
     out_dir: str = "runs/default"
     eval_every: int = 100
@@ -109,6 +134,7 @@ class TrainConfig:
     lora: LoraSection
     run: RunSection
     base_dir: str = "."
+    mesh: MeshSection = MeshSection()
 
     def path(self, p: str | None) -> str | None:
         """``p`` resolved relative to the config file's folder (``~`` expanded)."""
@@ -119,7 +145,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = {}
-        for name in ("model", "data", "objective", "lora", "run"):
+        for name in ("model", "data", "objective", "lora", "run", "mesh"):
             d[name] = dataclasses.asdict(getattr(self, name))
         d["model"]["overrides"] = dict(self.model.overrides)
         d["optim"] = dict(dataclasses.asdict(self.optim), batch_size=self.batch_size, accum=self.accum,
@@ -127,7 +153,7 @@ class TrainConfig:
         return d
 
 
-_SECTIONS = ("model", "data", "objective", "optim", "lora", "run")
+_SECTIONS = ("model", "data", "objective", "optim", "lora", "run", "mesh")
 _OPTIM_EXTRA = {"batch_size": int, "accum": int, "compute_dtype": str}
 
 
@@ -206,10 +232,12 @@ def parse_config(data: Mapping[str, Any], base_dir: str = ".") -> TrainConfig:
     optim, extra = _build(OptimConfig, "optim", data.get("optim", {}), _OPTIM_EXTRA)
     lora, _ = _build(LoraSection, "lora", data.get("lora", {}))
     run, _ = _build(RunSection, "run", data.get("run", {}))
+    mesh, _ = _build(MeshSection, "mesh", data.get("mesh", {}))
     batch_size, accum, compute_dtype = _optim_extras(extra)
     _check_sections(model, dsec, lora, run)
+    _check_mesh(mesh, batch_size)
     cfg = TrainConfig(model=model, data=dsec, objective=objective, optim=optim, batch_size=batch_size,
-                      accum=accum, compute_dtype=compute_dtype, lora=lora, run=run, base_dir=base_dir)
+                      accum=accum, compute_dtype=compute_dtype, lora=lora, run=run, base_dir=base_dir, mesh=mesh)
     _check_files_and_model(cfg)
     return cfg
 
@@ -255,6 +283,19 @@ def _check_sections(model: ModelSection, dsec: DataSection, lora: LoraSection, r
         raise ValueError("model.config is required (a ModelConfig JSON / HF config.json path, or an inline table)")
     if not isinstance(model.overrides, Mapping):
         raise ValueError(f"model.overrides={model.overrides!r} must be a table")
+
+
+def _check_mesh(mesh: MeshSection, batch_size: int) -> None:
+    """Axis sizes are positive (``fsdp`` may be 0) and the fixed batch axes divide ``optim.batch_size``."""
+    for name in ("data", "fsdp", "tensor"):
+        v = getattr(mesh, name)
+        if v < (0 if name == "fsdp" else 1):
+            raise ValueError(f"mesh.{name}={v} must be a positive integer" + (" (or 0: every device left over)"
+                                                                              if name == "fsdp" else ""))
+    rows = mesh.data * max(mesh.fsdp, 1)
+    if batch_size % rows:
+        raise ValueError(f"optim.batch_size={batch_size} is not a multiple of mesh.data x mesh.fsdp = {rows}: "
+                         "every batch row shard needs the same number of rows")
 
 
 def _check_files_and_model(cfg: TrainConfig) -> None:

@@ -58,10 +58,9 @@ def pack(docs: Iterable[Sequence[int]], seq_len: int, block_size: int, *, eos_id
 
 def pack_stream(stream, seq_len: int, block_size: int, *, pad_id: int = 0, drop_remainder: bool = True) -> dict:
     """Cuts a 1-D token stream into ``[N, seq_len]`` rows (see :func:`pack`)."""
-    check_seq_len(seq_len, block_size)
     stream = np.asarray(stream).reshape(-1)
-    n_full = len(stream) // seq_len
-    tokens = stream[: n_full * seq_len].reshape(n_full, seq_len).astype(np.int32)
+    tokens = stream_rows(stream, seq_len, block_size).astype(np.int32)
+    n_full = len(tokens)
     mask = np.ones(tokens.shape, bool)
     rest = len(stream) - n_full * seq_len
     if rest and not drop_remainder:
@@ -71,6 +70,14 @@ def pack_stream(stream, seq_len: int, block_size: int, *, pad_id: int = 0, drop_
         mrow[0, :rest] = True
         tokens, mask = np.concatenate([tokens, row]), np.concatenate([mask, mrow])
     return {"tokens": tokens, "loss_mask": mask}
+
+
+def stream_rows(stream, seq_len: int, block_size: int) -> np.ndarray:
+    """The full ``[N, seq_len]`` rows of a 1-D token ``stream`` as a view (no copy: a memory-mapped stream stays
+    on disk); the last partial row is dropped."""
+    check_seq_len(seq_len, block_size)
+    n_full = len(stream) // seq_len
+    return stream[: n_full * seq_len].reshape(n_full, seq_len)
 
 
 # ------------------------------------------------------------------------------------------- SFT
@@ -148,15 +155,25 @@ def sft_batch(examples: Sequence[tuple[Sequence[int], Sequence[bool]]], seq_len:
 
 @dataclasses.dataclass
 class Dataset:
-    """Packed rows ``{"tokens": [N, L], "loss_mask": [N, L]}`` served in seeded, epoch-wise shuffled batches."""
+    """Packed rows ``tokens [N, L]`` (any integer dtype; a ``np.memmap`` stays on disk) and ``loss_mask [N, L]``
+    (``None``: every token carries loss) served in seeded, epoch-wise shuffled batches.
+
+    Only the rows a batch asks for are read (``rows_read`` counts them), so a memory-mapped corpus larger than
+    RAM trains and each process of a multi-process run touches only its own rows.  With ``vocab_size`` the rows
+    served are checked to hold ids in ``[0, vocab_size)`` (``name`` says which data in the error).
+    """
 
     tokens: np.ndarray
-    loss_mask: np.ndarray
+    loss_mask: np.ndarray | None = None
     seed: int = 0
+    vocab_size: int | None = None
+    name: str = "data"
+    rows_read: int = dataclasses.field(default=0, init=False)
 
     def __post_init__(self):
-        if self.tokens.ndim != 2 or self.tokens.shape != self.loss_mask.shape:
-            raise ValueError(f"tokens {self.tokens.shape} and loss_mask {self.loss_mask.shape} must be equal [N, L]")
+        if self.tokens.ndim != 2 or (self.loss_mask is not None and self.tokens.shape != self.loss_mask.shape):
+            mask_shape = None if self.loss_mask is None else self.loss_mask.shape
+            raise ValueError(f"tokens {self.tokens.shape} and loss_mask {mask_shape} must be equal [N, L]")
         if len(self.tokens) == 0:
             raise ValueError("the dataset is empty (fewer tokens than one sequence?)")
 
@@ -178,17 +195,30 @@ class Dataset:
             out[sel] = perm[g[sel] % n]
         return out
 
-    def batch(self, step: int, batch_size: int, accum: int = 1) -> dict:
-        """The batch of optimizer step ``step``: ``[accum, batch_size, L]`` arrays."""
-        idx = self.indices(step * batch_size * accum, batch_size * accum)
-        shape = (accum, batch_size, self.tokens.shape[1])
-        return {"tokens": self.tokens[idx].reshape(shape), "loss_mask": self.loss_mask[idx].reshape(shape)}
+    def rows(self, idx_S: np.ndarray) -> dict:
+        """The rows ``idx_S`` (index array of any shape ``S``) and nothing else: ``{"tokens": int32 [*S, L],
+        "loss_mask": bool [*S, L]}``."""
+        flat = np.asarray(idx_S).reshape(-1)
+        tokens = np.asarray(self.tokens[flat], np.int32)
+        self.rows_read += len(flat)
+        if self.vocab_size is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+            raise ValueError(f"{self.name}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        mask = np.ones(tokens.shape, bool) if self.loss_mask is None else np.asarray(self.loss_mask[flat], bool)
+        shape = np.shape(idx_S) + (self.tokens.shape[1],)
+        return {"tokens": tokens.reshape(shape), "loss_mask": mask.reshape(shape)}
 
-    def eval_batches(self, batch_size: int, max_batches: int | None = None):
-        """Consecutive (unshuffled) ``[batch_size, L]`` batches; the last partial batch is dropped."""
+    def batch(self, step: int, batch_size: int, accum: int = 1, part: slice = slice(None)) -> dict:
+        """The batch of optimizer step ``step``: ``[accum, batch_size, L]`` arrays, or only the rows ``part`` of
+        each micro-batch (``[accum, len(part), L]``: one process's share; the other rows are not read)."""
+        idx_AxB = self.indices(step * batch_size * accum, batch_size * accum).reshape(accum, batch_size)
+        return self.rows(idx_AxB[:, part])
+
+    def eval_batches(self, batch_size: int, max_batches: int | None = None, part: slice = slice(None)):
+        """Consecutive (unshuffled) ``[batch_size, L]`` batches, or their rows ``part``; the last partial batch
+        is dropped."""
         nb = len(self) // batch_size
         if max_batches is not None:
             nb = min(nb, max_batches)
         for i in range(nb):
-            sl = slice(i * batch_size, (i + 1) * batch_size)
-            yield {"tokens": self.tokens[sl], "loss_mask": self.loss_mask[sl]}
+            yield self.rows(np.arange(i * batch_size, (i + 1) * batch_size)[part])

@@ -26,11 +26,12 @@ number of leading draft tokens per block that verification would accept.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from jaxdlm.attention import masks
 from jaxdlm.attention.masks import TokenInfo
@@ -136,6 +137,17 @@ def make_lora_step(graphdef, tx: optax.GradientTransformation, *, target: str = 
         return {"lora": new_lora, "opt_state": opt_state, "step": lora_state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=(1,) if donate else ())
+
+
+@struct.dataclass
+class LoraTrainState:
+    """What a draft-LoRA run (``jaxdlm train`` with ``[lora]``) checkpoints: the :func:`make_lora_step` state plus
+    the run's ``rng`` (saved under these field names)."""
+
+    step: jax.Array  # int32 []
+    lora: OProjLoRA
+    opt_state: Any
+    rng: jax.Array  # uint32 [2]
 
 
 def init_lora_state(lora: OProjLoRA, tx: optax.GradientTransformation) -> dict:

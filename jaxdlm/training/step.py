@@ -1,9 +1,7 @@
 """Optimizer and the jitted train step (optax).
 
-The train state is a plain dict pytree::
-
-    {"step": int32 [], "params": nnx.State (float32 master copy), "opt_state": optax state,
-     "rng": uint32 [2] (raw PRNG key data)}
+The train state is a :class:`TrainState` pytree: ``step`` int32 [], ``params`` (``nnx.State``, float32 master
+copy), ``opt_state`` (optax) and ``rng`` uint32 [2] (raw PRNG key data).
 
 A batch is ``{"tokens": int32 [A, B, L], "loss_mask": bool [A, B, L]}`` with ``A`` micro-batches that
 are accumulated (a ``lax.scan``) into ONE optimizer update; the gradient and the loss are the mean over
@@ -17,12 +15,12 @@ gradients flow back through the cast and the update is applied to the float32 co
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from jaxdlm.training.losses import LossConfig, batch_loss
 
@@ -105,15 +103,26 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return adamw
 
 
-def init_state(params, tx: optax.GradientTransformation, seed: int) -> dict:
+@struct.dataclass
+class TrainState:
+    """What a full train step updates.  Orbax saves it under its field names, the keys of the plain dict that
+    earlier versions used, so their checkpoints restore into it (and a dict target restores parts of it)."""
+
+    step: jax.Array  # int32 []: optimizer steps taken
+    params: Any  # nnx.State: the float32 master parameters
+    opt_state: Any  # optax state (Adam's moments shaped like params)
+    rng: jax.Array  # uint32 [2]: raw PRNG key data of the training noise
+
+
+def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh train state around float32 ``params`` (an ``nnx.State`` or any pytree).  Quantized weights
     (:mod:`jaxdlm.quant`) are refused: their scales live apart and a cast to float32 would silently drop them."""
     _refuse_quantized(params)
     # a copy: the jitted step donates the state, which must not delete the caller's model params
     params = jax.tree.map(lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
                           params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.PRNGKey(seed)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed))
 
 
 def _refuse_quantized(params) -> None:
@@ -164,25 +173,27 @@ def _accumulate(loss_fn, params, batch, key):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: LossConfig, *, compute_dtype=None,
-                    schedule: optax.Schedule | None = None, donate: bool = True) -> Callable:
+                    schedule: optax.Schedule | None = None, donate: bool = True, out_shardings=None) -> Callable:
     """A jitted ``step(state, batch) -> (state, metrics)`` (see the module docstring for the layouts).
 
     Metrics: the loss terms averaged over micro-batches, ``grad_norm`` (before clipping) and ``lr``.
+    ``out_shardings``: ``(state shardings, metrics sharding)`` to pin the outputs to (on a mesh: the state keeps
+    the layout it was created or restored in, so every step runs the same compiled program).
     """
     loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype)
 
     def step(state, batch):
-        key = jax.random.fold_in(state["rng"], state["step"])
-        grads, metrics = _accumulate(loss_fn, state["params"], batch, key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        key = jax.random.fold_in(state.rng, state.step)
+        grads, metrics = _accumulate(loss_fn, state.params, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
-        return new, metrics
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    pinned = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(step, donate_argnums=(0,) if donate else (), **pinned)
 
 
 def make_eval_step(graphdef, loss_cfg: LossConfig, *, compute_dtype=None) -> Callable:
