@@ -276,7 +276,8 @@ class Engine:
         """Streams ``prompts`` through the slots (continuous batching); returns one :class:`Completion` per
         prompt, in input order.  ``options``: one :class:`DecodeOptions` (or None) for all, or one per prompt;
         ``max_tokens``: an int for all, or one per prompt.  Every request is checked before the first runs.
-        ``cycles``: cycles per dispatch (:meth:`step`).  Waiting prompts enter free slots several per dispatch
+        ``cycles``: cycles per dispatch (:meth:`step`).  Prompts start in decreasing ``max_tokens`` (a request's
+        output does not depend on when it runs) and enter free slots several per dispatch
         (:meth:`insert_many`), and a dispatch runs until a quarter of the slots (or every waiting prompt's worth) are
         free."""
         n = len(prompts)
@@ -291,14 +292,15 @@ class Engine:
         outputs: dict[int, list] = {}
         logps: dict[int, list] = {}
         owner: dict[int, int] = {}           # slot -> prompt index
+        # the largest max_tokens first: the run's tail, where slots empty out, is then made of short requests
+        order = sorted(range(n), key=lambda i: -caps[i])
         nxt = 0
         while nxt < n or owner:
-            take = min(n - nxt, len(self.free))
+            take = order[nxt:nxt + len(self.free)]
             if take:
-                for slot, i in zip(self.insert_many([(prompts[j], opts[j], caps[j]) for j in range(nxt, nxt + take)]),
-                                   range(nxt, nxt + take)):
+                for slot, i in zip(self.insert_many([(prompts[j], opts[j], caps[j]) for j in take]), take):
                     owner[slot], outputs[i], logps[i] = i, [], []
-                nxt += take
+                nxt += len(take)
             # a dispatch ends once enough slots are free for a batched insert (at most a quarter of them, at most
             # what still waits), or when every slot is done once nothing waits
             out = self.step(cycles, max(1, min(n - nxt, self.slots // 4)) if nxt < n else self.slots)
