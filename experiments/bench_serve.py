@@ -77,9 +77,10 @@ def drive(engine, prompts, caps, opts, concurrency: int, cycles: int = 1) -> dic
             waiting.append(nxt)
             submitted[nxt] = now
             nxt += 1
-        while waiting and engine.free:
-            i = waiting.pop(0)
-            owner[engine.insert(prompts[i], opts, caps[i])] = i
+        if waiting and engine.free:  # the waiting requests that fit, in one batched insert (as the server)
+            take, waiting = waiting[:len(engine.free)], waiting[len(engine.free):]
+            for slot, i in zip(engine.insert_many([(prompts[i], opts, caps[i]) for i in take]), take):
+                owner[slot] = i
         out = engine.step(cycles)
         now = time.perf_counter()
         for slot, i in list(owner.items()):
@@ -199,9 +200,12 @@ def main(argv=None):
                     max_new=max(args.caps), block_length=args.block_length)
     from jaxdlm.testing import count_compilations
 
-    for n in (64, 128, 200) * 2:  # compile the insert of every prompt bucket (64, 128, 256) and the step (twice:
-        # an insert after a step's state may compile once more; `compiles` in the results counts any left)
-        engine.generate_many([np.full(n, 5, np.int32)], opts, 2, cycles=args.cycles)
+    ks = [1 << j for j in range(args.slots.bit_length()) if 1 << j < args.slots] + [args.slots]
+    for n in (64, 128, 200) * 2:  # compile the batched insert of every prompt bucket (64, 128, 256) and row count,
+        # and the steps (twice: an insert after a step's state may compile once more; `compiles` counts any left)
+        for k in ks:
+            engine.generate_many([np.full(n, 5, np.int32)] * k, opts, 2, cycles=args.cycles)
+            engine.generate_many([np.full(n, 5, np.int32)] * k, opts, 2, cycles=args.offline_cycles)
     load = []
     for c in args.concurrency:
         n = max(8, c * args.requests_per_client)

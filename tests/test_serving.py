@@ -60,13 +60,39 @@ def test_each_request_equals_generate_alone(mode, seed, rng):
     engine = Engine(model, mode=mode, slots=3, max_len=128, max_new=max(CAPS), block_length=BLOCK, logprobs=True)
     results = engine.generate_many(prompts, opts, caps)
     assert engine.free == [2, 1, 0] and not engine.alive.any()  # every slot freed
+    alone = []
     for i, (p, o, cap, r) in enumerate(zip(prompts, opts, caps, results)):
         tokens, nfe = _alone(model, mode, p, o, cap)
+        alone.append(tokens)
         np.testing.assert_array_equal(r.tokens, tokens, err_msg=f"request {i} {o}")
         assert r.nfe == nfe, (i, o)
         np.testing.assert_allclose(r.logprobs, _causal_logprobs(model, p, tokens), atol=2e-4, err_msg=f"request {i}")
         ended = len(tokens) > 0 and int(tokens[-1]) in o.eos_ids(model.config)
         assert r.finish_reason == ("stop" if ended else "length")
+    if mode == "diffusion":
+        _check_streams_within_a_block(model, prompts, opts, caps, alone)
+
+
+def _check_streams_within_a_block(model, prompts, opts, caps, alone):
+    """Diffusion steps one pass at a time: a slot's stream (without log-probabilities) returns the tokens a denoise
+    pass commits before the block's commit pass, and the chunks join to ``generate`` alone."""
+    engine = Engine(model, mode="diffusion", slots=2, max_len=128, max_new=max(CAPS), block_length=BLOCK)
+    got, ends, owner, nxt = {}, {}, {}, 0
+    while nxt < len(prompts) or owner:
+        while nxt < len(prompts) and engine.free:
+            owner[engine.insert(prompts[nxt], opts[nxt], caps[nxt])], got[nxt], ends[nxt] = nxt, [], []
+            nxt += 1
+        out = engine.step()
+        for slot, i in list(owner.items()):
+            got[i] += out.tokens[slot, :out.counts[slot]].tolist()
+            ends[i] += [len(got[i])] if out.counts[slot] else []
+            if out.done[slot]:
+                del owner[slot]
+    for i, tokens in enumerate(alone):
+        np.testing.assert_array_equal(got[i], tokens, err_msg=f"request {i} {opts[i]}")
+    # a commit pass ends the output at 1 + k * BLOCK tokens (the prefill's token, then whole blocks): a chunk ending
+    # elsewhere before the last came from a denoise pass
+    assert any((e - 1) % BLOCK for i in ends for e in ends[i][:-1]), ends
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +140,8 @@ def test_generate_many_keeps_input_order_and_knobs_never_recompile(ar_engine, rn
     prompts = [rng.integers(4, v, size=n) for n in (5, 9, 2, 14, 6)]
     caps = [12, 2, 9, 1, 5]                # later prompts finish first
     opts = [DecodeOptions(temperature=t, seed=s) for t, s in ((0, 0), (0.5, 1), (0, 0), (1.0, 9), (0.3, 2))]
-    engine.generate_many(prompts[:1], opts[0], 2)   # compile everything once
+    for k in (1, 2):                       # compile everything once: batched inserts of 1 and 2 prompts
+        engine.generate_many(prompts[:k], opts[0], 2)
     with count_compilations() as n:
         many = engine.generate_many(prompts, opts, caps)
     assert n.value == 0  # new temperatures, seeds, caps and neighbours: no new program

@@ -61,6 +61,25 @@ class Plan:
 
 
 @struct.dataclass
+class BlockProgress:
+    """A diffusion block in progress, per row: the state a step-wise engine keeps between passes
+    (:func:`jaxdlm.generation.diffusion.diffusion_pass`; ``generate`` keeps it inside its denoise loop instead).
+
+    Attributes:
+      blk: ``int32 [B, N]`` the block: the seed, then committed tokens and MASK ids.
+      masked: ``bool [B, N]`` positions still masked.
+      live: ``bool [B]`` the block takes more denoise passes (MASK left and no EOS committed with no MASK before it).
+      i: ``int32 [B]`` denoise passes run on this block; 0: no block in progress (the next pass starts one at
+        ``[last_token, MASK * (N-1)]``).
+    """
+
+    blk: jax.Array
+    masked: jax.Array
+    live: jax.Array
+    i: jax.Array
+
+
+@struct.dataclass
 class DecodeState:
     """The loop carry of every generation program (a pytree; ``state.replace(field=...)`` makes a new one).
 
@@ -88,6 +107,7 @@ class DecodeState:
         (every row's cap is ``plan.max_new``).
       logp: ``float32 [B, W]`` the causal (AR) model's log-probability of each emitted token at temperature 1
         (the serving engine's ``logprobs``), or None (not computed).
+      block: a step-wise engine's diffusion block in progress (:class:`BlockProgress`), else None.
     """
 
     cache: KVCache
@@ -108,6 +128,7 @@ class DecodeState:
     draft_probs: jax.Array | None = None
     cap: jax.Array | None = None
     logp: jax.Array | None = None
+    block: BlockProgress | None = None
 
 
 def head(module, hidden):

@@ -5,7 +5,9 @@ and the docs' modes table all read :data:`MODES`.  A mode is its loop body (:att
 every row of a :class:`~jaxdlm.generation.core.DecodeState`, finished rows masked), how its prefill counts in
 ``nfe``, how many cache slots its widest forward writes, what it needs of the model and of the block length, and
 its extra decode state.  :func:`run` is the one program every mode runs: the causal prefill, then
-``lax.while_loop(not_done, cycle)``.  A step-wise engine (serving) calls ``cycle`` itself, one cycle at a time.
+``lax.while_loop(not_done, cycle)``.  A step-wise engine (serving) calls :attr:`Mode.engine_cycle` itself, one
+cycle at a time: the mode's ``pass_cycle`` where it has one (diffusion: one denoise or commit pass per row, the
+block in progress kept in the state), else its ``cycle``.
 
 Adding a mode is writing its ``cycle`` and calling :func:`register_mode` (docs/code.md, "Adding a decoding
 mode"); a mode registered from outside the package runs through ``generate`` and ``make_generate_fn`` alike.
@@ -22,7 +24,7 @@ import jax
 
 from jaxdlm.generation import core
 from jaxdlm.generation.ar import ar_cycle
-from jaxdlm.generation.diffusion import diffusion_cycle
+from jaxdlm.generation.diffusion import block_fields, diffusion_cycle, diffusion_pass, visible_prefix
 from jaxdlm.generation.speculative import linear_cycle, quadratic_cycle, quadratic_fields
 
 MAX_QUADRATIC_BLOCK = 64  # N(N+1) = 4160 tokens per forward at most
@@ -46,6 +48,13 @@ class Mode:
       block_rule: why those bounds (for the error message).
       has_policy: whether a diffusion commit policy (and the fixed schedule) applies.
       init_fields: ``init_fields(module, plan, batch) -> dict`` of extra :class:`DecodeState` fields, or None.
+      pass_cycle: a finer loop body for step-wise engines, or None (they run ``cycle``): the same passes, keys and
+        ``nfe`` per row as ``cycle``, a part of one cycle per call (diffusion: one denoise or commit pass).
+      pass_fields: ``pass_fields(module, plan, batch) -> dict``: the extra state ``pass_cycle`` runs on (used
+        instead of ``init_fields`` with it; an engine resets a slot's on insert).
+      visible: ``visible(state, plan) -> (out [B, W], length [B])``: with ``pass_cycle``, the output a step-wise
+        engine may stream before a cycle completes (final tokens only), or None (``state.out`` up to
+        ``state.length``).
     """
 
     name: str
@@ -60,6 +69,19 @@ class Mode:
     block_rule: str = ""
     has_policy: bool = False
     init_fields: Callable | None = None
+    pass_cycle: Callable | None = None
+    pass_fields: Callable | None = None
+    visible: Callable | None = None
+
+    @property
+    def engine_cycle(self) -> Callable:
+        """The loop body of a step-wise engine: ``pass_cycle``, else ``cycle``."""
+        return self.pass_cycle or self.cycle
+
+    @property
+    def engine_fields(self) -> Callable | None:
+        """The extra-state maker that goes with :attr:`engine_cycle`."""
+        return self.pass_fields if self.pass_cycle else self.init_fields
 
     def available(self, config) -> bool:
         """Whether the model can run this mode at all."""
@@ -123,7 +145,7 @@ register_mode(Mode("ar", "autoregressive: one token per forward over the KV cach
                    widest_write=lambda n: 1, uses_block=False, needs_mask=False))
 register_mode(Mode("diffusion", "block diffusion: denoise passes commit tokens of a block by a policy, then a "
                    "causal pass writes the block", diffusion_cycle, prefill_nfe=0, widest_write=lambda n: n,
-                   has_policy=True))
+                   has_policy=True, pass_cycle=diffusion_pass, pass_fields=block_fields, visible=visible_prefix))
 register_mode(Mode("linear_spec", "linear self-speculation: a diffusion draft pass, then a causal verify pass; "
                    "equals AR at T=0", linear_cycle, prefill_nfe=1, widest_write=lambda n: n, min_block=2,
                    block_rule="one seed and at least one draft token"))

@@ -83,18 +83,22 @@ class Completion:
     logprobs: np.ndarray | None = None
 
 
-def _put(full, row, slot, axis: int):
-    """``full`` with its index ``slot`` along ``axis`` replaced by the one-row ``row``."""
-    return jax.lax.dynamic_update_slice_in_dim(full, row.astype(full.dtype), slot, axis)
+def _put(full, rows, slots_K, axis: int):
+    """``full`` with its indices ``slots_K`` along ``axis`` replaced by the ``K`` rows ``rows`` (an index past the
+    end is dropped: a padding row)."""
+    rows = rows.astype(full.dtype)
+    if axis == 0:
+        return full.at[slots_K].set(rows, mode="drop")
+    return full.at[:, slots_K].set(rows, mode="drop")
 
 
-def put_row(full: core.DecodeState, row: core.DecodeState, slot) -> core.DecodeState:
-    """``full`` with slot ``slot`` replaced by the one-row state ``row`` (the cache's batch axis is 1, every
-    other per-row field's 0; the batch-wide pass counter ``total`` is kept)."""
-    cache = KVCache(k=_put(full.cache.k, row.cache.k, slot, 1), v=_put(full.cache.v, row.cache.v, slot, 1),
-                    length=_put(full.cache.length, row.cache.length, slot, 0))
+def put_rows(full: core.DecodeState, rows: core.DecodeState, slots_K) -> core.DecodeState:
+    """``full`` with slots ``slots_K`` (``int32 [K]``; ``>= S``: skipped) replaced by the ``K``-row state ``rows``
+    (the cache's batch axis is 1, every other per-row field's 0; the batch-wide pass counter ``total`` is kept)."""
+    cache = KVCache(k=_put(full.cache.k, rows.cache.k, slots_K, 1), v=_put(full.cache.v, rows.cache.v, slots_K, 1),
+                    length=_put(full.cache.length, rows.cache.length, slots_K, 0))
     strip = dict(cache=None, total=None)
-    rest = jax.tree.map(lambda f, r: _put(f, r, slot, 0), full.replace(**strip), row.replace(**strip))
+    rest = jax.tree.map(lambda f, r: _put(f, r, slots_K, 0), full.replace(**strip), rows.replace(**strip))
     return rest.replace(cache=cache, total=full.total)
 
 
@@ -186,6 +190,14 @@ class Engine:
             raise ValueError(f"eos_token_id: {len(options.eos_ids(c))} ids exceed the engine's {self.eos_slots}")
         return options
 
+    def check_request(self, prompt: Sequence[int], options: DecodeOptions | None, max_tokens):
+        """Checks a request's prompt (token ids) and settings; returns ``(prompt int32 [n], options checked)``."""
+        row = np.asarray(prompt, np.int32).reshape(-1)
+        vocab = self.model.config.vocab_size
+        if row.size == 0 or row.min() < 0 or row.max() >= vocab:
+            raise ValueError(f"prompt must be 1..{self.max_len} token ids in [0, {vocab})")
+        return row, self.check(row.size, options, max_tokens)
+
     # ------------------------------------------------------------------------------------------- slots
 
     @property
@@ -194,39 +206,52 @@ class Engine:
         return int(self.alive.sum())
 
     def insert(self, prompt: Sequence[int], options: DecodeOptions | None = None, max_tokens: int = 16) -> int:
-        """Prefills one request into a free slot; returns the slot.  The prompt (token ids) is padded to its
-        bucket (:func:`jaxdlm.generation.bucket_length`, at most ``max_len``): one compiled program per bucket."""
-        if not self.free:
-            raise RuntimeError(f"all {self.slots} slots are busy: wait for a step to finish one")
-        row = np.asarray(prompt, np.int32).reshape(-1)
-        if row.size == 0 or row.min() < 0 or row.max() >= self.model.config.vocab_size:
-            raise ValueError(f"prompt must be 1..{self.max_len} token ids in [0, {self.model.config.vocab_size})")
-        opts = self.check(row.size, options, max_tokens)
-        p_len = min(bucket_length(row.size), self.max_len)
-        padded = np.zeros((1, p_len), np.int32)
-        padded[0, :row.size] = row
-        one = lambda x: np.asarray(x)[None]  # noqa: E731
-        knobs = jax.tree.map(one, opts.knobs())
-        eos = padded_eos(opts.eos_ids(self.model.config), self.eos_slots)[None]
-        key = np.asarray(jax.random.PRNGKey(opts.seed))[None]
-        slot = self.free.pop()
-        with self.model.mesh_context():
-            self.state = self._insert(self.model.params, self.model.lora, self.state, np.int32(slot), padded,
-                                      np.asarray([row.size], np.int32), key, knobs, eos,
-                                      np.asarray([max_tokens], np.int32))
-        self.alive[slot], self.seen[slot] = True, 0
-        return slot
+        """Prefills one request into a free slot; returns the slot (:meth:`insert_many` of one)."""
+        return self.insert_many([(prompt, options, max_tokens)])[0]
 
-    def step(self, cycles: int = 1) -> StepOutput:
+    def insert_many(self, requests: Sequence[tuple]) -> list[int]:
+        """Prefills ``(prompt, options, max_tokens)`` requests into free slots in one dispatch; returns their slots.
+        The prompts (token ids) are padded to the longest one's bucket (:func:`jaxdlm.generation.bucket_length`, at
+        most ``max_len``) and the rows to a power of two (at most ``slots``): one compiled program per (rows,
+        bucket).  Every request is checked before any is inserted."""
+        if len(requests) > len(self.free):
+            raise RuntimeError(f"{len(requests)} requests, {len(self.free)} free slots of {self.slots}: wait for a "
+                               f"step to finish one")
+        c, rows, opts = self.model.config, [], []
+        for prompt, options, max_tokens in requests:
+            row, o = self.check_request(prompt, options, max_tokens)
+            rows.append(row)
+            opts.append(o)
+        n = len(rows)
+        k = min(1 << (n - 1).bit_length(), self.slots)
+        p_len = min(bucket_length(max(r.size for r in rows)), self.max_len)
+        padded, lens = np.zeros((k, p_len), np.int32), np.ones(k, np.int32)
+        for i, r in enumerate(rows):
+            padded[i, :r.size], lens[i] = r, r.size
+        opts += [DecodeOptions()] * (k - n)  # padding rows: written nowhere
+        knobs = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *[o.knobs() for o in opts])
+        eos = np.stack([padded_eos(o.eos_ids(c), self.eos_slots) for o in opts])
+        keys = np.stack([np.asarray(jax.random.PRNGKey(o.seed)) for o in opts])
+        caps = np.asarray([m for _, _, m in requests] + [1] * (k - n), np.int32)
+        slots = [self.free.pop() for _ in range(n)]
+        slots_k = np.asarray(slots + [self.slots] * (k - n), np.int32)
+        with self.model.mesh_context():
+            self.state = self._insert(self.model.params, self.model.lora, self.state, slots_k, padded, lens, keys,
+                                      knobs, eos, caps)
+        self.alive[slots], self.seen[slots] = True, 0
+        return slots
+
+    def step(self, cycles: int = 1, until_free: int = 1) -> StepOutput:
         """One cycle of the mode over every slot (``cycles > 1``: up to that many in one dispatch, ending early
-        when a running slot finishes: fewer host round trips, coarser streaming); returns each slot's new tokens
-        and flags (numpy).  A slot whose request is done is freed here (its next :meth:`insert` may take it at
-        once).  Each ``cycles`` value is one compiled program."""
+        once ``until_free`` running slots have finished, or all of them: fewer host round trips, coarser
+        streaming); returns each slot's new tokens and flags (numpy).  A slot whose request is done is freed here
+        (its next :meth:`insert` may take it at once).  Each ``cycles`` value is one compiled program
+        (``until_free`` is traced)."""
         if cycles not in self._steps:
             self._steps[cycles] = _step_fn(self.model.graphdef, self.plan, self.mode.name, self.width, int(cycles))
         with self.model.mesh_context():
             self.state, out = self._steps[cycles](self.model.params, self.model.lora, self.state, self.alive,
-                                                  self.seen)
+                                                  self.seen, np.int32(until_free))
         out = jax.device_get(out)
         self.seen = self.seen + np.where(self.alive, out.counts, 0).astype(np.int32)
         for slot in np.flatnonzero(self.alive & out.done):
@@ -251,7 +276,10 @@ class Engine:
         """Streams ``prompts`` through the slots (continuous batching); returns one :class:`Completion` per
         prompt, in input order.  ``options``: one :class:`DecodeOptions` (or None) for all, or one per prompt;
         ``max_tokens``: an int for all, or one per prompt.  Every request is checked before the first runs.
-        ``cycles``: cycles per dispatch (:meth:`step`; a finished slot still ends the dispatch at once)."""
+        ``cycles``: cycles per dispatch (:meth:`step`).  Prompts start in decreasing ``max_tokens`` (a request's
+        output does not depend on when it runs) and enter free slots several per dispatch
+        (:meth:`insert_many`), and a dispatch runs until a quarter of the slots (or every waiting prompt's worth) are
+        free."""
         n = len(prompts)
         opts = list(options) if isinstance(options, (list, tuple)) else [options] * n
         caps = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * n
@@ -264,13 +292,18 @@ class Engine:
         outputs: dict[int, list] = {}
         logps: dict[int, list] = {}
         owner: dict[int, int] = {}           # slot -> prompt index
+        # the largest max_tokens first: the run's tail, where slots empty out, is then made of short requests
+        order = sorted(range(n), key=lambda i: -caps[i])
         nxt = 0
         while nxt < n or owner:
-            while nxt < n and self.free:
-                slot = self.insert(prompts[nxt], opts[nxt], caps[nxt])
-                owner[slot], outputs[nxt], logps[nxt] = nxt, [], []
-                nxt += 1
-            out = self.step(cycles)
+            take = order[nxt:nxt + len(self.free)]
+            if take:
+                for slot, i in zip(self.insert_many([(prompts[j], opts[j], caps[j]) for j in take]), take):
+                    owner[slot], outputs[i], logps[i] = i, [], []
+                nxt += len(take)
+            # a dispatch ends once enough slots are free for a batched insert (at most a quarter of them, at most
+            # what still waits), or when every slot is done once nothing waits
+            out = self.step(cycles, max(1, min(n - nxt, self.slots // 4)) if nxt < n else self.slots)
             for slot, i in list(owner.items()):
                 outputs[i].extend(out.tokens[slot, :out.counts[slot]].tolist())
                 if out.logp is not None:
@@ -301,7 +334,7 @@ def _empty_state(graphdef, plan: core.Plan, mode: str, slots: int, eos_slots: in
     def make(params):
         module = _module(graphdef, params)
         record = MODES[mode]
-        fields = record.init_fields(module, plan, slots) if record.init_fields else {}
+        fields = record.engine_fields(module, plan, slots) if record.engine_fields else {}
         dtype = jax.tree.leaves(params)[0].dtype
         zeros = jnp.zeros((slots,), jnp.int32)
         knobs = jax.tree.map(lambda x: jnp.broadcast_to(x, (slots,)), Knobs.make())
@@ -318,44 +351,53 @@ def _empty_state(graphdef, plan: core.Plan, mode: str, slots: int, eos_slots: in
 
 @functools.lru_cache(maxsize=16)
 def _insert_fn(graphdef, plan: core.Plan, mode: str, logprobs: bool):
-    """``insert(params, lora, state, slot, prompt [1, P], len [1], key [1, 2], knobs [1], eos [1, E], cap [1])
-    -> state``: the causal prefill of one request (``core.init_state`` of one row) written into ``slot``."""
+    """``insert(params, lora, state, slots [K], prompt [K, P], len [K], key [K, 2], knobs [K], eos [K, E], cap [K])
+    -> state``: the causal prefill of ``K`` requests (``core.init_state`` of ``K`` rows) written into ``slots``
+    (an index ``>= S``: a padding row, written nowhere)."""
 
-    def insert(params, lora, state, slot, prompt_1xP, len_1, key_1, knobs_1, eos_1xE, cap_1):
+    def insert(params, lora, state, slots_K, prompt_KxP, len_K, key_K, knobs_K, eos_KxE, cap_K):
         module = _module(graphdef, params)
         record = MODES[mode]
-        fields = record.init_fields(module, plan, 1) if record.init_fields else {}
+        k = prompt_KxP.shape[0]
+        fields = record.engine_fields(module, plan, k) if record.engine_fields else {}  # the slots' reset
         dtype = jax.tree.leaves(params)[0].dtype
-        row = core.init_state(module, plan, prompt_1xP, len_1, key_1, knobs_1, eos_1xE, dtype,
-                              prefill_nfe=record.prefill_nfe, cap_B=cap_1, logprobs=logprobs, **fields)
-        return put_row(state, row, slot)
+        rows = core.init_state(module, plan, prompt_KxP, len_K, key_K, knobs_K, eos_KxE, dtype,
+                               prefill_nfe=record.prefill_nfe, cap_B=cap_K, logprobs=logprobs, **fields)
+        return put_rows(state, rows, slots_K)
 
     return jax.jit(insert, donate_argnums=(2,))
 
 
 @functools.lru_cache(maxsize=16)
 def _step_fn(graphdef, plan: core.Plan, mode: str, width: int, cycles: int):
-    """``step(params, lora, state, alive [S], seen [S]) -> (state, StepOutput)``: up to ``cycles`` cycles of the mode
-    over every slot, stopping early once a running slot is done (so that a waiting request takes it at once);
+    """``step(params, lora, state, alive [S], seen [S], until_free []) -> (state, StepOutput)``: up to ``cycles``
+    cycles of the mode over every slot, stopping early once ``until_free`` running slots are done (so that waiting
+    requests take them at once) or every slot is;
     slots not ``alive`` are marked done first (nothing of theirs changes).  The output holds each slot's final
     tokens from index ``seen`` on (the first step after an insert also returns the prefill's token)."""
 
-    def step(params, lora, state, alive_S, seen_S):
+    def step(params, lora, state, alive_S, seen_S, until_free):
         module = _module(graphdef, params)
         state = state.replace(done=state.done | ~alive_S)
-        cycle = lambda s: MODES[mode].cycle(module, plan, s, lora if plan.use_lora else None)  # noqa: E731
+        record = MODES[mode]
+        cycle = lambda s: record.engine_cycle(module, plan, s, lora if plan.use_lora else None)  # noqa: E731
         if cycles == 1:
             state = cycle(state)
         else:
             def more(carry):  # the first cycle always runs
                 s, i = carry
-                return (i == 0) | ((i < cycles) & ~jnp.any(alive_S & s.done) & jnp.any(~s.done))
+                finished = jnp.sum((alive_S & s.done).astype(jnp.int32))
+                return (i == 0) | ((i < cycles) & (finished < until_free) & jnp.any(~s.done))
 
             state, _ = jax.lax.while_loop(more, lambda c: (cycle(c[0]), c[1] + 1), (state, jnp.int32(0)))
+        # final tokens not yet in the output (a diffusion block's committed prefix) stream at once, unless each
+        # token's log-probability must come with it (the commit pass computes those)
+        early = record.visible is not None and state.logp is None
+        out_SxW, length_S = record.visible(state, plan) if early else (state.out, state.length)
         idx_SxK = jnp.minimum(seen_S[:, None] + jnp.arange(width * cycles)[None, :], plan.width - 1)
-        tokens_SxK = jnp.take_along_axis(state.out, idx_SxK, axis=1)
+        tokens_SxK = jnp.take_along_axis(out_SxW, idx_SxK, axis=1)
         logp_SxK = None if state.logp is None else jnp.take_along_axis(state.logp, idx_SxK, axis=1)
-        return state, StepOutput(tokens=tokens_SxK, counts=state.length - seen_S, done=state.done, ended=state.ended,
+        return state, StepOutput(tokens=tokens_SxK, counts=length_S - seen_S, done=state.done, ended=state.ended,
                                  nfe=state.nfe, logp=logp_SxK)
 
     return jax.jit(step, donate_argnums=(2,))

@@ -239,16 +239,23 @@ class Worker(threading.Thread):
         self.metrics.active.set(len(self.running))
 
     def _fill_slots(self) -> None:
-        while self.waiting and self.engine.free:
+        """Waiting jobs take the free slots, all in one batched insert."""
+        jobs = []
+        while self.waiting and len(jobs) < len(self.engine.free):
             job = self.waiting.pop(0)
             self._unqueue(1)
             try:
-                job.slot = self.engine.insert(job.prompt, job.options, job.max_tokens)
+                self.engine.check_request(job.prompt, job.options, job.max_tokens)
             except ValueError as e:  # checked before submit; a late failure still answers
                 job.send(("error", str(e)))
                 continue
-            self.metrics.prompt_tokens.inc(len(job.prompt))
-            self.running[job.slot] = job
+            jobs.append(job)
+        if jobs:
+            slots = self.engine.insert_many([(j.prompt, j.options, j.max_tokens) for j in jobs])
+            for job, slot in zip(jobs, slots):
+                job.slot = slot
+                self.metrics.prompt_tokens.inc(len(job.prompt))
+                self.running[slot] = job
         self.metrics.active.set(len(self.running))
 
     def _step(self) -> None:
