@@ -48,12 +48,3 @@ def pytest_sessionfinish(session):
     own = os.environ.get("JAXDLM_TESTS_OWN_CACHE")
     if own and not hasattr(session.config, "workerinput"):
         shutil.rmtree(own, ignore_errors=True)
-
-
-# The longest single test (2-process training runs, both cores busy for minutes) goes first: run last, it left
-# one xdist worker idle at the end of the session.
-FIRST = ("test_training_multihost.py",)
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in FIRST)
