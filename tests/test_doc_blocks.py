@@ -97,11 +97,11 @@ def command_lines(body: str) -> list[str]:
 
 def test_parser_reads_languages_sketch_marks_and_bodies():
     text = "x\n```python\na = 1\n```\n```bash sketch\nrm -rf /\n```\n````text\n```\n````\n```\nplain\n```\n"
-    got = [(b.line, b.lang, b.sketch, b.body) for b in parse_blocks(text, "t.md")]
+    got = [(b.line, b.lang, b.sketch, b.body) for b in parse_blocks(text, "<inline text>")]
     assert got == [(2, "python", False, "a = 1"), (5, "bash", True, "rm -rf /"), (8, "text", False, "```"),
                    (11, "", False, "plain")]
-    with pytest.raises(ValueError, match=r"t\.md:1: the code fence"):
-        parse_blocks("```python\nnever closed\n", "t.md")
+    with pytest.raises(ValueError, match=r"<inline text>:1: the code fence"):
+        parse_blocks("```python\nnever closed\n", "<inline text>")
     assert command_lines("# c\njaxdlm info \\\n  --config\n\njaxdlm demo  # d\n") == [
         "jaxdlm info --config", "jaxdlm demo  # d"]
 
