@@ -66,11 +66,18 @@ def test_fn_program_has_no_host_callback_and_knobs_do_not_recompile(seed, rng):
     knobs = lambda t, eos: dict(threshold=jnp.float32(t), eos_token_id=jnp.array(eos, jnp.int32),  # noqa: E731
                                 policy=jnp.int32(0))
     jitted(model.params, None, prompts, lens, jax.random.PRNGKey(0), **knobs(0.5, [2, 9]))
+    no_eos = [-1, -1]  # -1 is never a token id: every row runs to max_new_tokens
     with count_compilations() as n:
-        a = jitted(model.params, None, prompts, lens, jax.random.PRNGKey(0), **knobs(0.99, [5, 6]))
-        b = jitted(model.params, None, prompts, lens, jax.random.PRNGKey(1), **knobs(0.0, [7, 8]))
+        a = jitted(model.params, None, prompts, lens, jax.random.PRNGKey(0), **knobs(0.99, no_eos))
+        b = jitted(model.params, None, prompts, lens, jax.random.PRNGKey(1), **knobs(0.0, no_eos))
+        first = int(np.asarray(b.tokens)[0, 0])
+        c = jitted(model.params, None, prompts, lens, jax.random.PRNGKey(1), **knobs(0.0, [first, first]))
     assert n.value == 0
+    np.testing.assert_array_equal(np.asarray(b.lengths), MAX_NEW)
+    # threshold 0 commits a whole block in one denoise pass, plus its commit pass (docs/decoding.md accounting)
+    np.testing.assert_array_equal(np.asarray(b.nfe), 2 * (MAX_NEW // BLOCK))
     assert int(a.nfe.sum()) > int(b.nfe.sum())  # the traced threshold takes effect
+    assert int(c.lengths[0]) == 1  # the traced EOS ids take effect: row 0 stops at its first token
 
 
 def test_grad_of_logits_over_generated_tokens_in_the_same_jit(seed, rng):
