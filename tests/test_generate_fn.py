@@ -56,7 +56,7 @@ def test_fn_in_user_jit_equals_generate(mode, temperature, seed, rng):
 
 
 def test_fn_program_has_no_host_callback_and_knobs_do_not_recompile(seed, rng):
-    model = tiny_model(seed)
+    model = tiny_model(seed, head_scale=5.0)  # flat distributions: nothing reaches the 0.99 threshold below
     _, prompts, lens = _prompts(rng)
     fn = jaxdlm.make_generate_fn(model, mode="diffusion", batch=3, prompt_length=P_LEN, max_new_tokens=MAX_NEW,
                                  block_length=BLOCK)
