@@ -1,6 +1,7 @@
 """`jaxdlm train` on a mesh and on many processes (jax.distributed on 127.0.0.1, 4 fake CPU devices per process):
 the same losses and params as one process and as one device, checkpoints that move between meshes and process
-counts, SIGTERM / SIGINT stops that resume bit-identically, a lost process that ends its peers, memory-mapped data.
+counts, SIGTERM stops of both processes that resume, SIGINT stops that resume bit-identically, a lost process that
+ends its peers, memory-mapped data.
 
 The 2-process runs are subprocesses of ``python -m jaxdlm.cli train``; every wait is bounded and every child is
 killed in ``finally``.
@@ -162,8 +163,10 @@ def _single_device_reference(config: str):
 @pytest.fixture
 def runs(tmp_path_factory):
     """The runs that one test checks several ways (a fixture shared by several tests would be built once per
-    pytest-xdist worker): 2 processes x 4 devices (data=2, fsdp=4) uninterrupted; the same pair SIGTERMed mid-run and
-    resumed; 1 process x 8 devices (the default mesh, fsdp=8) in this process; the library on one device."""
+    pytest-xdist worker): 2 processes x 4 devices (data=2, fsdp=4) SIGTERMed mid-run, then resumed to the end;
+    1 process x 8 devices (the default mesh, fsdp=8) in this process; the library on one device.  (Two launches,
+    not three: the resumed pair is checked against the other meshes; resuming bit for bit is checked on 8 devices
+    in this process, where an uninterrupted reference costs no extra launch.)"""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py)")
     tmp = tmp_path_factory.mktemp("multihost")
@@ -175,12 +178,10 @@ def runs(tmp_path_factory):
     two = _config(tmp, "two", data=2, fsdp=4)
     out = {"tmp": tmp, "two": two}
 
-    def two_process_runs():  # one after another: the later ones find the compiled programs in JAX's cache
-        out["straight"] = _two_processes(two, tmp, "straight")
-        term = _config(tmp, "term", eval=False, data=2, fsdp=4)  # (training does not depend on eval: cheaper)
-        out["term"] = _two_processes(term, tmp, "term", hooks=("SIGTERM:1", "SIGTERM:1"))
-        out["term_stop"] = [int(d) for d in os.listdir(tmp / "term" / "checkpoints") if d.isdigit()]
-        out["term_resumed"] = _two_processes(term, tmp, "term_resumed")
+    def two_process_runs():  # one after another: the later one finds process 0's programs in JAX's cache
+        out["term"] = _two_processes(two, tmp, "term", hooks=("SIGTERM:1", "SIGTERM:1"))
+        out["term_stop"] = [int(d) for d in os.listdir(tmp / "two" / "checkpoints") if d.isdigit()]
+        out["straight"] = _two_processes(two, tmp, "resumed")
 
     worker = threading.Thread(target=two_process_runs, daemon=True)  # much of it waits (rendezvous, gloo set-up)
     worker.start()
@@ -192,7 +193,8 @@ def runs(tmp_path_factory):
 
 
 def _equal_across_meshes(runs):
-    """2 processes x 4 devices, 1 x 8 and one device: the same per-step losses and final params within TOL."""
+    """2 processes x 4 devices (stopped and resumed), 1 x 8 and one device: the same per-step losses and final
+    params within TOL."""
     tmp = runs["tmp"]
     codes, outputs, _ = runs["straight"]
     assert codes == [0, 0], outputs
@@ -230,21 +232,17 @@ def _resumes_on_another_mesh(runs):
         assert rel_err(a, b) <= TOL
 
 
-def _sigterm_resumes_bit_identically(runs):
-    """SIGTERM to both processes: a checkpoint, exit 75; the resumed pair equals the uninterrupted pair bit for bit."""
-    tmp = runs["tmp"]
+def _sigterm_checkpoints_and_resumes(runs):
+    """SIGTERM to both processes: a checkpoint, exit 75; the pair resumes from it (and then equals the other
+    meshes: :func:`_equal_across_meshes`)."""
     codes, outputs, _ = runs["term"]
     assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], outputs
     stop = max(runs["term_stop"])  # the last checkpoint of the stopped run
     assert 1 < stop < STEPS, runs["term_stop"]
     assert f"resume from step {stop}" in outputs[0], outputs[0][-2000:]
-    codes, outputs, _ = runs["term_resumed"]
+    codes, outputs, _ = runs["straight"]
     assert codes == [0, 0], outputs
     assert f"resumed from step {stop}" in outputs[0]
-    resumed, straight = _losses(tmp / "term"), _losses(tmp / "two")
-    assert resumed == {s: straight[s] for s in resumed} and sorted(resumed) == list(range(1, STEPS + 1))
-    for a, b in zip(_params(tmp / "term"), _params(tmp / "two")):
-        np.testing.assert_array_equal(a, b)
 
 
 def _sigint_resumes_bit_identically_then_says_finished(runs, monkeypatch):
@@ -279,9 +277,9 @@ def _sigint_resumes_bit_identically_then_says_finished(runs, monkeypatch):
 
 
 def test_runs_on_meshes_and_processes_agree_resume_and_stop(runs, monkeypatch):
+    _sigterm_checkpoints_and_resumes(runs)
     _equal_across_meshes(runs)
     _resumes_on_another_mesh(runs)
-    _sigterm_resumes_bit_identically(runs)
     if threading.current_thread() is threading.main_thread():  # (signal handlers need the main thread)
         _sigint_resumes_bit_identically_then_says_finished(runs, monkeypatch)
 
