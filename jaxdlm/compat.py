@@ -29,6 +29,24 @@ def triton_compiler_params(num_warps: int | None = None, num_stages: int | None 
 SQUEEZED = getattr(pl, "squeezed", None)
 
 
+def shard_map(fn, *, in_specs, out_specs):
+    """``fn`` mapped over the shards of the mesh set with ``jax.set_mesh`` (the context mesh), without the
+    replication check.
+
+    ``jax.shard_map`` (``check_vma=``) where it exists (jax >= 0.7: 0.10, 0.11); older releases had
+    ``jax.experimental.shard_map.shard_map`` (``check_rep=``, the mesh passed explicitly).  The check is off
+    because ``pallas_call`` carries no varying-axes rule in every jax version; callers mention every mesh axis
+    of size > 1 in the specs of their differentiable inputs, so no input is replicated and the transpose needs
+    no implicit sum.
+    """
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as old_shard_map  # pragma: no cover - old jax
+
+    return old_shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,  # pragma: no cover
+                         out_specs=out_specs, check_rep=False)
+
+
 #: the device an abstract lowering targets (compute capability 9.0)
 ABSTRACT_H100 = "NVIDIA H100 80GB HBM3"
 
