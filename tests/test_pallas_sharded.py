@@ -12,21 +12,15 @@ import numpy as np
 import pytest
 
 import jaxdlm
-from jaxdlm import Model, ModelConfig
 from jaxdlm import sharding as sh
 from jaxdlm.attention import masks, pallas_gpu, xla
 from jaxdlm.attention import attention as attend
+from jaxdlm.testing import tiny_model
 from numerics import rel_err
 
 MESH = "tensor=2,fsdp=2"
 # the training kernels (the two-stream 2L = 40 queries are more than the decode kernel's 32) and the backward
 KERNELS = {"jaxdlm_flash_fwd", "jaxdlm_flash_bwd_dq", "jaxdlm_flash_bwd_dkdv"}
-
-
-def _config():
-    """4 query heads over 2 kv heads (GQA 2): one kv head and its 2 query heads per ``tensor`` shard."""
-    return ModelConfig(model_type="nemotron_labs_diffusion", vocab_size=64, hidden_size=32, intermediate_size=48,
-                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, block_size=4, mask_token_id=3)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,9 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def model():
-    return Model.init(_config(), seed=0)
+    """4 query heads over 2 kv heads (GQA 2): one kv head and its 2 query heads per ``tensor`` shard; a peaked
+    output head (no argmax ties between the sharded and the unsharded decoding)."""
+    return tiny_model(0)
 
 
 def _pallas_calls(jaxpr, inside=False):
@@ -63,7 +59,7 @@ def test_train_step_loss_and_grads_match_xla_on_tensor2_fsdp2(mesh, model, monke
     from jaxdlm.training.step import make_loss_fn
 
     params = sh.shard_model(model, mesh).params
-    tokens = jax.device_put(jnp.asarray(rng.integers(5, 64, size=(4, 20)), jnp.int32), sh.batch_sharding(mesh))
+    tokens = jax.device_put(jnp.asarray(rng.integers(5, 64, size=(2, 20)), jnp.int32), sh.batch_sharding(mesh))
     key = jax.random.PRNGKey(seed)
     results = {}
     with jax.set_mesh(mesh):
@@ -87,13 +83,12 @@ def test_train_step_loss_and_grads_match_xla_on_tensor2_fsdp2(mesh, model, monke
 
 
 def test_sharded_decode_runs_per_shard_kernels_and_matches_one_device(mesh, model, monkeypatch, rng):
-    """Diffusion decoding of a model placed on the mesh with Pallas attention gives the tokens (and nfe) of the
-    unsharded model; every kernel call of the sharded program sees one shard's rows and heads (the unrolled layer
-    loop: the stacked cache is read in place per shard)."""
+    """AR decoding (prefill and one-token steps over the KV cache) of a model placed on the mesh, Pallas attention:
+    the tokens and nfe of the unsharded model (its XLA path, the oracle); every kernel call of the sharded program
+    sees one shard's rows and heads, over the stacked KV cache split by batch and kv heads."""
     prompts = [rng.integers(4, 64, size=int(n)) for n in rng.integers(3, 9, size=4)]
-    kw = dict(mode="diffusion", max_new_tokens=8, block_length=4, threshold=0.5, eos_token_id=(), impl="pallas",
-              layers="unrolled")
-    ref = jaxdlm.generate(model, prompts, **kw)
+    kw = dict(mode="ar", max_new_tokens=6, eos_token_id=())
+    ref = jaxdlm.generate(model, prompts, impl="xla", **kw)
     shapes = []
     kernel = pallas_gpu.attention
 
@@ -102,10 +97,11 @@ def test_sharded_decode_runs_per_shard_kernels_and_matches_one_device(mesh, mode
         return kernel(q, *args, **kwargs)
 
     monkeypatch.setattr(pallas_gpu, "attention", recording)
-    out = jaxdlm.generate(sh.shard_model(model, mesh), prompts, **kw)
+    out = jaxdlm.generate(sh.shard_model(model, mesh), prompts, impl="pallas", **kw)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.nfe, ref.nfe)
-    assert shapes and {(b, h) for b, h, _ in shapes} == {(4 // 2, 4 // 2)}, shapes  # [B / fsdp, H / tensor]
+    per_shard = (len(prompts) // mesh.shape["fsdp"], model.config.num_heads // mesh.shape["tensor"])
+    assert shapes and {(b, h) for b, h, _ in shapes} == {per_shard}, shapes
     assert any(layer is not None for _, _, layer in shapes), "the stacked cache path did not run"
 
 
@@ -114,6 +110,7 @@ def test_unsplittable_heads_fall_back_to_xla_with_a_reason(mesh, rng):
     q, k = jnp.asarray(rng.standard_normal((2, 8, 2, 8)), jnp.float32), jnp.asarray(
         rng.standard_normal((2, 8, 1, 8)), jnp.float32)
     info = masks.sequence_info(jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8)), "causal")
+    fn = jax.jit(lambda q, k: attend(q, k, k, info, info, scale=0.3, impl="pallas"))
     with jax.set_mesh(mesh), pytest.warns(UserWarning, match=r"falls back to xla.*num_kv_heads=1 does not divide"):
-        out = attend(q, k, k, info, info, scale=0.3, impl="pallas")
-    assert rel_err(out, xla.attention(q, k, k, info, info, scale=0.3)) <= 1e-6
+        out = fn(q, k)
+    assert rel_err(out, jax.jit(lambda q, k: xla.attention(q, k, k, info, info, scale=0.3))(q, k)) <= 1e-6
