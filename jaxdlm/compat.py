@@ -35,9 +35,9 @@ def shard_map(fn, *, in_specs, out_specs):
 
     ``jax.shard_map`` (``check_vma=``) where it exists (jax >= 0.7: 0.10, 0.11); older releases had
     ``jax.experimental.shard_map.shard_map`` (``check_rep=``, the mesh passed explicitly).  The check is off
-    because ``pallas_call`` carries no varying-axes rule in every jax version; callers mention every mesh axis
-    of size > 1 in the specs of their differentiable inputs, so no input is replicated and the transpose needs
-    no implicit sum.
+    because with it on, jax 0.10 wants every ``pallas_call`` output shape annotated with the mesh axes it varies
+    over; callers mention every mesh axis of size > 1 in the specs of their differentiable inputs, so no input
+    is replicated and the transpose needs no implicit sum.
     """
     if hasattr(jax, "shard_map"):
         return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
