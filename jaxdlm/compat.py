@@ -51,27 +51,37 @@ def shard_map(fn, *, in_specs, out_specs):
 ABSTRACT_H100 = "NVIDIA H100 80GB HBM3"
 
 
-def _abstract_gpu(device_kind: str):
+def _abstract_gpu(device_kind: str, mesh_shape=None):
     """A context naming an abstract GPU for lowering without one: jax 0.11 reads the target architecture
-    from the abstract mesh's ``AbstractDevice``; jax 0.10 falls back to compute capability 9.0 by itself."""
+    from the abstract mesh's ``AbstractDevice``; jax 0.10 falls back to compute capability 9.0 by itself.
+    ``mesh_shape`` (``{axis: size}``): an abstract mesh of those ``Auto`` axes (no devices needed), the context
+    mesh of whatever lowers inside (``shard_map`` without a mesh argument)."""
     import contextlib
 
     sharding = jax.sharding
-    if not hasattr(sharding, "AbstractDevice") or jax.default_backend() == "gpu":
-        return contextlib.nullcontext()
-    dev = sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
-    mesh = sharding.AbstractMesh((1,), ("_",), abstract_device=dev)
+    kw = {}
+    if hasattr(sharding, "AbstractDevice") and jax.default_backend() != "gpu":
+        kw["abstract_device"] = sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    if mesh_shape is None:
+        if not kw:
+            return contextlib.nullcontext()
+        return sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ("_",), **kw))
+    types = (sharding.AxisType.Auto,) * len(mesh_shape)
+    mesh = sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape), axis_types=types, **kw)
     return sharding.use_abstract_mesh(mesh)
 
 
-def lowered_text_for_platform(fn, *args, platform: str = "cuda", device_kind: str = ABSTRACT_H100) -> str:
+def lowered_text_for_platform(fn, *args, platform: str = "cuda", device_kind: str = ABSTRACT_H100,
+                              mesh_shape=None) -> str:
     """StableHLO text of ``jax.jit(fn)(*args)`` lowered for ``platform`` without that device.
 
     Used to lower Pallas kernels for an abstract H100 on a CPU host, which catches primitives the Triton
-    backend cannot lower.  ``jit(...).trace(...).lower(lowering_platforms=...)`` where it exists
-    (jax 0.10 / 0.11), else ``jax.export`` with the Triton custom call allowed.
+    backend cannot lower.  ``mesh_shape`` (``{axis: size}``, e.g. ``{"data": 1, "fsdp": 2, "tensor": 2}``):
+    lower under an abstract mesh of that many such GPUs (the sharded program of one of them).
+    ``jit(...).trace(...).lower(lowering_platforms=...)`` where it exists (jax 0.10 / 0.11), else ``jax.export``
+    with the Triton custom call allowed.
     """
-    with _abstract_gpu(device_kind):
+    with _abstract_gpu(device_kind, mesh_shape):
         traced = jax.jit(fn).trace(*args)
         try:
             return traced.lower(lowering_platforms=(platform,)).as_text()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxdlm
+from jaxdlm import compat
 from jaxdlm import sharding as sh
 from jaxdlm.attention import masks, pallas_gpu, xla
 from jaxdlm.attention import attention as attend
@@ -114,3 +115,31 @@ def test_unsplittable_heads_fall_back_to_xla_with_a_reason(mesh, rng):
     with jax.set_mesh(mesh), pytest.warns(UserWarning, match=r"falls back to xla.*num_kv_heads=1 does not divide"):
         out = fn(q, k)
     assert rel_err(out, jax.jit(lambda q, k: xla.attention(q, k, k, info, info, scale=0.3))(q, k)) <= 1e-6
+
+
+def test_kernels_lower_per_shard_for_abstract_h100s():
+    """Lowered for 4 abstract H100s (``tensor=2,fsdp=2``, Triton backend, no device needed): the flash forward and
+    both backward kernels, and the decode kernel over a stacked cache read in place, are Triton calls inside the
+    manual (``shard_map``) computation, on one shard's operands: 1 of 2 rows, 4 of 8 query heads, 1 of 2 kv heads."""
+    from jaxdlm.attention import sharded
+
+    b, length, h, kvh, d = 2, 256, 8, 2, 128
+    cfg = pallas_gpu.KernelConfig(interpret=False)
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    info = masks.two_stream_info(b, length, 32)
+    train = lambda q, k, v: sharded.attention(q, k, v, info, info, scale=d ** -0.5, config=cfg)  # noqa: E731
+    grad = jax.grad(lambda q, k, v: jnp.sum(train(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    cache_len = jnp.asarray([700, 300], jnp.int32)
+    qi, ki = masks.cache_query_info(cache_len, 4, "denoise"), masks.cache_key_info(cache_len, 1024, 4, "denoise")
+    decode = lambda q, k, v: sharded.attention(q, k, v, qi, ki, scale=0.1, config=cfg, layer=2)  # noqa: E731
+    # per-shard operands: q [1, 512, 4, 128] and k, v [1, 512, 1, 128]; the decode kernel's q rows [1, 1, 4 x 4, 128]
+    # (4 queries x the GQA group of 4) and the whole stacked cache of the shard [4, 1, 1, 1024, 128]
+    cases = {"fwd+bwd": (grad, (sds(b, 2 * length, h, d), sds(b, 2 * length, kvh, d), sds(b, 2 * length, kvh, d)),
+                         3, ("tensor<1x512x4x128xbf16>", "tensor<1x512x1x128xbf16>")),
+             "decode": (decode, (sds(b, 4, h, d), sds(4, b, kvh, 1024, d), sds(4, b, kvh, 1024, d)),
+                        1, ("tensor<1x1x16x128xbf16>", "tensor<4x1x1x1024x128xbf16>"))}
+    for name, (fn, args, n_kernels, local) in cases.items():
+        text = compat.lowered_text_for_platform(fn, *args, platform="cuda", mesh_shape=sh.parse_mesh_spec(MESH))
+        calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+        assert len(calls) == n_kernels and "sdy.manual_computation" in text, name
+        assert all(shape in line for line in calls for shape in local), (name, calls)
