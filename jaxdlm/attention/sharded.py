@@ -24,7 +24,6 @@ import functools
 import math
 
 import jax
-from jax.sharding import PartitionSpec
 
 from jaxdlm import compat
 from jaxdlm import sharding as sh
