@@ -15,6 +15,7 @@ report one, e.g. a CPU) unless given; ``fits`` is ``total <= device_memory`` (``
 
 from __future__ import annotations
 
+import functools
 import math
 
 PARTS = ("params", "optimizer", "temporaries")
@@ -43,10 +44,6 @@ def memory_plan(cfg, *, device_memory: int | None = None) -> dict:
     """The memory plan of the full-parameter run ``cfg`` (a validated
     :class:`~jaxdlm.training.config.TrainConfig`) on this process's devices (see the module docstring);
     ``device_memory``: bytes per device to plan against instead of the device's own limit."""
-    import jax
-
-    from jaxdlm import compat
-    from jaxdlm import sharding as sh
     from jaxdlm.training import config as config_lib
     from jaxdlm.training import run
 
@@ -55,20 +52,34 @@ def memory_plan(cfg, *, device_memory: int | None = None) -> dict:
                          "a frozen base (its memory is the base model's parameters plus a small adapter)")
     mcfg = config_lib.model_config(cfg)
     mesh = run.run_mesh(cfg, mcfg)
-    _, train_step, _, shapes, shardings = run._steps(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh,
-                                                     cfg.model.remat)
-    state = run._placed(shapes, shardings)
-    batch_sharding = run._with_leading_axis(sh.batch_sharding(mesh, 2))
-    shape = (cfg.accum, cfg.batch_size, cfg.data.seq_len)
-    batch = {"tokens": jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=batch_sharding),
-             "loss_mask": jax.ShapeDtypeStruct(shape, jax.numpy.bool_, sharding=batch_sharding)}
-    with jax.set_mesh(mesh):
-        mem = compat.compiled_memory(train_step.lower(state, batch).compile())
-    memory = {"params": _shard_bytes(state.params), "optimizer": _shard_bytes(state.opt_state),
-              "temporaries": mem["temp"], "total": mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]}
+    memory = _step_memory(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh, cfg.model.remat,
+                          (cfg.accum, cfg.batch_size, cfg.data.seq_len))
     limit = device_memory if device_memory is not None else device_memory_limit()
-    return {"devices": mesh.size, "memory": memory, "device_memory": limit,
+    return {"devices": mesh.size, "memory": dict(memory), "device_memory": limit,
             "fits": None if limit is None else memory["total"] <= limit}
+
+
+@functools.lru_cache(maxsize=8)
+def _step_memory(mcfg, optim_cfg, loss_cfg, compute_dtype: str, mesh, remat: str, batch_shape) -> dict:
+    """``{"params", "optimizer", "temporaries", "total"}`` bytes per device of the run's train step
+    (:func:`jaxdlm.training.run._steps`) on a ``[A, B, L]`` batch, compiled from abstract shapes (cached: the
+    same plan against another device memory compiles nothing)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdlm import compat
+    from jaxdlm import sharding as sh
+    from jaxdlm.training import run
+
+    _, train_step, _, shapes, shardings = run._steps(mcfg, optim_cfg, loss_cfg, compute_dtype, mesh, remat)
+    state = run._placed(shapes, shardings)
+    where = run._with_leading_axis(sh.batch_sharding(mesh, 2))
+    batch = {"tokens": jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=where),
+             "loss_mask": jax.ShapeDtypeStruct(batch_shape, jnp.bool_, sharding=where)}
+    with jax.set_mesh(mesh):
+        mem = compat.compiled_memory(compat.compile_for_analysis(train_step.lower(state, batch)))
+    return {"params": _shard_bytes(state.params), "optimizer": _shard_bytes(state.opt_state),
+            "temporaries": mem["temp"], "total": mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]}
 
 
 def _gib(n: int) -> str:
