@@ -228,7 +228,9 @@ def main(argv=None):
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   versions=env, cases=results, pallas_over_xla_tokens_per_s=speedup,
                   note="joint objective over [x_t | x_0] (2L tokens per sequence), AdamW with float32 master "
-                       "weights, bf16 forward/backward; MFU counts model FLOPs (docs/training.md), not remat")
+                       "weights, bf16 forward/backward; MFU counts model FLOPs (docs/training.md), not remat"
+                       + ("; TINY DRY RUN: a tiny model (off a GPU, Pallas runs in interpret mode): the figures only "
+                          "show that the code path runs, they measure nothing" if args.tiny else ""))
     out = args.out or os.path.join(HERE, "results", f"bench_train_{'tiny' if args.tiny else args.preset}_"
                                                     f"{env.get('backend', 'unknown')}.json")
     with open(out, "w") as f:

@@ -271,9 +271,8 @@ def _full_experiment(cfg, mcfg, base: tuple[str, int] | None, eval_ds, mesh) -> 
     import jax
 
     from jaxdlm.model import Model
-    from jaxdlm.training import step as step_lib
-
     from jaxdlm.training import speed
+    from jaxdlm.training import step as step_lib
 
     tx, run_step, eval_step, shapes, shardings = _steps(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh,
                                                         cfg.model.remat)
@@ -634,6 +633,9 @@ def run_command(args) -> int:
     from jaxdlm.training.config import load_config
 
     cfg = load_config(args.config)
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--device-memory", args.device_memory)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} {value} must be > 0")
     if args.check:
         print(f"{args.config}: OK")
         return _check_plan(cfg, args)
