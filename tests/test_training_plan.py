@@ -117,7 +117,8 @@ def test_flop_formula_matches_xla_cost_analysis():
     state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), abstract.params)
     b, L = 2, 32
     batch = {"tokens": jax.ShapeDtypeStruct((1, b, L), jnp.int32), "loss_mask": jax.ShapeDtypeStruct((1, b, L), bool)}
-    compiled = compat.compile_for_analysis(step_lib.make_train_step(abstract.graphdef, tx, loss_cfg).lower(state, batch))
+    lowered = step_lib.make_train_step(abstract.graphdef, tx, loss_cfg).lower(state, batch)
+    compiled = compat.compile_for_analysis(lowered)
     ours = speed.train_flops_per_token(mcfg, loss_cfg, L) * b * L
     assert abs(ours / compat.compiled_flops(compiled) - 1) < 0.10
 

@@ -92,7 +92,8 @@ def describe(plan: dict) -> str:
     parts = ", ".join(f"{k} {_gib(m[k])}" for k in PARTS)
     against = "device memory unknown" if limit is None else f"{_gib(limit)} device memory"
     verdict = {True: "fits", False: "does NOT fit", None: "fit unknown"}[plan["fits"]]
-    return f"memory plan per device ({plan['devices']} devices): {parts}; total {_gib(m['total'])} of {against}: {verdict}"
+    return (f"memory plan per device ({plan['devices']} devices): {parts}; total {_gib(m['total'])} of {against}: "
+            f"{verdict}")
 
 
 def advice(plan: dict, cfg) -> str:
