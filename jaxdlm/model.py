@@ -64,6 +64,18 @@ CACHED_KINDS = ("causal", "denoise", "quadratic")
 UNCACHED_KINDS = ("causal", "bidirectional", "two_stream", "two_stream_bidirectional")
 LAYER_LOOPS = ("unrolled", "scan")
 
+#: Rematerialisation of each decoder layer (``jax.checkpoint`` around one layer of the stack), by name -> the
+#: checkpoint policy, or ``None`` for no checkpoint.  ``"full"`` saves nothing inside a layer (the backward pass
+#: keeps only each layer's input and recomputes the rest); ``"dots"`` saves the outputs of the matmuls without
+#: batch dimensions (the q/k/v/o and MLP projections) and recomputes the rest, attention scores included (their
+#: einsums carry batch dimensions, so a ``[heads, T, T]`` score tensor is never kept).  The one place a name
+#: turns into a policy.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 def resolve_layers(layers: str = "auto") -> str:
     """The layer loop to run: ``"unrolled"`` / ``"scan"`` as given; ``"auto"`` -> the ``JAXDLM_LAYERS``
@@ -76,6 +88,13 @@ def resolve_layers(layers: str = "auto") -> str:
     if layers not in LAYER_LOOPS:
         raise ValueError(f"layers={layers!r} is not a layer loop; expected 'auto' or one of {LAYER_LOOPS}")
     return layers
+
+
+def check_remat(remat: str) -> str:
+    """``remat`` if it names a :data:`REMAT_POLICIES` entry, else ``ValueError`` naming the choices."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not a rematerialisation policy; expected one of {tuple(REMAT_POLICIES)}")
+    return remat
 
 
 def _param(value, axes: tuple[str, ...]) -> nnx.Param:
@@ -227,7 +246,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, positions, q_info: TokenInfo, k_info: TokenInfo, *, cache: KVCache | None = None,
                  lora: OProjLoRA | None = None, impl: str | None = None, return_hidden: bool = False,
-                 layers: str = "auto"):
+                 layers: str = "auto", remat: str = "none"):
         """General forward.
 
         Args:
@@ -245,10 +264,13 @@ class Transformer(nnx.Module):
             parameters and the stacked cache; ``"scan"`` runs them in a ``lax.scan`` (~L times smaller
             program); ``"auto"`` (default) picks by backend (:func:`resolve_layers`).  Both give the same
             result; see the module docstring for why each backend prefers its loop.
+          remat: ``"none"`` (default), ``"full"`` or ``"dots"``: each layer under ``jax.checkpoint`` with the
+            :data:`REMAT_POLICIES` policy (training: less memory for the backward pass, same gradients).
 
         Returns ``(logits float32 [B, T, V], new_cache or None)``.
         """
         layers = resolve_layers(layers)
+        check_remat(remat)
         c = self.config
         cos, sin = rope_lib.cos_sin(c.rope, c.head_dim, positions)
         qscale = rope_lib.query_scale(c.rope, positions)
@@ -267,7 +289,8 @@ class Transformer(nnx.Module):
         x_BxTxH = constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", None))
         lora_ab = None if lora is None else (lora.a, lora.b)  # stacked like the params; the scale is shared
         kv = None if cache is None else (cache.k, cache.v)
-        x_BxTxH, kv = _layer_loop(layers, layer_step, c.num_layers, (stacked, lora_ab), x_BxTxH, kv)
+        x_BxTxH, kv = _layer_loop(layers, layer_step, c.num_layers, (stacked, lora_ab), x_BxTxH, kv,
+                                  remat=remat)
         new_cache = None if cache is None else dataclasses.replace(cache, k=kv[0], v=kv[1])
         x_BxTxH = self.final_norm(x_BxTxH)
         if return_hidden:
@@ -290,10 +313,14 @@ class Transformer(nnx.Module):
         return out, (k_cache, v_cache)
 
 
-def _layer_loop(layers: str, layer_step, num_layers: int, per_layer, x_BxTxH, kv):
+def _layer_loop(layers: str, layer_step, num_layers: int, per_layer, x_BxTxH, kv, *, remat: str = "none"):
     """``layer_step(i, per_layer[i], x, kv) -> (x, kv)`` for ``i = 0 .. num_layers - 1``; ``per_layer`` is a pytree
     of arrays stacked on axis 0.  ``"unrolled"``: static indices (a static slice, no copy); ``"scan"``: a
-    ``lax.scan`` with a traced index."""
+    ``lax.scan`` with a traced index.  ``remat``: a :data:`REMAT_POLICIES` name; other than ``"none"``, each step
+    runs under ``jax.checkpoint`` with that policy."""
+    if remat != "none":  # (a scan already keeps XLA from merging the recomputation away: prevent_cse off there)
+        layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[remat], prevent_cse=layers == "unrolled",
+                                    static_argnums=(0,) if layers == "unrolled" else ())
     if layers == "unrolled":
         for i in range(num_layers):
             x_BxTxH, kv = layer_step(i, jax.tree.map(lambda a: a[i], per_layer), x_BxTxH, kv)
@@ -341,7 +368,7 @@ def param_layout(config: ModelConfig, quant: Quantization | None = None) -> dict
 
 def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache | None = None,
             num_valid=None, lora: OProjLoRA | None = None, impl: str | None = None, return_hidden: bool = False,
-            layers: str = "auto"):
+            layers: str = "auto", remat: str = "none"):
     """Forward pass of one kind (see the module docstring).
 
     Without a cache, ``tokens [B, T]`` is a whole sequence at positions ``0..T-1``; for ``two_stream``
@@ -352,8 +379,8 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
     quadratic self-speculation's layout, :func:`jaxdlm.attention.masks.quadratic_info`).  The cache needs ``T`` free slots after every row's
     length (a denoise pass writes its block there as scratch).
 
-    ``layers``: ``"auto"`` (default: by backend), ``"unrolled"`` or ``"scan"`` (training), see
-    :meth:`Transformer.__call__`.
+    ``layers``: ``"auto"`` (default: by backend), ``"unrolled"`` or ``"scan"`` (training); ``remat``: ``"none"``,
+    ``"full"`` or ``"dots"`` (training); see :meth:`Transformer.__call__`.
 
     Returns ``(logits float32 [B, T, V], cache or None)``.
     """
@@ -370,7 +397,7 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
         else:
             raise ValueError(f"kind={kind!r} is not supported without a cache; expected one of {UNCACHED_KINDS}")
         return model(tokens, q_info.pos, q_info, q_info, lora=lora, impl=impl, return_hidden=return_hidden,
-                     layers=layers)
+                     layers=layers, remat=remat)
     if kind not in CACHED_KINDS:
         raise ValueError(f"kind={kind!r} is not supported with a cache; expected one of {CACHED_KINDS}")
     if kind == "quadratic":
@@ -379,7 +406,7 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
         q_info = masks.cache_query_info(cache.length, t, kind)
         k_info = masks.cache_key_info(cache.length, cache.max_len, t, kind)
     out, new_cache = model(tokens, q_info.pos, q_info, k_info, cache=cache, lora=lora, impl=impl,
-                           return_hidden=return_hidden, layers=layers)
+                           return_hidden=return_hidden, layers=layers, remat=remat)
     if kind == "causal":
         new_cache = new_cache.advance(t if num_valid is None else num_valid)
     else:

@@ -8,6 +8,7 @@ Every value is checked before any compute starts; a bad one raises ``ValueError`
     init = "random"           # "random", or a finished/partial run folder to start from (its latest params)
     seed = 0                  # init seed for "random"
     overrides = {mask_token_id = 3, block_size = 16}   # dataclasses.replace on the ModelConfig
+    remat = "none"            # per-layer rematerialisation: "none", "full" (keep layer inputs) or "dots"
 
     [data]
     train = "train.npy"       # tokens: 1-D stream (packed here) or 2-D [N, L] rows; chat: a .jsonl file
@@ -58,6 +59,7 @@ import os
 import tomllib
 from typing import Any, Mapping
 
+from jaxdlm.model import REMAT_POLICIES
 from jaxdlm.training.losses import LossConfig
 from jaxdlm.training.step import OptimConfig
 
@@ -71,6 +73,7 @@ class ModelSection:
     init: str = "random"
     seed: int = 0
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    remat: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +286,8 @@ def _check_sections(model: ModelSection, dsec: DataSection, lora: LoraSection, r
         raise ValueError("model.config is required (a ModelConfig JSON / HF config.json path, or an inline table)")
     if not isinstance(model.overrides, Mapping):
         raise ValueError(f"model.overrides={model.overrides!r} must be a table")
+    if model.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={model.remat!r} is not supported; allowed: {list(REMAT_POLICIES)}")
 
 
 def _check_mesh(mesh: MeshSection, batch_size: int) -> None:

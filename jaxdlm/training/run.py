@@ -158,7 +158,8 @@ class _Experiment(NamedTuple):
     """What a run steps: ``abstract`` (the train state's shapes, dtypes and shardings: the restore target),
     ``init() -> state`` (a fresh state, created directly in its shards), ``run_step(state, batch) -> (state,
     metrics)``, ``evaluate(state) -> metrics`` (``None`` without eval data) and the record saved with each
-    checkpoint.  States are :class:`~jaxdlm.training.step.TrainState` or
+    checkpoint, and the model FLOPs per token of a step (for MFU).  States are
+    :class:`~jaxdlm.training.step.TrainState` or
     :class:`~jaxdlm.training.lora.LoraTrainState` pytrees."""
 
     abstract: Any
@@ -166,6 +167,7 @@ class _Experiment(NamedTuple):
     run_step: Callable
     evaluate: Callable | None
     meta: dict
+    flops_per_token: float | None = None  # model FLOPs per sequence token of a step (speed.py), None: unknown
 
 
 class Stopped(Exception):
@@ -177,11 +179,13 @@ class Stopped(Exception):
         self.step, self.signal_name = step, signal_name
 
 
-def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print) -> dict:
+def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print,
+          peak_tflops: float | None = None) -> dict:
     """Runs (or resumes) the experiment ``cfg`` on the ``[mesh]`` over every device of every process; stops
     after ``max_steps`` optimizer steps in THIS call (the schedule still spans ``optim.total_steps``).  Returns
     the final metrics (of a finished run: the last ones its ``log.jsonl`` holds).  Only process 0 writes the
-    run folder's logs and configs and calls ``log``.
+    run folder's logs and configs and calls ``log``.  ``peak_tflops``: dense bf16 TFLOP/s of one device for the
+    ``mfu`` of the train records, where :data:`~jaxdlm.training.speed.PEAK_BF16_TFLOPS` does not know the device.
 
     Raises :class:`Stopped` when SIGTERM or SIGINT stopped the run early (a checkpoint was written first).
     """
@@ -217,7 +221,8 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
             _write_configs(out, mcfg, cfg)
             _truncate_log(out, start)
         with jax.set_mesh(mesh):  # the model pins its activations' shardings under it
-            return _loop(cfg, exp, state, train_ds, ck, out, start, max_steps, progress and main, log, mesh)
+            return _loop(cfg, exp, state, train_ds, ck, out, start, max_steps, progress and main, log, mesh,
+                         peak_tflops)
     finally:
         ck.close()
 
@@ -266,9 +271,11 @@ def _full_experiment(cfg, mcfg, base: tuple[str, int] | None, eval_ds, mesh) -> 
     import jax
 
     from jaxdlm.model import Model
+    from jaxdlm.training import speed
     from jaxdlm.training import step as step_lib
 
-    tx, run_step, eval_step, shapes, shardings = _steps(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh)
+    tx, run_step, eval_step, shapes, shardings = _steps(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh,
+                                                        cfg.model.remat)
     eval_key = jax.random.PRNGKey(EVAL_NOISE_SEED)
 
     def init_state(params):
@@ -285,7 +292,7 @@ def _full_experiment(cfg, mcfg, base: tuple[str, int] | None, eval_ds, mesh) -> 
                              for i, b in enumerate(_eval_batches(eval_ds, cfg, mesh)))
 
     return _Experiment(_placed(shapes, shardings), init, run_step, evaluate if eval_ds is not None else None,
-                       {"kind": "full"})
+                       {"kind": "full"}, speed.train_flops_per_token(mcfg, cfg.objective, cfg.data.seq_len))
 
 
 def _state_shardings(tx, shapes, trained: str, trained_shardings, mesh):
@@ -386,12 +393,12 @@ def _resume(ck, cfg, exp: _Experiment, out: str, log) -> tuple[Any, int]:
 
 def _check_same_config(ck, cfg, out: str) -> None:
     """Refuses to go on with a run folder whose latest checkpoint was written under another config (only
-    ``[mesh]`` and ``[run]`` may change)."""
+    ``[mesh]``, ``[run]`` and ``model.remat``, which changes memory but not results, may change)."""
     saved = ck.restore_meta().get("train_config") or {}
     now = json.loads(json.dumps(cfg.to_dict(), default=str))
     changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora")
                for k in sorted(set(saved.get(sec, {})) | set(now.get(sec, {})))
-               if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k)]
+               if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k) and (sec, k) != ("model", "remat")]
     if saved and changed:
         raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
                          "use a new run.out_dir or restore the original values")
@@ -440,10 +447,12 @@ _SHOWN_METRICS = ("loss", "ar_loss", "diff_loss", "match", "accept")
 
 
 def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_steps, progress: bool, log,
-          mesh) -> dict:
+          mesh, peak_tflops: float | None = None) -> dict:
     """Steps ``start .. stop - 1`` with the periodic log records, evaluations and checkpoints of ``cfg.run``
     (all three at the last step); returns the last train metrics with the last eval's as ``eval_*``.  A SIGTERM
-    or SIGINT stops it at a step every process agrees on, after a checkpoint there (:class:`Stopped`)."""
+    or SIGINT stops it at a step every process agrees on, after a checkpoint there (:class:`Stopped`).  Train
+    records carry ``tokens_per_s`` and ``mfu`` of the steps since the previous record (:func:`_meter`)."""
+    import jax
     from tqdm.auto import tqdm
 
     from jaxdlm.training import distributed
@@ -457,9 +466,12 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
     def every(n, done):
         return n and done % n == 0 or done == stop
 
+    meter = _meter(cfg, exp, mesh, start, peak_tflops)
+
     def record(kind, step, metrics):
         values = {k: float(v) for k, v in metrics.items()}  # waits for the step
-        rec = {"kind": kind, "step": step, "time": time.time(), **values}
+        rec = {"kind": kind, "step": step, "time": time.time(), **values,
+               **(meter.read(step) if kind == "train" else {})}
         if logf is not None:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -487,13 +499,19 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
                 done = s + 1
                 if every(cfg.run.log_every, done):
                     last = record("train", done, metrics)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", **_speed_postfix(last))
+                elif done == start + 1:  # the first step's time is mostly compilation: left out of the speed
+                    jax.block_until_ready(metrics)
+                    meter.restart(done)
                 if exp.evaluate is not None and every(cfg.run.eval_every, done):
                     ev = evaluate(done)
                     last.update({f"eval_{k}": v for k, v in ev.items() if k not in ("kind", "step", "time")})
                 saved = every(cfg.run.checkpoint_every, done)
                 if saved:
                     save(done)
+                if saved or exp.evaluate is not None and every(cfg.run.eval_every, done):
+                    jax.block_until_ready(state)
+                    meter.restart(done)  # evaluations and checkpoints are not training speed
                 if done < stop and signals.reached(done):
                     if not saved:
                         save(done)
@@ -508,15 +526,36 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
     return last
 
 
+def _meter(cfg, exp: _Experiment, mesh, start: int, peak_tflops: float | None):
+    """The :class:`~jaxdlm.training.speed.Meter` of a run: every process's tokens of a step, the run's model FLOPs
+    per token and the peak of all the mesh's devices (``peak_tflops`` per device, else the known peak of the
+    device kind, else unknown)."""
+    from jaxdlm.training import speed
+
+    peak = speed.peak_tflops(mesh.devices.flat[0].device_kind, peak_tflops)
+    return speed.Meter(cfg.accum * cfg.batch_size * cfg.data.seq_len, exp.flops_per_token,
+                       None if peak is None else peak * 1e12 * mesh.size, start)
+
+
+def _speed_postfix(rec: dict) -> dict:
+    """The progress bar's speed fields of a train record (those that are known)."""
+    out = {}
+    if rec.get("tokens_per_s") is not None:
+        out["tok/s"] = f"{rec['tokens_per_s']:.4g}"
+    if rec.get("mfu") is not None:
+        out["mfu"] = f"{rec['mfu']:.1%}"
+    return out
+
+
 def _silent(*_args, **_kwargs) -> None:
     """The ``log`` of processes other than 0."""
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(mcfg, optim_cfg, loss_cfg, compute_dtype: str, mesh):
+def _steps(mcfg, optim_cfg, loss_cfg, compute_dtype: str, mesh, remat: str = "none"):
     """``(tx, train_step, eval_step, state shapes, state shardings)`` of a full experiment on ``mesh``: the train
-    step keeps the state in its shardings.  Cached so that resuming in the same process reuses the compiled
-    steps (everything here is hashable configuration)."""
+    step keeps the state in its shardings; ``remat``: ``[model] remat``.  Cached so that resuming in the same
+    process reuses the compiled steps (everything here is hashable configuration)."""
     import jax
     import jax.numpy as jnp
 
@@ -532,8 +571,8 @@ def _steps(mcfg, optim_cfg, loss_cfg, compute_dtype: str, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = step_lib.make_train_step(abstract.graphdef, tx, loss_cfg, compute_dtype=compute,
                                           schedule=step_lib.wsd_schedule(optim_cfg),
-                                          out_shardings=(shardings, replicated))
-    eval_step = step_lib.make_eval_step(abstract.graphdef, loss_cfg, compute_dtype=compute)
+                                          out_shardings=(shardings, replicated), remat=remat)
+    eval_step = step_lib.make_eval_step(abstract.graphdef, loss_cfg, compute_dtype=compute, remat=remat)
     return tx, train_step, eval_step, shapes, shardings
 
 
@@ -566,7 +605,15 @@ def add_arguments(parser):
 
     parser.add_argument("config", help="experiment config (.toml or .json)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this call")
-    parser.add_argument("--check", action="store_true", help="only validate the config and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, compile the train step from abstract shapes (no data, no weights) "
+                             "and print its memory plan per device; exit 1 when it does not fit")
+    parser.add_argument("--json", action="store_true", help="--check: the plan as one JSON object on the last line")
+    parser.add_argument("--device-memory", type=int, default=None, metavar="BYTES",
+                        help="--check: plan against this many bytes per device instead of the device's own limit")
+    parser.add_argument("--peak-tflops", type=float, default=None, metavar="X",
+                        help="dense bf16 TFLOP/s of one device, for the mfu of the train records (default: known "
+                             "for H100 SXM and H200, else mfu is null)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = parser.add_argument_group(
         "many processes (jax.distributed; docs/training.md)",
@@ -586,17 +633,38 @@ def run_command(args) -> int:
     from jaxdlm.training.config import load_config
 
     cfg = load_config(args.config)
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--device-memory", args.device_memory)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} {value} must be > 0")
     if args.check:
         print(f"{args.config}: OK")
-        return 0
+        return _check_plan(cfg, args)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                            heartbeat_timeout_s=args.heartbeat_timeout)
     try:
-        final = train(cfg, max_steps=args.max_steps, progress=not args.no_progress)
+        final = train(cfg, max_steps=args.max_steps, progress=not args.no_progress, peak_tflops=args.peak_tflops)
     except Stopped:
         return distributed.EXIT_PREEMPTED
     if distributed.is_main():
         print(json.dumps(final, indent=1))
+    return 0
+
+
+def _check_plan(cfg, args) -> int:
+    """``--check`` after validation: the memory plan (:mod:`jaxdlm.training.plan`) printed, as JSON on the last line
+    with ``--json``; 1 with one line on stderr (the biggest part, what to change) when it does not fit."""
+    from jaxdlm.training import plan as plan_lib
+
+    if cfg.lora.enabled:
+        print("memory plan: not made for lora.enabled=true runs (the plan covers full-parameter runs)")
+        return 0
+    plan = plan_lib.memory_plan(cfg, device_memory=args.device_memory)
+    print(plan_lib.describe(plan))
+    if args.json:
+        print(json.dumps(plan))
+    if plan["fits"] is False:
+        print(f"jaxdlm train: {plan_lib.advice(plan, cfg)}", file=sys.stderr)
+        return 1
     return 0
 
 

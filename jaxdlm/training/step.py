@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxdlm.model import check_remat
 from jaxdlm.training.losses import LossConfig, batch_loss
 
 DECAY_SHAPES = ("linear", "cosine")
@@ -142,12 +143,14 @@ def cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_loss_fn(graphdef, loss_cfg: LossConfig, compute_dtype=None) -> Callable:
-    """``loss_fn(params, batch, key) -> (loss, metrics)`` for one micro-batch ``{"tokens": [B, L], ...}``."""
+def make_loss_fn(graphdef, loss_cfg: LossConfig, compute_dtype=None, remat: str = "none") -> Callable:
+    """``loss_fn(params, batch, key) -> (loss, metrics)`` for one micro-batch ``{"tokens": [B, L], ...}``;
+    ``remat``: per-layer rematerialisation of the forward (:data:`jaxdlm.model.REMAT_POLICIES`)."""
+    check_remat(remat)
 
     def loss_fn(params, batch, key):
         module = nnx.merge(graphdef, cast_floating(params, compute_dtype))
-        return batch_loss(module, batch, key, loss_cfg)
+        return batch_loss(module, batch, key, loss_cfg, remat)
 
     return loss_fn
 
@@ -173,14 +176,17 @@ def _accumulate(loss_fn, params, batch, key):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: LossConfig, *, compute_dtype=None,
-                    schedule: optax.Schedule | None = None, donate: bool = True, out_shardings=None) -> Callable:
+                    schedule: optax.Schedule | None = None, donate: bool = True, out_shardings=None,
+                    remat: str = "none") -> Callable:
     """A jitted ``step(state, batch) -> (state, metrics)`` (see the module docstring for the layouts).
 
     Metrics: the loss terms averaged over micro-batches, ``grad_norm`` (before clipping) and ``lr``.
     ``out_shardings``: ``(state shardings, metrics sharding)`` to pin the outputs to (on a mesh: the state keeps
     the layout it was created or restored in, so every step runs the same compiled program).
+    ``remat``: ``"none"``, ``"full"`` or ``"dots"``, per-layer rematerialisation (:data:`jaxdlm.model.REMAT_POLICIES`;
+    the gradients do not change, the memory of the backward pass does).
     """
-    loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype)
+    loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype, remat)
 
     def step(state, batch):
         key = jax.random.fold_in(state.rng, state.step)
@@ -196,7 +202,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: LossCo
     return jax.jit(step, donate_argnums=(0,) if donate else (), **pinned)
 
 
-def make_eval_step(graphdef, loss_cfg: LossConfig, *, compute_dtype=None) -> Callable:
-    """A jitted ``eval(params, batch [B, L], key) -> metrics`` (no gradient)."""
-    loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype)
+def make_eval_step(graphdef, loss_cfg: LossConfig, *, compute_dtype=None, remat: str = "none") -> Callable:
+    """A jitted ``eval(params, batch [B, L], key) -> metrics`` (no gradient; ``remat`` as the train step's)."""
+    loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype, remat)
     return jax.jit(lambda params, batch, key: loss_fn(params, batch, key)[1])

@@ -1,0 +1,138 @@
+"""Fitting and speed of the train step: per-layer remat, the ``--check`` memory plan, the model-FLOP formula."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxdlm import cli, compat
+from jaxdlm.model import Model, forward
+from jaxdlm.training import speed
+from jaxdlm.training import step as step_lib
+from jaxdlm.training.losses import LossConfig
+from training_utils import counting_data, tiny_config
+
+
+def test_remat_policies_give_equal_gradients(rng):
+    """none / full / dots: the same float32 gradients through the scanned layer stack (training's), and full through
+    the unrolled one; the checkpoint is really in the differentiated program (``--check`` below shows that
+    ``[model] remat`` reaches the train step)."""
+    mcfg = tiny_config(block_size=4, num_layers=2)
+    model = Model.init(mcfg, seed=int(rng.integers(1 << 30)))
+    tokens_BxT = jnp.asarray(counting_data(rng, 2, 32, mcfg.vocab_size))  # [x_t | x_0] of L = 16
+    weight_BxTxV = jnp.asarray(rng.normal(size=(2, 32, mcfg.vocab_size)), jnp.float32)
+
+    def loss(params, layers, remat):
+        logits, _ = forward(nnx.merge(model.graphdef, params), tokens_BxT, kind="two_stream", layers=layers,
+                            remat=remat)
+        return jnp.sum(logits * weight_BxTxV)
+
+    cases = (("scan", "none"), ("scan", "full"), ("scan", "dots"), ("unrolled", "full"))
+
+    def all_grads(params):  # one program for every case: one compilation, without LLVM optimisation
+        return [jax.grad(loss)(params, *case) for case in cases]
+
+    grads = jax.jit(all_grads).lower(model.params).compile(compat.ANALYSIS_COMPILER_OPTIONS)(model.params)
+    for case, got in zip(cases, grads):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(grads[0])):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7, err_msg=str(case))
+
+    def checkpoints(layers, remat):  # the checkpoint primitive (remat2 in jax 0.10) in the gradient's program
+        text = str(jax.make_jaxpr(lambda p: jax.grad(loss)(p, layers, remat))(model.params))
+        return len(re.findall(r"\b(?:remat\d*|checkpoint)\[", text))
+
+    assert checkpoints("scan", "full") >= 1 and checkpoints("unrolled", "full") >= 1
+    assert checkpoints("scan", "none") == 0
+    with pytest.raises(ValueError, match=r"remat='half' is not a rematerialisation policy; expected one of "
+                                         r"\('none', 'full', 'dots'\)"):
+        loss(model.params, "scan", "half")
+
+
+@pytest.fixture(scope="module")
+def plan_configs(tmp_path_factory):
+    """``remat -> config path`` of a 4-layer tiny model at L = 256 (one sequence per device of the 8)."""
+    tmp = tmp_path_factory.mktemp("plan")
+    mcfg = tiny_config(block_size=4, num_layers=4)
+    (tmp / "model.json").write_text(json.dumps(mcfg.to_dict()))
+    np.save(tmp / "train.npy", counting_data(np.random.default_rng(0), 8, 256, mcfg.vocab_size))
+    paths = {}
+    for remat in ("none", "full"):
+        conf = {"model": {"config": "model.json", "remat": remat}, "data": {"train": "train.npy", "seq_len": 256},
+                "optim": {"batch_size": jax.device_count()}, "run": {"out_dir": "run"}}
+        paths[remat] = tmp / f"{remat}.json"
+        paths[remat].write_text(json.dumps(conf))
+    return paths
+
+
+def _check(path, capsys, *extra):
+    """``jaxdlm train PATH --check --json *extra``: (exit status, the JSON of stdout's last line, stderr)."""
+    rc = cli.main(["train", str(path), "--check", "--json", "--no-compile-cache", *extra])
+    out, err = capsys.readouterr()
+    return rc, json.loads(out.strip().splitlines()[-1]), err
+
+
+def test_check_memory_plan_json_and_remat(plan_configs, capsys):
+    rc, none, _ = _check(plan_configs["none"], capsys)
+    assert rc == 0
+    assert set(none) == {"devices", "memory", "device_memory", "fits"}
+    assert set(none["memory"]) == {"params", "optimizer", "temporaries", "total"}
+    assert none["devices"] == jax.device_count() and none["device_memory"] is None and none["fits"] is None  # CPU
+    mem = none["memory"]
+    assert all(isinstance(v, int) and v > 0 for v in mem.values())
+    n_params = Model.abstract(tiny_config(block_size=4, num_layers=4)).config.num_params()
+    assert n_params * 4 / jax.device_count() <= mem["params"] <= n_params * 4  # float32 master copy, sharded
+    assert mem["optimizer"] >= 2 * mem["params"]  # Adam's two moments
+    assert mem["total"] >= mem["params"] + mem["optimizer"] + mem["temporaries"]
+    rc, full, _ = _check(plan_configs["full"], capsys)
+    assert rc == 0 and full["memory"]["params"] == mem["params"]
+    assert full["memory"]["temporaries"] < 0.7 * mem["temporaries"], (full, none)
+
+
+def test_check_stops_a_plan_that_does_not_fit(plan_configs, capsys):
+    rc, plan, err = _check(plan_configs["none"], capsys, "--device-memory", "1000000")
+    assert rc == 1 and plan["fits"] is False and plan["device_memory"] == 1000000
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "the biggest part is temporaries" in lines[0] and 'remat = "full"' in lines[0]
+    assert "optim.batch_size" in lines[0] and "optim.accum" in lines[0]
+    rc, plan, err = _check(plan_configs["none"], capsys, "--device-memory", str(10**12))
+    assert rc == 0 and plan["fits"] is True and not err
+    for flag in ("--device-memory", "--peak-tflops"):  # refused by name before anything compiles or runs
+        assert cli.main(["train", str(plan_configs["none"]), flag, "0", "--no-compile-cache"]) == 2
+        assert re.search(rf"{flag} 0(\.0)? must be > 0", capsys.readouterr().err)
+
+
+def test_flop_formula_matches_xla_cost_analysis():
+    """The formula against XLA's count for one train step of a 1-layer model (XLA counts a loop body once: one
+    layer, one micro-batch, unchunked cross-entropy keep every loop at one trip) where the matmuls dominate."""
+    mcfg = tiny_config(block_size=4, num_layers=1, hidden_size=256, intermediate_size=1024, num_heads=4,
+                       num_kv_heads=2, head_dim=64)
+    loss_cfg = LossConfig(ce_chunk=None)
+    abstract = Model.abstract(mcfg)
+    tx = step_lib.make_optimizer(step_lib.OptimConfig())
+    state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), abstract.params)
+    b, L = 2, 32
+    batch = {"tokens": jax.ShapeDtypeStruct((1, b, L), jnp.int32), "loss_mask": jax.ShapeDtypeStruct((1, b, L), bool)}
+    lowered = step_lib.make_train_step(abstract.graphdef, tx, loss_cfg).lower(state, batch)
+    compiled = compat.compile_for_analysis(lowered)
+    ours = speed.train_flops_per_token(mcfg, loss_cfg, L) * b * L
+    assert abs(ours / compat.compiled_flops(compiled) - 1) < 0.10
+
+
+def test_flop_formula_parts():
+    """Attention pairs of each mask counted directly from the mask predicate; known device peaks."""
+    from jaxdlm.attention import masks
+
+    L, n = 16, 4
+    for kind, info in (("two_stream", masks.two_stream_info(1, L, n)),
+                       ("two_stream_bidirectional", masks.two_stream_info(1, L, n, bidirectional=True))):
+        assert speed.attended_pairs(kind, L, n) == int(masks.allowed(info, info).sum())
+    causal = masks.sequence_info(jnp.arange(L)[None], "causal")
+    assert speed.attended_pairs("causal", L, n) == int(masks.allowed(causal, causal).sum())
+    assert speed.peak_tflops("NVIDIA H100 80GB HBM3") == speed.peak_tflops("NVIDIA H200") == 989.0
+    assert speed.peak_tflops("cpu") is None and speed.peak_tflops("NVIDIA H100 PCIe") is None
+    assert speed.peak_tflops("cpu", 2.5) == 2.5
