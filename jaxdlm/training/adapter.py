@@ -89,7 +89,7 @@ def make_adapter_loss_fn(graphdef, loss_cfg: LossConfig) -> Callable:
     of a model with an adapter, and its params) with ``factors`` (an :class:`~jaxdlm.adapter.Adapter`) written in."""
 
     def loss_fn(factors, base_params, batch, key):
-        module = nnx.merge(graphdef, base_params)
+        module = nnx.merge(graphdef, base_params, copy=True)  # variables of this trace, so the factors can go in
         set_adapter(module, factors)
         return batch_loss(module, batch, key, loss_cfg)
 
