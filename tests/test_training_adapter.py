@@ -23,8 +23,8 @@ TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 def _conf(out: str, base_dtype: str) -> dict:
     return {
         "model": {"config": "model.json", "init": "base"},
-        "data": {"train": "train.npy", "eval": "eval.npy", "seq_len": 16, "seed": 2},
-        "optim": {"lr": 2e-2, "total_steps": 20, "weight_decay": 0.0, "batch_size": 8},
+        "data": {"train": "train.npy", "seq_len": 16, "seed": 2},
+        "optim": {"lr": 2e-2, "total_steps": 12, "weight_decay": 0.0, "batch_size": 8},
         "objective": {"objective": "joint"},
         "adapter": {"enabled": True, "rank": 4, "alpha": 8.0, "targets": TARGETS, "base_dtype": base_dtype},
         "run": {"out_dir": out, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0, "log_every": 1,
@@ -34,13 +34,13 @@ def _conf(out: str, base_dtype: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny base checkpoint (random, sharp head) and two 20-step adapter runs on it: a float32 and an int8 base."""
+    """A tiny base checkpoint (random, sharp head) and two 12-step adapter runs on it (no eval data: the train
+    records show the loss): a float32 and an int8 base."""
     tmp = tmp_path_factory.mktemp("adapter")
     rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
     cfg = tiny_config(block_size=4)
     (tmp / "model.json").write_text(json.dumps(cfg.to_dict()))
     np.save(tmp / "train.npy", counting_data(rng, 64, 16, cfg.vocab_size).reshape(-1))
-    np.save(tmp / "eval.npy", counting_data(rng, 8, 16, cfg.vocab_size))
     jaxdlm.save(testing.tiny_model(int(rng.integers(2**31)), cfg, head_scale=10.0), tmp / "base")
     for name, base_dtype in (("f32", "float32"), ("int8", "int8")):
         (tmp / f"{name}.json").write_text(json.dumps(_conf(name, base_dtype)))
@@ -48,8 +48,10 @@ def runs(tmp_path_factory):
     return tmp
 
 
-def _evals(run) -> dict:
-    return {r["step"]: r for r in map(json.loads, open(run / "log.jsonl")) if r["kind"] == "eval"}
+def _assert_loss_falls(run) -> None:
+    """The train loss of the last 4 of 12 steps is well below that of the first 2 (about 4.3 -> 2.3)."""
+    losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if r["kind"] == "train"]
+    assert len(losses) == 12 and np.mean(losses[-4:]) < 0.75 * np.mean(losses[:2]), losses
 
 
 def _base_leaves(model) -> dict:
@@ -59,9 +61,7 @@ def _base_leaves(model) -> dict:
 
 
 def test_adapter_run_trains_only_the_adapter(runs):
-    evals = _evals(runs / "f32")
-    assert sorted(evals) == [0, 20]
-    assert evals[20]["loss"] < 0.8 * evals[0]["loss"], evals
+    _assert_loss_falls(runs / "f32")
     tuned = load_trained(runs / "f32")
     assert tuned.adapter_config == adapter_lib.AdapterConfig(4, 8.0, tuple(TARGETS))
     factors = adapter_lib.adapter_of(tuned)
@@ -100,16 +100,19 @@ def test_merged_save_generates_like_the_adapter_model(runs, tmp_path):
     np.testing.assert_allclose(merged.logits(tokens), tuned.logits(tokens), rtol=1e-4, atol=1e-4)
     base = jaxdlm.load(runs / "base")
     assert float(np.abs(tuned.logits(tokens) - base.logits(tokens)).max()) > 1e-2  # the adapter matters
+    # greedy generation; the merged model runs through the adapter model's compiled program with a zero adapter
+    # added (y + 0 is y exactly: the tokens are the merged weights'), so one program compiles, not two
     prompts = [row[:5] for row in tokens]
     want = jaxdlm.generate(tuned, prompts, mode="ar", max_new_tokens=8, temperature=0.0)
-    got = jaxdlm.generate(merged, prompts, mode="ar", max_new_tokens=8, temperature=0.0)
+    zero = adapter_lib.add_adapter(merged, tuned.adapter_config)
+    assert zero.graphdef == tuned.graphdef
+    got = jaxdlm.generate(zero, prompts, mode="ar", max_new_tokens=8, temperature=0.0)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.lengths, want.lengths)
 
 
 def test_int8_base_trains(runs):
-    evals = _evals(runs / "int8")
-    assert evals[20]["loss"] < 0.8 * evals[0]["loss"], evals
+    _assert_loss_falls(runs / "int8")
     tuned = load_trained(runs / "int8")
     assert tuned.quant.scheme == "int8" and str(tuned.dtype) == "bfloat16"
     want = _base_leaves(quantize_model(jaxdlm.load(runs / "base").astype("bfloat16"), "int8"))
@@ -142,6 +145,5 @@ def test_adapter_config_errors_name_the_field(tmp_path, adapter, match):
         conf["lora"] = {"enabled": True}
     conf["optim"]["compute_dtype"] = adapter.pop("compute", "float32")
     conf["adapter"].update(adapter)
-    del conf["data"]["eval"]
     with pytest.raises(ValueError, match=match):
         parse_config(conf, base_dir=str(tmp_path))
