@@ -20,12 +20,12 @@ from training_utils import counting_data, tiny_config
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-def _conf(out: str, base_dtype: str) -> dict:
+def _conf(out: str, base_dtype: str, objective: str = "joint") -> dict:
     return {
         "model": {"config": "model.json", "init": "base"},
         "data": {"train": "train.npy", "seq_len": 16, "seed": 2},
         "optim": {"lr": 2e-2, "total_steps": 12, "weight_decay": 0.0, "batch_size": 8},
-        "objective": {"objective": "joint"},
+        "objective": {"objective": objective},
         "adapter": {"enabled": True, "rank": 4, "alpha": 8.0, "targets": TARGETS, "base_dtype": base_dtype},
         "run": {"out_dir": out, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0, "log_every": 1,
                 "seed": 3},
@@ -35,17 +35,19 @@ def _conf(out: str, base_dtype: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny base checkpoint (random, sharp head) and two 12-step adapter runs on it (no eval data: the train
-    records show the loss): a float32 and an int8 base."""
+    records show the loss): a float32 base on the joint objective and an int8 base on the AR one (a smaller program
+    to compile).  Returns ``(folder, base model, float32 tuned model)``."""
     tmp = tmp_path_factory.mktemp("adapter")
     rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
     cfg = tiny_config(block_size=4)
     (tmp / "model.json").write_text(json.dumps(cfg.to_dict()))
     np.save(tmp / "train.npy", counting_data(rng, 64, 16, cfg.vocab_size).reshape(-1))
-    jaxdlm.save(testing.tiny_model(int(rng.integers(2**31)), cfg, head_scale=10.0), tmp / "base")
-    for name, base_dtype in (("f32", "float32"), ("int8", "int8")):
-        (tmp / f"{name}.json").write_text(json.dumps(_conf(name, base_dtype)))
+    base = testing.tiny_model(int(rng.integers(2**31)), cfg, head_scale=10.0)
+    jaxdlm.save(base, tmp / "base")
+    for name, base_dtype, objective in (("f32", "float32", "joint"), ("int8", "int8", "ar")):
+        (tmp / f"{name}.json").write_text(json.dumps(_conf(name, base_dtype, objective)))
         train(load_config(tmp / f"{name}.json"), progress=False, log=lambda *_: None)
-    return tmp
+    return tmp, base, load_trained(tmp / "f32")
 
 
 def _assert_loss_falls(run) -> None:
@@ -61,13 +63,12 @@ def _base_leaves(model) -> dict:
 
 
 def test_adapter_run_trains_only_the_adapter(runs):
+    runs, base, tuned = runs
     _assert_loss_falls(runs / "f32")
-    tuned = load_trained(runs / "f32")
     assert tuned.adapter_config == adapter_lib.AdapterConfig(4, 8.0, tuple(TARGETS))
     factors = adapter_lib.adapter_of(tuned)
     assert sorted(factors.b) == sorted(TARGETS) and all(float(np.abs(b).max()) > 0 for b in factors.b.values())
     # the base is bit-identical to the checkpoint it started from
-    base = jaxdlm.load(runs / "base")
     want, got = _base_leaves(base), _base_leaves(tuned)
     assert sorted(want) == sorted(got)
     for k in want:
@@ -90,7 +91,7 @@ def test_adapter_run_trains_only_the_adapter(runs):
 
 
 def test_merged_save_generates_like_the_adapter_model(runs, tmp_path):
-    tuned = load_trained(runs / "f32")
+    _, base, tuned = runs
     with pytest.raises(ValueError, match="carries an adapter.*pass merge_adapter=True"):
         jaxdlm.save(tuned, tmp_path / "refused")
     jaxdlm.save(tuned, tmp_path / "merged", merge_adapter=True)
@@ -98,7 +99,6 @@ def test_merged_save_generates_like_the_adapter_model(runs, tmp_path):
     assert merged.adapter_config is None and merged.dtype == tuned.dtype
     tokens = counting_data(np.random.default_rng(0), 2, 12, tuned.config.vocab_size)
     np.testing.assert_allclose(merged.logits(tokens), tuned.logits(tokens), rtol=1e-4, atol=1e-4)
-    base = jaxdlm.load(runs / "base")
     assert float(np.abs(tuned.logits(tokens) - base.logits(tokens)).max()) > 1e-2  # the adapter matters
     # greedy generation; the merged model runs through the adapter model's compiled program with a zero adapter
     # added (y + 0 is y exactly: the tokens are the merged weights'), so one program compiles, not two
@@ -112,10 +112,11 @@ def test_merged_save_generates_like_the_adapter_model(runs, tmp_path):
 
 
 def test_int8_base_trains(runs):
+    runs, base, _ = runs
     _assert_loss_falls(runs / "int8")
     tuned = load_trained(runs / "int8")
     assert tuned.quant.scheme == "int8" and str(tuned.dtype) == "bfloat16"
-    want = _base_leaves(quantize_model(jaxdlm.load(runs / "base").astype("bfloat16"), "int8"))
+    want = _base_leaves(quantize_model(base.astype("bfloat16"), "int8"))
     got = _base_leaves(tuned)
     for k in want:
         np.testing.assert_array_equal(want[k], got[k], err_msg=str(k))
