@@ -11,9 +11,9 @@ layer (``q_proj`` ... ``down_proj``), with ``scale = alpha / rank``.  ``W`` stay
   ``layers/<target>_lora_b`` ``[L, r, out]`` in the compute dtype, so every forward of the model (generation,
   serving, :meth:`~jaxdlm.model.Model.logits`) applies them; ``jaxdlm.model._apply`` is the one place that does.
 * :class:`Adapter` is the typed pytree that training differentiates, the optimizer updates and the run folder
-  checkpoints: the same factors keyed by target, float32 master copies.  :func:`add_adapter`,
-  :func:`adapter_of` and :func:`set_adapter` move it into and out of a model; :func:`merge_adapter` folds it
-  into the weights (``W + scale * A @ B``).
+  checkpoints: the same factors keyed by target, float32 master copies.  :func:`jaxdlm.model.add_adapter`,
+  :func:`adapter_of` and :func:`set_adapter` move it into and out of a model; :func:`jaxdlm.model.merge_adapter`
+  folds it into the weights (``W + scale * A @ B``).
 
 This is unrelated to the draft LoRA of linear self-speculation (:class:`jaxdlm.lora.OProjLoRA`, applied to draft
 passes only); a model may carry both.
@@ -76,23 +76,18 @@ class AdapterConfig:
         """The inverse of :meth:`to_dict` (``None`` -> ``None``)."""
         return None if d is None else cls(d["rank"], d["alpha"], tuple(d["targets"]))
 
-    def shapes(self, config) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-        """Target -> (``A`` shape ``[L, in, r]``, ``B`` shape ``[L, r, out]``) for a model of ``config``."""
-        from jaxdlm.model import param_layout
-
-        layout = param_layout(config)
+    def shapes(self, layout: Mapping) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Target -> (``A`` shape ``[L, in, r]``, ``B`` shape ``[L, r, out]``) for a model of ``layout``
+        (:func:`jaxdlm.model.param_layout`)."""
         out = {}
         for t in self.targets:
             n_layers, k, n = layout[("layers", t)].shape
             out[t] = ((n_layers, k, self.rank), (n_layers, self.rank, n))
         return out
 
-    def logical_axes(self, config) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
-        """Target -> (``A``'s logical axes, ``B``'s): the weight's input axis and ``"lora"``, ``"lora"`` and its
-        output axis, after ``"layers"``."""
-        from jaxdlm.model import param_layout
-
-        layout = param_layout(config)
+    def logical_axes(self, layout: Mapping) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Target -> (``A``'s logical axes, ``B``'s) for a model of ``layout``: the weight's input axis and
+        ``"lora"``, ``"lora"`` and its output axis, after ``"layers"``."""
         out = {}
         for t in self.targets:
             lead, k, n = layout[("layers", t)].axes
@@ -124,19 +119,20 @@ class Adapter:
     b: dict
 
     @classmethod
-    def init(cls, config, adapter: AdapterConfig, key, dtype=jnp.float32) -> "Adapter":
-        """A fresh adapter: ``A`` Kaiming-uniform-like (``U(+-1/sqrt(in))``), ``B`` zero."""
+    def init(cls, layout: Mapping, adapter: AdapterConfig, key, dtype=jnp.float32) -> "Adapter":
+        """A fresh adapter for a model of ``layout`` (:func:`jaxdlm.model.param_layout`): ``A`` Kaiming-uniform-like
+        (``U(+-1/sqrt(in))``), ``B`` zero."""
         a, b = {}, {}
-        for i, (t, (a_shape, b_shape)) in enumerate(adapter.shapes(config).items()):
+        for i, (t, (a_shape, b_shape)) in enumerate(adapter.shapes(layout).items()):
             bound = 1.0 / np.sqrt(a_shape[1])
             a[t] = jax.random.uniform(jax.random.fold_in(key, i), a_shape, jnp.float32, -bound, bound).astype(dtype)
             b[t] = jnp.zeros(b_shape, dtype)
         return cls(a, b)
 
     @classmethod
-    def abstract(cls, config, adapter: AdapterConfig, dtype=jnp.float32) -> "Adapter":
+    def abstract(cls, layout: Mapping, adapter: AdapterConfig, dtype=jnp.float32) -> "Adapter":
         """Shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves): a restore target."""
-        shapes = adapter.shapes(config)
+        shapes = adapter.shapes(layout)
         return cls({t: jax.ShapeDtypeStruct(s[0], jnp.dtype(dtype)) for t, s in shapes.items()},
                    {t: jax.ShapeDtypeStruct(s[1], jnp.dtype(dtype)) for t, s in shapes.items()})
 
@@ -145,13 +141,13 @@ class Adapter:
         return next(iter(self.a.values())).shape[-1]
 
 
-def adapter_shardings(config, adapter: AdapterConfig, mesh, rules=None) -> Adapter:
-    """NamedShardings for an :class:`Adapter` (an ``Adapter`` with sharding leaves), from
+def adapter_shardings(layout: Mapping, adapter: AdapterConfig, mesh, rules=None) -> Adapter:
+    """NamedShardings for an :class:`Adapter` of a model of ``layout`` (an ``Adapter`` with sharding leaves), from
     :meth:`AdapterConfig.logical_axes`."""
     from jaxdlm import sharding as sh
 
     rules = sh.DEFAULT_RULES if rules is None else rules
-    axes = adapter.logical_axes(config)
+    axes = adapter.logical_axes(layout)
     return Adapter({t: sh.named_sharding(ax[0], mesh, rules) for t, ax in axes.items()},
                    {t: sh.named_sharding(ax[1], mesh, rules) for t, ax in axes.items()})
 
@@ -159,31 +155,9 @@ def adapter_shardings(config, adapter: AdapterConfig, mesh, rules=None) -> Adapt
 # ------------------------------------------------------------------------------------------- models
 
 
-def _leaf_paths(adapter: AdapterConfig):
+def leaf_paths(adapter: AdapterConfig) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
     """``(target, A path, B path)`` of each target in the pure-dict parameter tree."""
     return [(t, ("layers", t + A_SUFFIX), ("layers", t + B_SUFFIX)) for t in adapter.targets]
-
-
-def add_adapter(model, adapter: AdapterConfig, factors: Adapter | None = None):
-    """A copy of ``model`` (a :class:`~jaxdlm.model.Model` without an adapter; float or quantized) with an adapter
-    of ``adapter``'s shape: ``factors`` cast to the compute dtype, or zeros (a structure to fill with
-    :func:`set_adapter`).  Its base parameters, draft LoRA and tokenizer are shared."""
-    from flax import nnx
-
-    from jaxdlm.model import Model
-
-    if model.adapter_config is not None:
-        raise ValueError("the model already has an adapter; merge it (merge_adapter) or start from its base")
-    target = Model.abstract(model.config, dtype=model.dtype, quantize=model.quant, adapter=adapter)
-    pure = nnx.to_pure_dict(model.params)
-    zeros = Adapter.abstract(model.config, adapter, model.dtype) if factors is None else factors
-    for t, a_path, b_path in _leaf_paths(adapter):
-        for path, value in ((a_path, zeros.a[t]), (b_path, zeros.b[t])):
-            pure["layers"][path[-1]] = (jnp.zeros(value.shape, model.dtype) if factors is None
-                                        else jnp.asarray(value).astype(model.dtype))
-    nnx.replace_by_pure_dict(target.params, pure)
-    return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer,
-                 mesh=model.mesh)
 
 
 def adapter_of(model) -> Adapter | None:
@@ -192,8 +166,8 @@ def adapter_of(model) -> Adapter | None:
     if cfg is None:
         return None
     layers = model.params["layers"]
-    return Adapter({t: layers[a[-1]][...] for t, a, _ in _leaf_paths(cfg)},
-                   {t: layers[b[-1]][...] for t, _, b in _leaf_paths(cfg)})
+    return Adapter({t: layers[a[-1]][...] for t, a, _ in leaf_paths(cfg)},
+                   {t: layers[b[-1]][...] for t, _, b in leaf_paths(cfg)})
 
 
 def set_adapter(module, factors: Adapter) -> None:
@@ -203,40 +177,7 @@ def set_adapter(module, factors: Adapter) -> None:
     if cfg is None or set(factors.a) != set(cfg.targets):
         raise ValueError(f"an adapter for {sorted(factors.a)} does not fit a model with "
                          f"{'no adapter' if cfg is None else 'an adapter on ' + str(list(cfg.targets))}")
-    for t, a_path, b_path in _leaf_paths(cfg):
+    for t, a_path, b_path in leaf_paths(cfg):
         for path, value in ((a_path, factors.a[t]), (b_path, factors.b[t])):
             var = getattr(module.layers, path[-1])
             var.value = jnp.asarray(value).astype(var.value.dtype)
-
-
-def merge_adapter(model):
-    """A copy of ``model`` without its adapter whose target weights are ``W + scale * A @ B`` (computed in float32,
-    stored in the compute dtype).  A quantized base is dequantized first, every linear weight (and a quantized
-    head): the result is a float model in the compute dtype (bfloat16 for a quantized base), which generates like
-    the adapter model up to that dtype's rounding.  Draft LoRA and tokenizer are kept."""
-    from flax import nnx
-
-    from jaxdlm import quant as quant_lib
-    from jaxdlm.model import Model
-
-    cfg = model.adapter_config
-    if cfg is None:
-        raise ValueError("the model has no adapter to merge")
-    quant, dtype = model.quant, model.dtype
-    pure = nnx.to_pure_dict(model.params)
-    for path in (quant.weight_paths() if quant is not None else ()):
-        node = pure if len(path) == 1 else pure[path[0]]
-        scale = node.pop(quant_lib.scale_path(path)[-1])
-        node[path[-1]] = quant_lib.dequantize(node[path[-1]], scale, jnp.float32)
-    layers = pure["layers"]
-    for t, a_path, b_path in _leaf_paths(cfg):
-        a, b = layers.pop(a_path[-1]).astype(jnp.float32), layers.pop(b_path[-1]).astype(jnp.float32)
-        w = jnp.asarray(layers[t]).astype(jnp.float32)
-        layers[t] = w + cfg.scale * jnp.einsum("lir,lro->lio", a, b, precision=jax.lax.Precision.HIGHEST)
-    for path in (quant.weight_paths() if quant is not None else ()) + tuple(("layers", t) for t in cfg.targets):
-        node = pure if len(path) == 1 else pure[path[0]]
-        node[path[-1]] = jnp.asarray(node[path[-1]]).astype(dtype)
-    target = Model.abstract(model.config, dtype=dtype)
-    nnx.replace_by_pure_dict(target.params, pure)
-    return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer,
-                 mesh=model.mesh)

@@ -326,7 +326,7 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
     saved with its compute dtype, bfloat16 (``model.astype("bfloat16")`` first otherwise).
 
     ``merge_adapter=True`` (a model with an adapter, e.g. ``jaxdlm.training.load_trained`` of an adapter run):
-    writes the merged weights ``W + (alpha / rank) * A @ B`` (:func:`jaxdlm.adapter.merge_adapter`) as a plain
+    writes the merged weights ``W + (alpha / rank) * A @ B`` (:func:`jaxdlm.model.merge_adapter`) as a plain
     model that ``jaxdlm.load`` reads and that generates like the adapter model.  They are written in the base's
     dtype; a quantized (int8 / int4) base is dequantized first and written as a float bfloat16 checkpoint (quantize
     it again when loading with ``jaxdlm.load(DIR, quantize=...)``).  A model with an adapter is refused without
@@ -339,7 +339,7 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
 
     path = resolve_path(path)
     if merge_adapter:
-        from jaxdlm.adapter import merge_adapter as merge
+        from jaxdlm.model import merge_adapter as merge
 
         model = merge(model)
     elif model.adapter_config is not None:

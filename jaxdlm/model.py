@@ -572,3 +572,49 @@ def quantize_model(model, quantize):
             node[leaf_path[-1]] = jnp.asarray(value)
     nnx.replace_by_pure_dict(target.params, pure)
     return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer)
+
+
+def add_adapter(model, adapter: AdapterConfig, factors: adapter_lib.Adapter | None = None):
+    """A copy of ``model`` (a :class:`~jaxdlm.model.Model` without an adapter; float or quantized) with an adapter
+    of ``adapter``'s shape: ``factors`` cast to the compute dtype, or zeros (a structure to fill with
+    :func:`jaxdlm.adapter.set_adapter`).  Its base parameters, draft LoRA and tokenizer are shared."""
+    if model.adapter_config is not None:
+        raise ValueError("the model already has an adapter; merge it (merge_adapter) or start from its base")
+    target = Model.abstract(model.config, dtype=model.dtype, quantize=model.quant, adapter=adapter)
+    pure = nnx.to_pure_dict(model.params)
+    shapes = adapter.shapes(param_layout(model.config))
+    for t, a_path, b_path in adapter_lib.leaf_paths(adapter):
+        for i, path in enumerate((a_path, b_path)):
+            value = jnp.zeros(shapes[t][i]) if factors is None else jnp.asarray((factors.a, factors.b)[i][t])
+            pure["layers"][path[-1]] = value.astype(model.dtype)
+    nnx.replace_by_pure_dict(target.params, pure)
+    return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer,
+                 mesh=model.mesh)
+
+
+def merge_adapter(model):
+    """A copy of ``model`` without its adapter whose target weights are ``W + scale * A @ B`` (computed in float32,
+    stored in the compute dtype).  A quantized base is dequantized first, every linear weight (and a quantized
+    head): the result is a float model in the compute dtype (bfloat16 for a quantized base), which generates like
+    the adapter model up to that dtype's rounding.  Draft LoRA and tokenizer are kept."""
+    cfg = model.adapter_config
+    if cfg is None:
+        raise ValueError("the model has no adapter to merge")
+    quant, dtype = model.quant, model.dtype
+    pure = nnx.to_pure_dict(model.params)
+    for path in (quant.weight_paths() if quant is not None else ()):
+        node = pure if len(path) == 1 else pure[path[0]]
+        scale = node.pop(quant_lib.scale_path(path)[-1])
+        node[path[-1]] = quant_lib.dequantize(node[path[-1]], scale, jnp.float32)
+    layers = pure["layers"]
+    for t, a_path, b_path in adapter_lib.leaf_paths(cfg):
+        a, b = layers.pop(a_path[-1]).astype(jnp.float32), layers.pop(b_path[-1]).astype(jnp.float32)
+        w = jnp.asarray(layers[t]).astype(jnp.float32)
+        layers[t] = w + cfg.scale * jnp.einsum("lir,lro->lio", a, b, precision=jax.lax.Precision.HIGHEST)
+    for path in (quant.weight_paths() if quant is not None else ()) + tuple(("layers", t) for t in cfg.targets):
+        node = pure if len(path) == 1 else pure[path[0]]
+        node[path[-1]] = jnp.asarray(node[path[-1]]).astype(dtype)
+    target = Model.abstract(model.config, dtype=dtype)
+    nnx.replace_by_pure_dict(target.params, pure)
+    return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer,
+                 mesh=model.mesh)

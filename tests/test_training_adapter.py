@@ -11,7 +11,7 @@ from flax import nnx, traverse_util
 import jaxdlm
 from jaxdlm import adapter as adapter_lib
 from jaxdlm import testing
-from jaxdlm.model import quantize_model
+from jaxdlm.model import add_adapter, quantize_model
 from jaxdlm.training.checkpointing import Checkpointer
 from jaxdlm.training.config import load_config, parse_config
 from jaxdlm.training.run import load_trained, train
@@ -104,7 +104,7 @@ def test_merged_save_generates_like_the_adapter_model(runs, tmp_path):
     # added (y + 0 is y exactly: the tokens are the merged weights'), so one program compiles, not two
     prompts = [row[:5] for row in tokens]
     want = jaxdlm.generate(tuned, prompts, mode="ar", max_new_tokens=8, temperature=0.0)
-    zero = adapter_lib.add_adapter(merged, tuned.adapter_config)
+    zero = add_adapter(merged, tuned.adapter_config)
     assert zero.graphdef == tuned.graphdef
     got = jaxdlm.generate(zero, prompts, mode="ar", max_new_tokens=8, temperature=0.0)
     np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -356,21 +356,22 @@ def _adapter_experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
 
     from jaxdlm import adapter as adapter_lib
     from jaxdlm import sharding as sh
+    from jaxdlm.model import add_adapter, param_layout
     from jaxdlm.training import adapter as tune
     from jaxdlm.training import step as step_lib
 
-    acfg = cfg.adapter.adapter_config()
+    acfg, layout = cfg.adapter.adapter_config(), param_layout(mcfg)
     init = cfg.model.init if cfg.model.init == "random" else cfg.path(cfg.model.init)
     base = tune.base_record(init, cfg.model.seed, cfg.adapter.base_dtype)
-    model = sh.shard_model(adapter_lib.add_adapter(tune.load_base(base, mcfg), acfg), mesh)
+    model = sh.shard_model(add_adapter(tune.load_base(base, mcfg), acfg), mesh)
     tx = step_lib.make_optimizer(cfg.optim)
 
     def init_state():
-        factors = adapter_lib.Adapter.init(mcfg, acfg, jax.random.PRNGKey(cfg.run.seed))
+        factors = adapter_lib.Adapter.init(layout, acfg, jax.random.PRNGKey(cfg.run.seed))
         return step_lib.init_state(factors, tx, cfg.run.seed)
 
     shapes = jax.eval_shape(init_state)
-    shardings = _state_shardings(tx, shapes, "params", adapter_lib.adapter_shardings(mcfg, acfg, mesh), mesh)
+    shardings = _state_shardings(tx, shapes, "params", adapter_lib.adapter_shardings(layout, acfg, mesh), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     astep = tune.make_adapter_step(model.graphdef, tx, cfg.objective, schedule=step_lib.wsd_schedule(cfg.optim),
                                    out_shardings=(shardings, replicated))
@@ -395,14 +396,15 @@ def _load_adapter_run(ck, step: int, meta: dict, mcfg, mesh):
 
     from jaxdlm import adapter as adapter_lib
     from jaxdlm import sharding as sh
+    from jaxdlm.model import add_adapter, param_layout
     from jaxdlm.training import adapter as tune
 
-    acfg = adapter_lib.AdapterConfig.from_dict(meta["adapter"])
+    acfg, layout = adapter_lib.AdapterConfig.from_dict(meta["adapter"]), param_layout(mcfg)
     target = {"step": _placed(jax.ShapeDtypeStruct((), np.int32), mesh),
-              "params": _placed(adapter_lib.Adapter.abstract(mcfg, acfg),
-                                None if mesh is None else adapter_lib.adapter_shardings(mcfg, acfg, mesh))}
+              "params": _placed(adapter_lib.Adapter.abstract(layout, acfg),
+                                None if mesh is None else adapter_lib.adapter_shardings(layout, acfg, mesh))}
     factors = _restore_partial(ck, step, target)["params"]
-    model = adapter_lib.add_adapter(tune.load_base(meta["base"], mcfg), acfg, factors)
+    model = add_adapter(tune.load_base(meta["base"], mcfg), acfg, factors)
     return model if mesh is None else sh.shard_model(model, mesh)
 
 
