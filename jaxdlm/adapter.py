@@ -57,7 +57,7 @@ class AdapterConfig:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         bad = [t for t in targets if t not in TARGETS]
         if bad or not targets or len(set(targets)) != len(targets):
-            what = f"{bad[0]!r} is not a linear layer" if bad else "they must be distinct and at least one"
+            what = f"{bad[0]!r} is not a linear layer" if bad else "list each layer once, at least one"
             raise ValueError(f"targets={list(targets)!r}: {what}; allowed: {list(TARGETS)}")
         object.__setattr__(self, "rank", int(self.rank))
         object.__setattr__(self, "alpha", float(self.alpha))
@@ -172,7 +172,9 @@ def adapter_of(model) -> Adapter | None:
 
 def set_adapter(module, factors: Adapter) -> None:
     """Writes ``factors`` (cast to each factor's dtype) into a merged :class:`~jaxdlm.model.Transformer` that has an
-    adapter of that shape, in place: the way a traced train step puts its adapter into the frozen base."""
+    adapter of that shape, in place: the way a traced train step puts its adapter into the frozen base.  Inside a
+    transformation the module must be merged in that trace (``nnx.merge(graphdef, params, copy=True)``): NNX refuses
+    to update variables created outside it."""
     cfg = module.adapter
     if cfg is None or set(factors.a) != set(cfg.targets):
         raise ValueError(f"an adapter for {sorted(factors.a)} does not fit a model with "

@@ -318,28 +318,24 @@ def _check_sections(model: ModelSection, dsec: DataSection, lora: LoraSection, r
 
 
 def _check_adapter(values: Mapping[str, Any], lora: LoraSection) -> AdapterSection:
-    """The ``[adapter]`` section: types by :func:`_build`, then ``rank``, ``alpha``, ``targets`` (a list of the
-    linear layer names), ``base_dtype``, and not together with ``[lora] enabled``."""
+    """The ``[adapter]`` section: types by :func:`_build`, ``targets`` a list, ``base_dtype``, then ``rank``,
+    ``alpha`` and ``targets`` by :class:`~jaxdlm.adapter.AdapterConfig`, and not together with ``[lora] enabled``."""
     from jaxdlm.adapter import TARGETS
     from jaxdlm.training.adapter import BASE_DTYPES
 
-    values = dict(values) if isinstance(values, Mapping) else values
-    targets = values.get("targets") if isinstance(values, dict) else None
+    values = dict(values) if isinstance(values, Mapping) else values  # (_build names a non-table)
     if isinstance(values, dict) and "targets" in values:
-        if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+        targets = values["targets"]
+        if not isinstance(targets, (list, tuple)):
             raise ValueError(f"adapter.targets={targets!r} must be a list of layer names from {list(TARGETS)}")
         values["targets"] = tuple(targets)
     adapter, _ = _build(AdapterSection, "adapter", values)
-    bad = [t for t in adapter.targets if t not in TARGETS]
-    if bad or not adapter.targets or len(set(adapter.targets)) != len(adapter.targets):
-        what = f"{bad[0]!r} is not a linear layer" if bad else "list each layer once, at least one"
-        raise ValueError(f"adapter.targets={list(adapter.targets)!r}: {what}; allowed: {list(TARGETS)}")
     if adapter.base_dtype not in BASE_DTYPES:
         raise ValueError(f"adapter.base_dtype={adapter.base_dtype!r} is not supported; allowed: {list(BASE_DTYPES)}")
-    if adapter.rank < 1:
-        raise ValueError(f"adapter.rank={adapter.rank} must be a positive integer")
-    if not adapter.alpha > 0:
-        raise ValueError(f"adapter.alpha={adapter.alpha} must be > 0")
+    try:
+        adapter.adapter_config()
+    except ValueError as e:
+        raise ValueError(f"adapter.{e}") from None
     if adapter.enabled and lora.enabled:
         raise ValueError("adapter.enabled and lora.enabled are both true: [adapter] fine-tunes the model, [lora] "
                          "trains the draft LoRA of a frozen model; run them one after the other (the draft LoRA "
