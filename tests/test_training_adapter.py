@@ -68,7 +68,7 @@ def test_adapter_run_trains_only_the_adapter(runs):
     assert tuned.adapter_config == adapter_lib.AdapterConfig(4, 8.0, tuple(TARGETS))
     factors = adapter_lib.adapter_of(tuned)
     assert sorted(factors.b) == sorted(TARGETS) and all(float(np.abs(b).max()) > 0 for b in factors.b.values())
-    # the base is bit-identical to the checkpoint it started from
+    # the tuned model's base is bit-identical to the checkpoint the run started from
     want, got = _base_leaves(base), _base_leaves(tuned)
     assert sorted(want) == sorted(got)
     for k in want:
@@ -77,7 +77,6 @@ def test_adapter_run_trains_only_the_adapter(runs):
     ck = Checkpointer(runs / "f32" / "checkpoints")
     try:
         meta = ck.restore_meta()
-        state_dir = ck.manager.directory / str(ck.latest_step()) / "state"
         tree = ck.manager.item_metadata(ck.latest_step())["state"]
     finally:
         ck.close()
@@ -86,8 +85,9 @@ def test_adapter_run_trains_only_the_adapter(runs):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     names = {jax.tree_util.keystr(p) for p, _ in leaves}
     assert not any("embed" in n or "head" in n for n in names), sorted(names)
-    assert sum(int(np.prod(leaf.shape)) for _, leaf in leaves) < 4 * sum(
-        a.size + b.size for a, b in zip(factors.a.values(), factors.b.values())) + 16, state_dir
+    adapter_size = sum(a.size + b.size for a, b in zip(factors.a.values(), factors.b.values()))
+    stored = sum(int(np.prod(leaf.shape)) for _, leaf in leaves)
+    assert adapter_size * 3 <= stored < adapter_size * 3 + 16, (stored, adapter_size)  # factors + Adam's 2 moments
 
 
 def test_merged_save_generates_like_the_adapter_model(runs, tmp_path):

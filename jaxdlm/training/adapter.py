@@ -49,9 +49,10 @@ def prepare_base(model, base_dtype: str):
 def load_base(record: dict, config):
     """The prepared base of an adapter run from its record ``{"init", "seed", "step", "dtype"}``: ``init`` is
     ``"random"`` (``Model.init(config, seed=seed)``), a training run folder (its params at ``step``) or a jaxdlm
-    checkpoint folder (quantized while loading for an int8 / int4 base); then :func:`prepare_base`."""
+    checkpoint folder (quantized while loading for an int8 / int4 base; one stored quantized must match
+    ``dtype``); then :func:`prepare_base`."""
     import jaxdlm
-    from jaxdlm.checkpoint import is_run_folder, read_config
+    from jaxdlm.checkpoint import is_run_folder, read_config, read_metadata
     from jaxdlm.model import Model
 
     init, base_dtype = record["init"], record["dtype"]
@@ -64,9 +65,11 @@ def load_base(record: dict, config):
         from jaxdlm.training.run import load_trained
 
         return prepare_base(load_trained(init, record.get("step")), base_dtype)
-    quantized = base_dtype in ("int8", "int4")
-    return prepare_base(jaxdlm.load(init, dtype=None if quantized else base_dtype,
-                                    quantize=base_dtype if quantized else None), base_dtype)
+    if read_metadata(init).get("quantization") is not None:  # stored quantized: prepare_base checks the scheme
+        return prepare_base(jaxdlm.load(init), base_dtype)
+    if base_dtype in ("int8", "int4"):  # quantized while loading, one group of arrays at a time
+        return prepare_base(jaxdlm.load(init, quantize=base_dtype), base_dtype)
+    return prepare_base(jaxdlm.load(init, dtype=base_dtype), base_dtype)
 
 
 def base_record(init: str, seed: int, base_dtype: str) -> dict:
