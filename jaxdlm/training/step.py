@@ -109,7 +109,7 @@ class TrainState:
     earlier versions used, so their checkpoints restore into it (and a dict target restores parts of it)."""
 
     step: jax.Array  # int32 []: optimizer steps taken
-    params: Any  # nnx.State: the float32 master parameters
+    params: Any  # nnx.State: the float32 master parameters (an adapter run: the jaxdlm.adapter.Adapter)
     opt_state: Any  # optax state (Adam's moments shaped like params)
     rng: jax.Array  # uint32 [2]: raw PRNG key data of the training noise
 
