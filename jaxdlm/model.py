@@ -51,8 +51,8 @@ from flax import nnx
 from jaxdlm import adapter as adapter_lib
 from jaxdlm import quant as quant_lib
 from jaxdlm import rope as rope_lib
-from jaxdlm.attention import attention, masks
 from jaxdlm.adapter import AdapterConfig
+from jaxdlm.attention import attention, masks
 from jaxdlm.attention.masks import TokenInfo
 from jaxdlm.cache import KVCache, write
 from jaxdlm.config import ModelConfig
@@ -101,7 +101,7 @@ def _linear(module: nnx.Module, name: str, rngs: nnx.Rngs, shape, dtype, axes: t
     quantized form (zeros of the storage dtype) and ``module.<name>_scale`` ``[G, out]`` (ones; a structure to
     restore into: :func:`quantize_model` fills both from a float model).  With an ``adapter`` that targets
     ``name``: also ``module.<name>_lora_a [in, r]`` and ``<name>_lora_b [r, out]`` in ``dtype`` (zeros, drawing no
-    random numbers: :func:`jaxdlm.adapter.add_adapter` fills them)."""
+    random numbers: :func:`add_adapter` fills them)."""
     if quant is None:
         setattr(module, name, _normal(rngs, shape, dtype, axes))
     else:
@@ -149,7 +149,8 @@ class Block(nnx.Module):
 
     :class:`Transformer` creates ``num_layers`` of them at once (``nnx.vmap``), which prepends the ``layers``
     axis to every shape and logical-axes tuple.  With ``quant`` every projection is stored quantized with its
-    scale beside it (:mod:`jaxdlm.quant`); with ``adapter`` its targets carry low-rank factors (:mod:`jaxdlm.adapter`).
+    scale beside it (:mod:`jaxdlm.quant`); with ``adapter`` its targets carry low-rank factors
+    (:mod:`jaxdlm.adapter`).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, quant: Quantization | None = None,
@@ -350,9 +351,10 @@ def _layout(config: ModelConfig, quant: Quantization | None,
 def param_layout(config: ModelConfig, quant: Quantization | None = None,
                  adapter: AdapterConfig | None = None) -> dict[tuple[str, ...], ParamInfo]:
     """Every parameter of a model of ``config`` (quantized by ``quant``: weights in place, ``*_scale`` beside
-    them; with an ``adapter``: ``*_lora_a`` / ``*_lora_b`` beside its targets): its path in the pure-dict parameter tree (e.g. ``("layers", "q_proj")``) -> :class:`ParamInfo` (shape,
-    logical axes), read from an abstract model (no memory; cached per config).  The single source of the layout
-    for sharding and checkpoint name maps."""
+    them; with an ``adapter``: ``*_lora_a`` / ``*_lora_b`` beside its targets): its path in the pure-dict
+    parameter tree (e.g. ``("layers", "q_proj")``) -> :class:`ParamInfo` (shape, logical axes), read from an
+    abstract model (no memory; cached per config).  The single source of the layout for sharding and checkpoint
+    name maps."""
     return dict(_layout(config, quant, adapter))
 
 

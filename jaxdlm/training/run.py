@@ -96,8 +96,9 @@ def load_trained(run_dir: str, step: int | None = None, *, mesh=None):
     """The :class:`~jaxdlm.model.Model` of a run folder (relative or ``~`` paths too) at ``step`` (default: latest
     checkpoint), with the run's draft LoRA for a LoRA run; for an adapter run (``[adapter]``) the tuned model:
     its base rebuilt as the run recorded it (init, seed, step, ``base_dtype``) with the trained adapter in it
-    (it generates with the adapter applied; ``jaxdlm.save(model, DIR, merge_adapter=True)`` folds it in).  ``jaxdlm.load(run_dir)`` calls this.  ``mesh``: the
-    params (and LoRA) are restored straight into their shards on it (:mod:`jaxdlm.sharding` rules)."""
+    (it generates with the adapter applied; ``jaxdlm.save(model, DIR, merge_adapter=True)`` folds it in).
+    ``jaxdlm.load(run_dir)`` calls this.  ``mesh``: the params (and LoRA) are restored straight into their shards
+    on it (:mod:`jaxdlm.sharding` rules)."""
     import jax
 
     from jaxdlm import sharding as sh
