@@ -94,8 +94,11 @@ def run_lineage(run_dir: str, config_dir: str | None = None) -> list[tuple[str, 
 
 def load_trained(run_dir: str, step: int | None = None, *, mesh=None):
     """The :class:`~jaxdlm.model.Model` of a run folder (relative or ``~`` paths too) at ``step`` (default: latest
-    checkpoint), with the run's draft LoRA for a LoRA run.  ``jaxdlm.load(run_dir)`` calls this.  ``mesh``: the
-    params (and LoRA) are restored straight into their shards on it (:mod:`jaxdlm.sharding` rules)."""
+    checkpoint), with the run's draft LoRA for a LoRA run; for an adapter run (``[adapter]``) the tuned model:
+    its base rebuilt as the run recorded it (init, seed, step, ``base_dtype``) with the trained adapter in it
+    (it generates with the adapter applied; ``jaxdlm.save(model, DIR, merge_adapter=True)`` folds it in).
+    ``jaxdlm.load(run_dir)`` calls this.  ``mesh``: the params (and LoRA) are restored straight into their shards
+    on it (:mod:`jaxdlm.sharding` rules)."""
     import jax
 
     from jaxdlm import sharding as sh
@@ -129,6 +132,8 @@ def load_trained(run_dir: str, step: int | None = None, *, mesh=None):
             lora = lora if mesh is None else _placed(lora, sh.lora_shardings(mesh))
             state = _restore_partial(ck, step, dict(scalars, lora=lora))
             return Model(mcfg, base.graphdef, base.params, lora=state["lora"], tokenizer=base.tokenizer, mesh=mesh)
+        if meta.get("kind") == "adapter":
+            return _load_adapter_run(ck, step, meta, mcfg, mesh)
         params = abstract.params if mesh is None else _placed(abstract.params, sh.param_shardings(abstract, mesh))
         state = _restore_partial(ck, step, {"step": scalars["step"], "params": params})
         return Model(mcfg, abstract.graphdef, state["params"], mesh=mesh)
@@ -249,6 +254,8 @@ def _experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
     from jaxdlm.model import Model
     from jaxdlm.training.checkpointing import Checkpointer
 
+    if cfg.adapter.enabled:
+        return _adapter_experiment(cfg, mcfg, eval_ds, mesh)
     if cfg.model.init == "random":
         return _full_experiment(cfg, mcfg, None, eval_ds, mesh)
     base_run = cfg.path(cfg.model.init)
@@ -348,6 +355,67 @@ def _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step, mesh) -> _E
                        evaluate if eval_ds is not None else None, meta)
 
 
+def _adapter_experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
+    """An adapter (``[adapter]``, :mod:`jaxdlm.adapter`) trains on the frozen base: random (``model.seed``), a run
+    folder or a jaxdlm checkpoint (``model.init``), prepared in ``adapter.base_dtype``
+    (:mod:`jaxdlm.training.adapter`).  The state (checkpointed) is the float32 adapter and its optimizer state; the
+    record saved with it names the base so that :func:`load_trained` rebuilds the tuned model."""
+    import jax
+
+    from jaxdlm import adapter as adapter_lib
+    from jaxdlm import sharding as sh
+    from jaxdlm.model import add_adapter, param_layout
+    from jaxdlm.training import adapter as tune
+    from jaxdlm.training import step as step_lib
+
+    acfg, layout = cfg.adapter.adapter_config(), param_layout(mcfg)
+    init = cfg.model.init if cfg.model.init == "random" else cfg.path(cfg.model.init)
+    base = tune.base_record(init, cfg.model.seed, cfg.adapter.base_dtype)
+    model = sh.shard_model(add_adapter(tune.load_base(base, mcfg), acfg), mesh)
+    tx = step_lib.make_optimizer(cfg.optim)
+
+    def init_state():
+        factors = adapter_lib.Adapter.init(layout, acfg, jax.random.PRNGKey(cfg.run.seed))
+        return step_lib.init_state(factors, tx, cfg.run.seed)
+
+    shapes = jax.eval_shape(init_state)
+    shardings = _state_shardings(tx, shapes, "params", adapter_lib.adapter_shardings(layout, acfg, mesh), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    astep = tune.make_adapter_step(model.graphdef, tx, cfg.objective, schedule=step_lib.wsd_schedule(cfg.optim),
+                                   out_shardings=(shardings, replicated), remat=cfg.model.remat)
+    eval_step = tune.make_adapter_eval_step(model.graphdef, cfg.objective)
+    eval_key = jax.random.PRNGKey(EVAL_NOISE_SEED)
+    base_params = model.params
+
+    def evaluate(state):
+        return _mean_metrics(eval_step(state.params, base_params, b, jax.random.fold_in(eval_key, i))
+                             for i, b in enumerate(_eval_batches(eval_ds, cfg, mesh)))
+
+    meta = {"kind": "adapter", "adapter": acfg.to_dict(), "base": base}
+    return _Experiment(_placed(shapes, shardings), jax.jit(init_state, out_shardings=shardings),
+                       lambda state, batch: astep(state, base_params, batch),
+                       evaluate if eval_ds is not None else None, meta)
+
+
+def _load_adapter_run(ck, step: int, meta: dict, mcfg, mesh):
+    """The tuned model of an adapter run's checkpoint ``step``: its base rebuilt from ``meta["base"]`` with the
+    checkpointed adapter in it (:func:`load_trained`)."""
+    import jax
+
+    from jaxdlm import adapter as adapter_lib
+    from jaxdlm import sharding as sh
+    from jaxdlm.model import add_adapter, param_layout
+    from jaxdlm.training import adapter as tune
+
+    acfg, layout = adapter_lib.AdapterConfig.from_dict(meta["adapter"]), param_layout(mcfg)
+    target = {"step": _placed(jax.ShapeDtypeStruct((), np.int32), mesh),
+              "params": _placed(adapter_lib.Adapter.abstract(layout, acfg),
+                                None if mesh is None else adapter_lib.adapter_shardings(layout, acfg, mesh))}
+    factors = _restore_partial(ck, step, target)["params"]
+    model = add_adapter(tune.load_base(meta["base"], mcfg), acfg, factors)
+    return model if mesh is None else sh.shard_model(model, mesh)
+
+
 def _train_batch(train_ds, cfg, mesh, step: int) -> dict:
     """The global ``[accum, batch_size, L]`` batch of ``step``, rows over ``data`` x ``fsdp``; this process reads
     only its own rows."""
@@ -396,7 +464,7 @@ def _check_same_config(ck, cfg, out: str) -> None:
     ``[mesh]``, ``[run]`` and ``model.remat``, which changes memory but not results, may change)."""
     saved = ck.restore_meta().get("train_config") or {}
     now = json.loads(json.dumps(cfg.to_dict(), default=str))
-    changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora")
+    changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora", "adapter")
                for k in sorted(set(saved.get(sec, {})) | set(now.get(sec, {})))
                if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k) and (sec, k) != ("model", "remat")]
     if saved and changed:

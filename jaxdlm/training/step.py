@@ -110,7 +110,7 @@ class TrainState:
     earlier versions used, so their checkpoints restore into it (and a dict target restores parts of it)."""
 
     step: jax.Array  # int32 []: optimizer steps taken
-    params: Any  # nnx.State: the float32 master parameters
+    params: Any  # nnx.State: the float32 master parameters (an adapter run: the jaxdlm.adapter.Adapter)
     opt_state: Any  # optax state (Adam's moments shaped like params)
     rng: jax.Array  # uint32 [2]: raw PRNG key data of the training noise
 
@@ -175,6 +175,18 @@ def _accumulate(loss_fn, params, batch, key):
     return jax.tree.map(lambda g: g / a, g_sum), jax.tree.map(lambda m: m / a, m_sum)
 
 
+def apply_gradients(state: TrainState, grads, metrics: dict, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
+    """One optimizer update of ``state.params`` by ``grads`` (shaped like them): the new state (step + 1) and
+    ``metrics`` with ``grad_norm`` (before clipping) and, given the ``schedule``, ``lr``."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: LossConfig, *, compute_dtype=None,
                     schedule: optax.Schedule | None = None, donate: bool = True, out_shardings=None,
                     remat: str = "none") -> Callable:
@@ -191,12 +203,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: LossCo
     def step(state, batch):
         key = jax.random.fold_in(state.rng, state.step)
         grads, metrics = _accumulate(loss_fn, state.params, batch, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return apply_gradients(state, grads, metrics, tx, schedule)
 
     pinned = {} if out_shardings is None else {"out_shardings": out_shardings}
     return jax.jit(step, donate_argnums=(0,) if donate else (), **pinned)
