@@ -14,11 +14,13 @@ from jaxdlm import adapter as adapter_lib
 from jaxdlm import testing
 from jaxdlm.model import add_adapter, quantize_model
 from jaxdlm.training.checkpointing import Checkpointer
+from jaxdlm.training import speed
 from jaxdlm.training.config import load_config, parse_config
 from jaxdlm.training.run import load_trained, train
 from training_utils import counting_data, tiny_config
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+PEAK_TFLOPS = 0.001  # the runs' --peak-tflops: a CPU has no known peak, and mfu needs one
 
 
 def _conf(out: str, base_dtype: str, objective: str = "joint") -> dict:
@@ -47,7 +49,7 @@ def runs(tmp_path_factory):
     jaxdlm.save(base, tmp / "base")
     for name, base_dtype, objective in (("f32", "float32", "joint"), ("int8", "int8", "ar")):
         (tmp / f"{name}.json").write_text(json.dumps(_conf(name, base_dtype, objective)))
-        train(load_config(tmp / f"{name}.json"), progress=False, log=lambda *_: None)
+        train(load_config(tmp / f"{name}.json"), progress=False, log=lambda *_: None, peak_tflops=PEAK_TFLOPS)
     return tmp, base, load_trained(tmp / "f32")
 
 
@@ -116,6 +118,16 @@ def test_merged_save_generates_like_the_adapter_model(runs, tmp_path):
 def test_int8_base_trains(runs):
     runs, base, _ = runs
     _assert_loss_falls(runs / "int8")
+    # the speed of every train record counts an adapter step's FLOPs (no weight gradients of the base)
+    cfg = load_config(runs / "int8.json")
+    flops = speed.adapter_flops_per_token(tiny_config(block_size=4), cfg.objective, cfg.data.seq_len,
+                                          cfg.adapter.adapter_config())
+    assert flops < speed.train_flops_per_token(tiny_config(block_size=4), cfg.objective, cfg.data.seq_len)
+    for r in map(json.loads, open(runs / "int8" / "log.jsonl")):
+        if r["kind"] == "train":
+            assert r["tokens_per_s"] > 0, r
+            assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / (PEAK_TFLOPS * 1e12 * jax.device_count()),
+                                             rel=1e-9), r
     tuned = load_trained(runs / "int8")
     assert tuned.quant.scheme == "int8" and str(tuned.dtype) == "bfloat16"
     want = _base_leaves(quantize_model(base.astype("bfloat16"), "int8"))

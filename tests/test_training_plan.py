@@ -52,6 +52,9 @@ def test_remat_policies_give_equal_gradients(rng):
         loss(model.params, "scan", "half")
 
 
+ADAPTER = {"rank": 1, "alpha": 2.0, "targets": ["q_proj", "v_proj"]}  # the plan's adapter run (a tiny model)
+
+
 @pytest.fixture(scope="module")
 def plan_configs(tmp_path_factory):
     """``remat -> config path`` of a 4-layer tiny model at L = 256 (one sequence per device of the 8)."""
@@ -59,12 +62,16 @@ def plan_configs(tmp_path_factory):
     mcfg = tiny_config(block_size=4, num_layers=4)
     (tmp / "model.json").write_text(json.dumps(mcfg.to_dict()))
     np.save(tmp / "train.npy", counting_data(np.random.default_rng(0), 8, 256, mcfg.vocab_size))
+    (tmp / "no_weights").mkdir()  # the adapter run's base: an empty folder, which a plan must not read
     paths = {}
-    for remat in ("none", "full"):
+    for name, remat, adapter in (("none", "none", None), ("full", "full", None), ("adapter_int8", "none", ADAPTER)):
         conf = {"model": {"config": "model.json", "remat": remat}, "data": {"train": "train.npy", "seq_len": 256},
                 "optim": {"batch_size": jax.device_count()}, "run": {"out_dir": "run"}}
-        paths[remat] = tmp / f"{remat}.json"
-        paths[remat].write_text(json.dumps(conf))
+        if adapter is not None:
+            conf["model"]["init"] = "no_weights"
+            conf["adapter"] = {"enabled": True, "base_dtype": "int8", **adapter}
+        paths[name] = tmp / f"{name}.json"
+        paths[name].write_text(json.dumps(conf))
     return paths
 
 
@@ -106,6 +113,48 @@ def test_check_stops_a_plan_that_does_not_fit(plan_configs, capsys):
         assert re.search(rf"{flag} 0(\.0)? must be > 0", capsys.readouterr().err)
 
 
+def test_check_memory_plan_of_an_adapter_run(plan_configs, capsys):
+    """An int8-base adapter run's plan (the base's weights never read: model.init is an empty folder): params are the
+    int8 base plus the adapter, far below a full run's float32 master copy; the optimizer state is Adam's two
+    moments of the float32 adapter only."""
+    from jaxdlm import sharding as sh
+    from jaxdlm.adapter import AdapterConfig, Adapter, adapter_shardings
+    from jaxdlm.model import param_layout
+    from jaxdlm.training import plan as plan_lib
+
+    rc, plan, _ = _check(plan_configs["adapter_int8"], capsys)
+    assert rc == 0 and set(plan["memory"]) == {"params", "optimizer", "temporaries", "total"}
+    _, full, _ = _check(plan_configs["none"], capsys)  # (compiled once per process: cached)
+    mem, full_mem = plan["memory"], full["memory"]
+    mcfg, acfg = tiny_config(block_size=4, num_layers=4), AdapterConfig(**ADAPTER)
+    layout, mesh = param_layout(mcfg), sh.make_mesh({"fsdp": jax.device_count()})
+    adapter_bytes = plan_lib._shard_bytes(jax.tree.map(  # this device's shard of the float32 adapter
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), Adapter.abstract(layout, acfg),
+        adapter_shardings(layout, acfg, mesh)))
+    assert 2 * adapter_bytes <= mem["optimizer"] <= 2 * adapter_bytes + 256  # mu, nu (+ step counters)
+    # int8 weights (1 byte) against float32 masters (4): under half even with this tiny model's replicated scales
+    assert adapter_bytes < mem["params"] < 0.5 * full_mem["params"], (plan, full)
+    assert mem["params"] + mem["optimizer"] < 0.25 * (full_mem["params"] + full_mem["optimizer"]), (plan, full)
+    assert mem["total"] >= mem["params"] + mem["optimizer"] + mem["temporaries"]
+
+
+def test_abstract_adapter_base_is_the_prepared_base():
+    """The plan's abstract base (``abstract_base``) has the shapes and dtypes of the base a run prepares and adds the
+    adapter to, for a bfloat16 and an int8 base."""
+    from jaxdlm.adapter import AdapterConfig
+    from jaxdlm.model import add_adapter
+    from jaxdlm.training import adapter as tune
+
+    mcfg, acfg = tiny_config(block_size=4), AdapterConfig(**ADAPTER)
+    model = Model.init(mcfg, seed=0)
+    for base_dtype in ("bfloat16", "int8"):
+        real = add_adapter(tune.prepare_base(model, base_dtype), acfg)
+        abstract = tune.abstract_base(mcfg, acfg, base_dtype)
+        want = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(real.params))
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(abstract.params)) == want, base_dtype
+        assert abstract.graphdef == real.graphdef, base_dtype
+
+
 def test_flop_formula_matches_xla_cost_analysis():
     """The formula against XLA's count for one train step of a 1-layer model (XLA counts a loop body once: one
     layer, one micro-batch, unchunked cross-entropy keep every loop at one trip) where the matmuls dominate."""
@@ -121,6 +170,29 @@ def test_flop_formula_matches_xla_cost_analysis():
     compiled = compat.compile_for_analysis(lowered)
     ours = speed.train_flops_per_token(mcfg, loss_cfg, L) * b * L
     assert abs(ours / compat.compiled_flops(compiled) - 1) < 0.10
+
+
+def test_adapter_flop_formula_matches_xla_cost_analysis():
+    """The adapter step's formula (base matmuls 2x: no weight gradient; adapter and attention 3x) against XLA's
+    count for one adapter step of a 1-layer float32 base, as above; rank 64 on every projection, so that the adapter's
+    matmuls are a third of the count and a formula that dropped them (or counted the base 3x) is off by > 10 %."""
+    from jaxdlm.adapter import TARGETS, Adapter, AdapterConfig
+    from jaxdlm.model import param_layout
+    from jaxdlm.training import adapter as tune
+
+    mcfg = tiny_config(block_size=4, num_layers=1, hidden_size=256, intermediate_size=1024, num_heads=4,
+                       num_kv_heads=2, head_dim=64)
+    loss_cfg, acfg = LossConfig(ce_chunk=None), AdapterConfig(rank=64, alpha=64.0, targets=TARGETS)
+    base = tune.abstract_base(mcfg, acfg, "float32")
+    tx = step_lib.make_optimizer(step_lib.OptimConfig())
+    state = jax.eval_shape(lambda a: step_lib.init_state(a, tx, 0), Adapter.abstract(param_layout(mcfg), acfg))
+    b, L = 2, 32
+    batch = {"tokens": jax.ShapeDtypeStruct((1, b, L), jnp.int32), "loss_mask": jax.ShapeDtypeStruct((1, b, L), bool)}
+    lowered = tune.make_adapter_step(base.graphdef, tx, loss_cfg).lower(state, base.params, batch)
+    xla = compat.compiled_flops(compat.compile_for_analysis(lowered))
+    ours = speed.adapter_flops_per_token(mcfg, loss_cfg, L, acfg) * b * L
+    print(f"adapter step FLOPs: formula / XLA = {ours / xla:.4f}")
+    assert abs(ours / xla - 1) < 0.10, (ours, xla)
 
 
 def test_flop_formula_parts():

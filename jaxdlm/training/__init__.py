@@ -25,7 +25,7 @@ _EXPORTS = {
     "draft_loss": "lora", "make_lora_step": "lora", "init_lora_state": "lora", "LoraTrainState": "lora",
     "TrainConfig": "config", "load_config": "config", "parse_config": "config",
     "train": "run", "load_trained": "run",
-    "memory_plan": "plan", "train_flops_per_token": "speed",
+    "memory_plan": "plan", "train_flops_per_token": "speed", "adapter_flops_per_token": "speed",
 }
 
 __all__ = sorted(_EXPORTS)

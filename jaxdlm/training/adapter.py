@@ -47,6 +47,19 @@ def prepare_base(model, base_dtype: str):
     return quantize_model(model.astype(jnp.bfloat16), base_dtype)
 
 
+def abstract_base(config, adapter, base_dtype: str):
+    """Shapes and dtypes only (a :meth:`~jaxdlm.model.Model.abstract` model, no memory) of the base the step reads:
+    what :func:`prepare_base` makes of a float base of ``config`` in ``base_dtype``, with ``adapter`` (an
+    :class:`~jaxdlm.adapter.AdapterConfig`) added (:func:`jaxdlm.model.add_adapter`): the memory plan's base."""
+    from jaxdlm.model import Model
+
+    if base_dtype not in BASE_DTYPES:
+        raise ValueError(f"base_dtype={base_dtype!r} is not supported; allowed: {list(BASE_DTYPES)}")
+    dtype = jnp.float32 if base_dtype == "float32" else jnp.bfloat16
+    quantize = base_dtype if base_dtype in ("int8", "int4") else None
+    return Model.abstract(config, dtype=dtype, quantize=quantize, adapter=adapter)
+
+
 def load_base(record: dict, config):
     """The prepared base of an adapter run from its record ``{"init", "seed", "step", "dtype"}``: ``init`` is
     ``"random"`` (``Model.init(config, seed=seed)``), a training run folder (its params at ``step``) or a jaxdlm

@@ -362,39 +362,64 @@ def _adapter_experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
     record saved with it names the base so that :func:`load_trained` rebuilds the tuned model."""
     import jax
 
-    from jaxdlm import adapter as adapter_lib
     from jaxdlm import sharding as sh
-    from jaxdlm.model import add_adapter, param_layout
+    from jaxdlm.model import add_adapter
     from jaxdlm.training import adapter as tune
-    from jaxdlm.training import step as step_lib
+    from jaxdlm.training import speed
 
-    acfg, layout = cfg.adapter.adapter_config(), param_layout(mcfg)
+    acfg = cfg.adapter.adapter_config()
     init = cfg.model.init if cfg.model.init == "random" else cfg.path(cfg.model.init)
     base = tune.base_record(init, cfg.model.seed, cfg.adapter.base_dtype)
     model = sh.shard_model(add_adapter(tune.load_base(base, mcfg), acfg), mesh)
-    tx = step_lib.make_optimizer(cfg.optim)
-
-    def init_state():
-        factors = adapter_lib.Adapter.init(layout, acfg, jax.random.PRNGKey(cfg.run.seed))
-        return step_lib.init_state(factors, tx, cfg.run.seed)
-
-    shapes = jax.eval_shape(init_state)
-    shardings = _state_shardings(tx, shapes, "params", adapter_lib.adapter_shardings(layout, acfg, mesh), mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    astep = tune.make_adapter_step(model.graphdef, tx, cfg.objective, schedule=step_lib.wsd_schedule(cfg.optim),
-                                   out_shardings=(shardings, replicated), remat=cfg.model.remat)
-    eval_step = tune.make_adapter_eval_step(model.graphdef, cfg.objective)
+    steps = _adapter_steps(model.graphdef, mcfg, acfg, cfg.optim, cfg.objective, mesh, cfg.model.remat, cfg.run.seed)
     eval_key = jax.random.PRNGKey(EVAL_NOISE_SEED)
     base_params = model.params
 
     def evaluate(state):
-        return _mean_metrics(eval_step(state.params, base_params, b, jax.random.fold_in(eval_key, i))
+        return _mean_metrics(steps.eval_step(state.params, base_params, b, jax.random.fold_in(eval_key, i))
                              for i, b in enumerate(_eval_batches(eval_ds, cfg, mesh)))
 
     meta = {"kind": "adapter", "adapter": acfg.to_dict(), "base": base}
-    return _Experiment(_placed(shapes, shardings), jax.jit(init_state, out_shardings=shardings),
-                       lambda state, batch: astep(state, base_params, batch),
-                       evaluate if eval_ds is not None else None, meta)
+    return _Experiment(_placed(steps.shapes, steps.shardings), steps.init,
+                       lambda state, batch: steps.train_step(state, base_params, batch),
+                       evaluate if eval_ds is not None else None, meta,
+                       speed.adapter_flops_per_token(mcfg, cfg.objective, cfg.data.seq_len, acfg))
+
+
+class _AdapterSteps(NamedTuple):
+    """The jitted programs of an adapter run and its state's layout (:func:`_adapter_steps`)."""
+
+    init: Callable  # () -> a fresh TrainState (float32 Adapter params), created in its shardings
+    train_step: Callable  # (state, base_params, batch [A, B, L]) -> (state, metrics): make_adapter_step
+    eval_step: Callable  # (factors, base_params, batch [B, L], key) -> metrics
+    shapes: Any  # the state's ShapeDtypeStructs (jax.eval_shape of init)
+    shardings: Any  # the state's NamedShardings: the factors and their Adam moments by their logical axes
+
+
+def _adapter_steps(graphdef, mcfg, acfg, optim_cfg, loss_cfg, mesh, remat: str, seed: int) -> _AdapterSteps:
+    """The steps of an adapter run whose base (with the adapter ``acfg`` added) has ``graphdef``: the loaded base's
+    in a run, an abstract one's in the memory plan (:func:`jaxdlm.training.adapter.abstract_base`)."""
+    import jax
+
+    from jaxdlm import adapter as adapter_lib
+    from jaxdlm.model import param_layout
+    from jaxdlm.training import adapter as tune
+    from jaxdlm.training import step as step_lib
+
+    layout = param_layout(mcfg)
+    tx = step_lib.make_optimizer(optim_cfg)
+
+    def init_state():
+        factors = adapter_lib.Adapter.init(layout, acfg, jax.random.PRNGKey(seed))
+        return step_lib.init_state(factors, tx, seed)
+
+    shapes = jax.eval_shape(init_state)
+    shardings = _state_shardings(tx, shapes, "params", adapter_lib.adapter_shardings(layout, acfg, mesh), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = tune.make_adapter_step(graphdef, tx, loss_cfg, schedule=step_lib.wsd_schedule(optim_cfg),
+                                        out_shardings=(shardings, replicated), remat=remat)
+    return _AdapterSteps(jax.jit(init_state, out_shardings=shardings), train_step,
+                         tune.make_adapter_eval_step(graphdef, loss_cfg), shapes, shardings)
 
 
 def _load_adapter_run(ck, step: int, meta: dict, mcfg, mesh):

@@ -5,6 +5,8 @@ Model FLOPs count the useful work of one optimizer step's forward and backward p
 (:func:`train_flops_per_token`): the matmuls of every layer and of the output head over every token of the
 forward (``2L`` of them for the joint objective's ``[x_t | x_0]`` layout, ``L`` for the AR objective) and
 attention (``QK^T`` and ``PV``) over the query-key pairs the mask allows, times 3 for forward plus backward.
+An adapter step (:func:`adapter_flops_per_token`) takes no gradient of the frozen base's weights: its matmuls
+count twice (forward, input gradient), the adapter's and attention three times.
 Recomputation (``remat``, the chunked cross-entropy) and the masked-out part of attention scores are not model
 FLOPs, so MFU does not rise by doing them.
 """
@@ -54,20 +56,47 @@ def attended_pairs(kind: str, length: int, block_size: int) -> int:
     raise ValueError(f"kind={kind!r}: expected 'two_stream', 'two_stream_bidirectional' or 'causal'")
 
 
-def train_flops_per_token(mcfg, loss_cfg, seq_len: int) -> float:
-    """Model FLOPs of one training forward + backward per token of a ``seq_len``-token sequence (formula:
-    docs/training.md).  ``mcfg``: a :class:`~jaxdlm.config.ModelConfig`; ``loss_cfg``: a
-    :class:`~jaxdlm.training.losses.LossConfig` (its objective decides the layout)."""
+def _projections(mcfg) -> dict[str, tuple[int, int]]:
+    """``{target: (in, out)}`` of each decoder layer's seven projections (the adapter's targets)."""
+    h, i = mcfg.hidden_size, mcfg.intermediate_size
+    f, g = mcfg.num_heads * mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
+    return {"q_proj": (h, f), "k_proj": (h, g), "v_proj": (h, g), "o_proj": (f, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _forward_flops(mcfg, loss_cfg, seq_len: int) -> tuple[float, float, int]:
+    """``(matmul, attention, streams)``: forward model FLOPs per sequence token of the weight matmuls (every
+    layer's projections and the head, over the ``streams`` tokens per sequence token) and of attention
+    (``QK^T``, ``PV`` over the pairs the mask allows)."""
     c = mcfg
-    h, f, kvf, i = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-    layer_matmul = h * f + 2 * h * kvf + f * h + 3 * h * i  # weights per layer: q, k, v, o; gate, up, down
+    layer_matmul = sum(k * n for k, n in _projections(c).values())  # weights per layer: q, k, v, o; gate, up, down
     if loss_cfg.objective == "ar":
         streams, kind = 1, "causal"
     else:
         streams, kind = 2, "two_stream_bidirectional" if loss_cfg.bidirectional else "two_stream"
-    matmul = streams * 2 * (c.num_layers * layer_matmul + h * c.vocab_size)
-    attn = 2 * 2 * f * c.num_layers * attended_pairs(kind, seq_len, c.block_size) / seq_len
+    matmul = streams * 2 * (c.num_layers * layer_matmul + c.hidden_size * c.vocab_size)
+    attn = 2 * 2 * c.num_heads * c.head_dim * c.num_layers * attended_pairs(kind, seq_len, c.block_size) / seq_len
+    return matmul, attn, streams
+
+
+def train_flops_per_token(mcfg, loss_cfg, seq_len: int) -> float:
+    """Model FLOPs of one training forward + backward per token of a ``seq_len``-token sequence (formula:
+    docs/training.md).  ``mcfg``: a :class:`~jaxdlm.config.ModelConfig`; ``loss_cfg``: a
+    :class:`~jaxdlm.training.losses.LossConfig` (its objective decides the layout)."""
+    matmul, attn, _ = _forward_flops(mcfg, loss_cfg, seq_len)
     return 3.0 * (matmul + attn)
+
+
+def adapter_flops_per_token(mcfg, loss_cfg, seq_len: int, adapter) -> float:
+    """Model FLOPs of one adapter step (:mod:`jaxdlm.training.adapter`) per sequence token (formula:
+    docs/training.md): the frozen base's matmuls forward and input-gradient backward (2x; no weight gradient),
+    the adapter's ``x @ A`` and ``(x A) @ B`` 3x (forward, input and factor gradients), attention 3x as in
+    :func:`train_flops_per_token`.  ``adapter``: an :class:`~jaxdlm.adapter.AdapterConfig`."""
+    matmul, attn, streams = _forward_flops(mcfg, loss_cfg, seq_len)
+    dims = _projections(mcfg)
+    per_layer = sum(adapter.rank * (dims[t][0] + dims[t][1]) for t in adapter.targets)  # A [in, r], B [r, out]
+    lora = streams * 2 * mcfg.num_layers * per_layer
+    return 2.0 * matmul + 3.0 * (lora + attn)
 
 
 class Meter:
