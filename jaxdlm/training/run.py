@@ -749,7 +749,7 @@ def _check_plan(cfg, args) -> int:
     from jaxdlm.training import plan as plan_lib
 
     if cfg.lora.enabled:
-        print("memory plan: not made for lora.enabled=true runs (the plan covers full-parameter runs)")
+        print("memory plan: not made for lora.enabled=true runs (the plan covers full-parameter and [adapter] runs)")
         return 0
     plan = plan_lib.memory_plan(cfg, device_memory=args.device_memory)
     print(plan_lib.describe(plan))
