@@ -8,9 +8,9 @@ read, no weights), on the run's mesh and shardings, and the per-device bytes XLA
 
 ``params`` and ``optimizer`` are this device's shards of the float32 master parameters and of the optimizer
 state (an ``[adapter]`` run: the frozen base in its ``base_dtype`` plus the float32 adapter, and the adapter's
-optimizer state); ``temporaries`` is XLA's scratch space of the step (activations kept for the backward pass, gradients,
-the bf16 copy); ``total`` is every live byte of the step: arguments + outputs - outputs that reuse donated
-arguments + temporaries.  ``device_memory`` is the device's ``bytes_limit`` (``null`` where the backend does not
+optimizer state); ``temporaries`` is XLA's scratch space of the step (activations kept for the backward pass,
+gradients, the bf16 copy); ``total`` is every live byte of the step: arguments + outputs - outputs that reuse
+donated arguments + temporaries.  ``device_memory`` is the device's ``bytes_limit`` (``null`` where the backend does not
 report one, e.g. a CPU) unless given; ``fits`` is ``total <= device_memory`` (``null`` when that is unknown).
 """
 
