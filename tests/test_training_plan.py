@@ -13,6 +13,7 @@ from jaxdlm import cli, compat
 from jaxdlm.model import Model, forward
 from jaxdlm.training import speed
 from jaxdlm.training import step as step_lib
+from jaxdlm.training.config import load_config
 from jaxdlm.training.losses import LossConfig
 from training_utils import counting_data, tiny_config
 
@@ -118,7 +119,7 @@ def test_check_memory_plan_of_an_adapter_run(plan_configs, capsys):
     int8 base plus the adapter, far below a full run's float32 master copy; the optimizer state is Adam's two
     moments of the float32 adapter only."""
     from jaxdlm import sharding as sh
-    from jaxdlm.adapter import AdapterConfig, Adapter, adapter_shardings
+    from jaxdlm.adapter import Adapter, AdapterConfig, adapter_shardings
     from jaxdlm.model import param_layout
     from jaxdlm.training import plan as plan_lib
 
@@ -136,6 +137,12 @@ def test_check_memory_plan_of_an_adapter_run(plan_configs, capsys):
     assert adapter_bytes < mem["params"] < 0.5 * full_mem["params"], (plan, full)
     assert mem["params"] + mem["optimizer"] < 0.25 * (full_mem["params"] + full_mem["optimizer"]), (plan, full)
     assert mem["total"] >= mem["params"] + mem["optimizer"] + mem["temporaries"]
+    # an adapter run whose parameters do not fit is first told to shrink its base
+    too_big = {"devices": 8, "memory": {"params": 3, "optimizer": 1, "temporaries": 2, "total": 6},
+               "device_memory": 5, "fits": False}
+    line = plan_lib.advice(too_big, load_config(plan_configs["adapter_int8"]))
+    assert "the biggest part is params" in line and 'set adapter.base_dtype = "int4" (now "int8")' in line, line
+    assert "raise mesh.fsdp" in line, line
 
 
 def test_abstract_adapter_base_is_the_prepared_base():
