@@ -4,7 +4,7 @@
 # transformers and torch; jaxdlm is used from the checkout, not installed):
 #
 #   bash experiments/gpu_session.sh PART OUTDIR      # PART = bandwidth | check | gen4_16 | attention | quant
-#                                                    #        | train_default | serve
+#                                                    #        | train_default | serve | train
 #
 # bandwidth - decode at the memory-bandwidth limit (issue 13), under 8 minutes in all: the in-place stacked-cache
 #             kernels' tests compiled for the GPU; decode attention per layer (timed over many layers in one
@@ -31,12 +31,19 @@
 #             model, linear_spec with 64 slots: offered load at concurrency 1 / 4 / 16 / 64 and an offline run of
 #             128 mixed-length prompts against static batches and sequential generate. --tiny as a third argument
 #             runs it on a tiny model (--smoke sizes).
+# train     - the training step (issue 22), under 8 minutes: experiments/bench_train.py on one GPU at L = 4096
+#             ([x_t | x_0]: 8192 tokens per step), batch 1, bf16 compute, remat per layer: tokens/s per GPU, MFU and
+#             the --check memory plan of the 3B-shaped full fine-tune (Pallas against XLA attention inside the step,
+#             first), then the 3B adapter fine-tune (bf16 base) and the 8B adapter fine-tune on an int8 base (memory
+#             plan, peak memory in use, whether it fits one 80 GB H100), each case in its own process with its own
+#             limit (130 + 90 + 100 + 110 s; an OOM is recorded and the next case runs). JAX may take 95% of the
+#             GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION). --tiny as a third argument runs it on a tiny model.
 #
 # Each step is bounded by `timeout` so a slow one cannot take the rest with it. env.log, steps.log and the
 # result files go to OUTDIR (the device tool's $OUT; at most 8 files per part), to be copied into
 # experiments/results/ and committed.
 set -uo pipefail
-PART=${1:?PART: bandwidth | check | gen4_16 | attention | quant | train_default | serve}
+PART=${1:?PART: bandwidth | check | gen4_16 | attention | quant | train_default | serve | train}
 OUT=${2:?OUTDIR}
 TINY=${3:-}
 mkdir -p "$OUT"
@@ -138,5 +145,13 @@ case "$PART" in
     if [ -n "$TINY" ]; then SERVE=(--preset gpu8b --tiny --mode linear_spec --smoke); fi
     step 520 bench_serve $PY experiments/bench_serve.py "${SERVE[@]}" --out "$OUT/bench_serve_gpu8b.json"
     ;;
-  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant | train_default | serve)"; exit 2 ;;
+  train)
+    { nvidia-smi; $PY -c "import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__)"; } > "$OUT/env.log" 2>&1
+    cat "$OUT/env.log"
+    TRAIN=(--preset 3b --seq-len 4096 --batch 1 --steps 5)
+    if [ -n "$TINY" ]; then TRAIN=(--tiny --case-timeout 100); fi
+    step 455 bench_train env XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95} \
+      $PY experiments/bench_train.py "${TRAIN[@]}" --out "$OUT/bench_train_3b.json"
+    ;;
+  *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant | train_default | serve | train)"; exit 2 ;;
 esac

@@ -316,7 +316,7 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 
 
 def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str | None = None,
-         extra_files: dict[str, str] | None = None) -> Path:
+         extra_files: dict[str, str] | None = None, merge_adapter: bool = False) -> Path:
     """Saves a :class:`~jaxdlm.model.Model` (params, LoRA, tokenizer) as a jaxdlm checkpoint folder.
 
     Arrays are fetched to the host one group at a time.  Atomic: ``path`` appears only when complete.
@@ -324,6 +324,13 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
     written into the folder with the rest (e.g. a model card).  ``path`` may be relative or start with ``~``;
     returns the absolute path.  A quantized model is
     saved with its compute dtype, bfloat16 (``model.astype("bfloat16")`` first otherwise).
+
+    ``merge_adapter=True`` (a model with an adapter, e.g. ``jaxdlm.training.load_trained`` of an adapter run):
+    writes the merged weights ``W + (alpha / rank) * A @ B`` (:func:`jaxdlm.model.merge_adapter`) as a plain
+    model that ``jaxdlm.load`` reads and that generates like the adapter model.  They are written in the base's
+    dtype; a quantized (int8 / int4) base is dequantized first and written as a float bfloat16 checkpoint (quantize
+    it again when loading with ``jaxdlm.load(DIR, quantize=...)``).  A model with an adapter is refused without
+    ``merge_adapter=True``: the adapter itself lives in its training run folder.
     """
     import jax
     from flax import nnx
@@ -331,6 +338,13 @@ def save(model, path: str | os.PathLike, *, overwrite: bool = False, source: str
     from jaxdlm import __version__
 
     path = resolve_path(path)
+    if merge_adapter:
+        from jaxdlm.model import merge_adapter as merge
+
+        model = merge(model)
+    elif model.adapter_config is not None:
+        raise ValueError(f"the model carries an adapter ({model.adapter_config}); pass merge_adapter=True to write "
+                         "the merged weights W + scale * A @ B (the adapter alone lives in its training run folder)")
     quant = model.quant
     if quant is not None and np.dtype(model.dtype).name != "bfloat16":
         raise ValueError(f"a {quant.scheme} checkpoint keeps its other arrays and scales in bfloat16, and this model "

@@ -463,7 +463,7 @@ def checkpoint_info(path) -> dict:
 
 def run_info(path) -> dict:
     """What ``jaxdlm info --config`` prints for a training run folder (no weights are read): its steps, the latest
-    one's kind (full or draft LoRA, with the base run) and the model config."""
+    one's kind (full, draft LoRA or adapter, with the base) and the model config."""
     from jaxdlm.checkpoint import read_config
     from jaxdlm.training.checkpointing import Checkpointer
 
@@ -476,8 +476,10 @@ def run_info(path) -> dict:
         ck.close()
     lora = ({"rank": meta.get("lora_rank"), "base_run": meta.get("base_run"), "base_step": meta.get("base_step")}
             if meta.get("kind") == "lora" else None)
+    adapter = dict(meta["adapter"], base=meta.get("base")) if meta.get("kind") == "adapter" else None
     return {"run": os.fspath(path), "steps": steps, "latest_step": steps[-1] if steps else None,
-            "kind": meta.get("kind"), "lora": lora, "num_params": cfg.num_params(), "config": cfg.to_dict()}
+            "kind": meta.get("kind"), "lora": lora, "adapter": adapter, "num_params": cfg.num_params(),
+            "config": cfg.to_dict()}
 
 
 def cmd_info(args) -> int:

@@ -48,8 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdlm import adapter as adapter_lib
 from jaxdlm import quant as quant_lib
 from jaxdlm import rope as rope_lib
+from jaxdlm.adapter import AdapterConfig
 from jaxdlm.attention import attention, masks
 from jaxdlm.attention.masks import TokenInfo
 from jaxdlm.cache import KVCache, write
@@ -64,6 +66,18 @@ CACHED_KINDS = ("causal", "denoise", "quadratic")
 UNCACHED_KINDS = ("causal", "bidirectional", "two_stream", "two_stream_bidirectional")
 LAYER_LOOPS = ("unrolled", "scan")
 
+#: Rematerialisation of each decoder layer (``jax.checkpoint`` around one layer of the stack), by name -> the
+#: checkpoint policy, or ``None`` for no checkpoint.  ``"full"`` saves nothing inside a layer (the backward pass
+#: keeps only each layer's input and recomputes the rest); ``"dots"`` saves the outputs of the matmuls without
+#: batch dimensions (the q/k/v/o and MLP projections) and recomputes the rest, attention scores included (their
+#: einsums carry batch dimensions, so a ``[heads, T, T]`` score tensor is never kept).  The one place a name
+#: turns into a policy.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 def resolve_layers(layers: str = "auto") -> str:
     """The layer loop to run: ``"unrolled"`` / ``"scan"`` as given; ``"auto"`` -> the ``JAXDLM_LAYERS``
@@ -76,6 +90,13 @@ def resolve_layers(layers: str = "auto") -> str:
     if layers not in LAYER_LOOPS:
         raise ValueError(f"layers={layers!r} is not a layer loop; expected 'auto' or one of {LAYER_LOOPS}")
     return layers
+
+
+def check_remat(remat: str) -> str:
+    """``remat`` if it names a :data:`REMAT_POLICIES` entry, else ``ValueError`` naming the choices."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not a rematerialisation policy; expected one of {tuple(REMAT_POLICIES)}")
+    return remat
 
 
 def _param(value, axes: tuple[str, ...]) -> nnx.Param:
@@ -94,23 +115,35 @@ def _normal(rngs: nnx.Rngs, shape, dtype, axes: tuple[str, ...], std=_INIT_STD) 
 
 
 def _linear(module: nnx.Module, name: str, rngs: nnx.Rngs, shape, dtype, axes: tuple[str, ...],
-            quant: Quantization | None) -> None:
+            quant: Quantization | None, adapter: AdapterConfig | None = None) -> None:
     """Sets ``module.<name>``: a float weight ``[in, out]`` drawn from N(0, 0.02^2), or with ``quant`` its
     quantized form (zeros of the storage dtype) and ``module.<name>_scale`` ``[G, out]`` (ones; a structure to
-    restore into: :func:`quantize_model` fills both from a float model)."""
+    restore into: :func:`quantize_model` fills both from a float model).  With an ``adapter`` that targets
+    ``name``: also ``module.<name>_lora_a [in, r]`` and ``<name>_lora_b [r, out]`` in ``dtype`` (zeros, drawing no
+    random numbers: :func:`add_adapter` fills them)."""
     if quant is None:
         setattr(module, name, _normal(rngs, shape, dtype, axes))
-        return
-    setattr(module, name, _param(jnp.zeros(shape, quant.storage_dtype), axes))
-    setattr(module, name + quant_lib.SCALE_SUFFIX, _param(jnp.ones(quant.scale_shape(shape), dtype),
-                                                          quant.scale_axes(axes)))
+    else:
+        setattr(module, name, _param(jnp.zeros(shape, quant.storage_dtype), axes))
+        setattr(module, name + quant_lib.SCALE_SUFFIX, _param(jnp.ones(quant.scale_shape(shape), dtype),
+                                                              quant.scale_axes(axes)))
+    if adapter is not None and name in adapter.targets:
+        (k, n), r = shape, adapter.rank
+        setattr(module, name + adapter_lib.A_SUFFIX, _param(jnp.zeros((k, r), dtype), (axes[0], "lora")))
+        setattr(module, name + adapter_lib.B_SUFFIX, _param(jnp.zeros((r, n), dtype), ("lora", axes[1])))
 
 
 def _apply(module: nnx.Module, name: str, x, out_dtype=None):
-    """``x @ module.<name>`` through :func:`jaxdlm.quant.matmul` (with ``module.<name>_scale`` when quantized)."""
+    """``x @ module.<name>`` through :func:`jaxdlm.quant.matmul` (with ``module.<name>_scale`` when quantized), plus
+    the adapter's ``scale * (x @ A) @ B`` when ``name`` is one of its targets: the one place a linear layer is
+    applied."""
     scale = getattr(module, name + quant_lib.SCALE_SUFFIX, None)
-    return quant_lib.matmul(x, getattr(module, name)[...], None if scale is None else scale[...],
-                            out_dtype=out_dtype)
+    y = quant_lib.matmul(x, getattr(module, name)[...], None if scale is None else scale[...], out_dtype=out_dtype)
+    a = getattr(module, name + adapter_lib.A_SUFFIX, None)
+    if a is None:
+        return y
+    b = getattr(module, name + adapter_lib.B_SUFFIX)
+    return y + adapter_lib.delta(x, a[...], b[...], module.adapter.scale).astype(y.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -135,24 +168,27 @@ class Block(nnx.Module):
 
     :class:`Transformer` creates ``num_layers`` of them at once (``nnx.vmap``), which prepends the ``layers``
     axis to every shape and logical-axes tuple.  With ``quant`` every projection is stored quantized with its
-    scale beside it (:mod:`jaxdlm.quant`).
+    scale beside it (:mod:`jaxdlm.quant`); with ``adapter`` its targets carry low-rank factors
+    (:mod:`jaxdlm.adapter`).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, quant: Quantization | None = None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, quant: Quantization | None = None,
+                 adapter: AdapterConfig | None = None):
         c = config
+        self.adapter = adapter
         h, f, kvf, i = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
         self.attn_norm = RMSNorm(h, c.rms_norm_eps, dtype)
-        _linear(self, "q_proj", rngs, (h, f), dtype, ("embed", "heads"), quant)
-        _linear(self, "k_proj", rngs, (h, kvf), dtype, ("embed", "kv_heads"), quant)
-        _linear(self, "v_proj", rngs, (h, kvf), dtype, ("embed", "kv_heads"), quant)
-        _linear(self, "o_proj", rngs, (f, h), dtype, ("heads", "embed"), quant)
+        _linear(self, "q_proj", rngs, (h, f), dtype, ("embed", "heads"), quant, adapter)
+        _linear(self, "k_proj", rngs, (h, kvf), dtype, ("embed", "kv_heads"), quant, adapter)
+        _linear(self, "v_proj", rngs, (h, kvf), dtype, ("embed", "kv_heads"), quant, adapter)
+        _linear(self, "o_proj", rngs, (f, h), dtype, ("heads", "embed"), quant, adapter)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, axis="head_dim")
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, axis="head_dim")
         self.mlp_norm = RMSNorm(h, c.rms_norm_eps, dtype)
-        _linear(self, "gate_proj", rngs, (h, i), dtype, ("embed", "mlp"), quant)
-        _linear(self, "up_proj", rngs, (h, i), dtype, ("embed", "mlp"), quant)
-        _linear(self, "down_proj", rngs, (i, h), dtype, ("mlp", "embed"), quant)
+        _linear(self, "gate_proj", rngs, (h, i), dtype, ("embed", "mlp"), quant, adapter)
+        _linear(self, "up_proj", rngs, (h, i), dtype, ("embed", "mlp"), quant, adapter)
+        _linear(self, "down_proj", rngs, (i, h), dtype, ("mlp", "embed"), quant, adapter)
         self.config = config
 
     def qkv(self, x_BxTxH, cos, sin, qscale):
@@ -190,20 +226,23 @@ class Transformer(nnx.Module):
 
     ``quant`` (a :class:`~jaxdlm.quant.Quantization`, static): the linear weights (and with ``quant.head`` the
     head) are stored quantized; ``dtype`` is then the compute dtype of everything else (embedding, norms, scales).
+    ``adapter`` (a :class:`~jaxdlm.adapter.AdapterConfig`, static): its target layers carry adapter factors.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, quant: Quantization | None = None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, quant: Quantization | None = None,
+                 adapter: AdapterConfig | None = None):
         c = config
         if quant is not None:
             quant.check(config)
         self.config = config
         self.quant = quant
+        self.adapter = adapter
         self.embed = _normal(rngs, (c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
         keys = jax.random.split(rngs.params(), c.num_layers)
 
         @nnx.vmap(transform_metadata={nnx.PARTITION_NAME: "layers"})  # "layers" leads every block's axes
         def stacked_blocks(key):
-            return Block(c, rngs=nnx.Rngs(params=key), dtype=dtype, quant=quant)
+            return Block(c, rngs=nnx.Rngs(params=key), dtype=dtype, quant=quant, adapter=adapter)
 
         self.layers = stacked_blocks(keys)
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
@@ -227,7 +266,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, positions, q_info: TokenInfo, k_info: TokenInfo, *, cache: KVCache | None = None,
                  lora: OProjLoRA | None = None, impl: str | None = None, return_hidden: bool = False,
-                 layers: str = "auto"):
+                 layers: str = "auto", remat: str = "none"):
         """General forward.
 
         Args:
@@ -245,10 +284,13 @@ class Transformer(nnx.Module):
             parameters and the stacked cache; ``"scan"`` runs them in a ``lax.scan`` (~L times smaller
             program); ``"auto"`` (default) picks by backend (:func:`resolve_layers`).  Both give the same
             result; see the module docstring for why each backend prefers its loop.
+          remat: ``"none"`` (default), ``"full"`` or ``"dots"``: each layer under ``jax.checkpoint`` with the
+            :data:`REMAT_POLICIES` policy (training: less memory for the backward pass, same gradients).
 
         Returns ``(logits float32 [B, T, V], new_cache or None)``.
         """
         layers = resolve_layers(layers)
+        check_remat(remat)
         c = self.config
         cos, sin = rope_lib.cos_sin(c.rope, c.head_dim, positions)
         qscale = rope_lib.query_scale(c.rope, positions)
@@ -267,7 +309,8 @@ class Transformer(nnx.Module):
         x_BxTxH = constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", None))
         lora_ab = None if lora is None else (lora.a, lora.b)  # stacked like the params; the scale is shared
         kv = None if cache is None else (cache.k, cache.v)
-        x_BxTxH, kv = _layer_loop(layers, layer_step, c.num_layers, (stacked, lora_ab), x_BxTxH, kv)
+        x_BxTxH, kv = _layer_loop(layers, layer_step, c.num_layers, (stacked, lora_ab), x_BxTxH, kv,
+                                  remat=remat)
         new_cache = None if cache is None else dataclasses.replace(cache, k=kv[0], v=kv[1])
         x_BxTxH = self.final_norm(x_BxTxH)
         if return_hidden:
@@ -290,10 +333,14 @@ class Transformer(nnx.Module):
         return out, (k_cache, v_cache)
 
 
-def _layer_loop(layers: str, layer_step, num_layers: int, per_layer, x_BxTxH, kv):
+def _layer_loop(layers: str, layer_step, num_layers: int, per_layer, x_BxTxH, kv, *, remat: str = "none"):
     """``layer_step(i, per_layer[i], x, kv) -> (x, kv)`` for ``i = 0 .. num_layers - 1``; ``per_layer`` is a pytree
     of arrays stacked on axis 0.  ``"unrolled"``: static indices (a static slice, no copy); ``"scan"``: a
-    ``lax.scan`` with a traced index."""
+    ``lax.scan`` with a traced index.  ``remat``: a :data:`REMAT_POLICIES` name; other than ``"none"``, each step
+    runs under ``jax.checkpoint`` with that policy."""
+    if remat != "none":  # (a scan already keeps XLA from merging the recomputation away: prevent_cse off there)
+        layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[remat], prevent_cse=layers == "unrolled",
+                                    static_argnums=(0,) if layers == "unrolled" else ())
     if layers == "unrolled":
         for i in range(num_layers):
             x_BxTxH, kv = layer_step(i, jax.tree.map(lambda a: a[i], per_layer), x_BxTxH, kv)
@@ -315,9 +362,10 @@ class ParamInfo(NamedTuple):
 
 
 @functools.lru_cache(maxsize=32)
-def _layout(config: ModelConfig, quant: Quantization | None) -> tuple[tuple[tuple[str, ...], ParamInfo], ...]:
+def _layout(config: ModelConfig, quant: Quantization | None,
+            adapter: AdapterConfig | None) -> tuple[tuple[tuple[str, ...], ParamInfo], ...]:
     out = []
-    for path, var in nnx.to_flat_state(Model.abstract(config, quantize=quant).params):
+    for path, var in nnx.to_flat_state(Model.abstract(config, quantize=quant, adapter=adapter).params):
         path = tuple(str(k) for k in path)
         axes = var.get_metadata().get("out_sharding")
         if axes is None or len(axes) != len(var.shape):
@@ -327,12 +375,14 @@ def _layout(config: ModelConfig, quant: Quantization | None) -> tuple[tuple[tupl
     return tuple(out)
 
 
-def param_layout(config: ModelConfig, quant: Quantization | None = None) -> dict[tuple[str, ...], ParamInfo]:
+def param_layout(config: ModelConfig, quant: Quantization | None = None,
+                 adapter: AdapterConfig | None = None) -> dict[tuple[str, ...], ParamInfo]:
     """Every parameter of a model of ``config`` (quantized by ``quant``: weights in place, ``*_scale`` beside
-    them): its path in the pure-dict parameter tree (e.g. ``("layers", "q_proj")``) -> :class:`ParamInfo` (shape,
-    logical axes), read from an abstract model (no memory; cached per config).  The single source of the layout
-    for sharding and checkpoint name maps."""
-    return dict(_layout(config, quant))
+    them; with an ``adapter``: ``*_lora_a`` / ``*_lora_b`` beside its targets): its path in the pure-dict
+    parameter tree (e.g. ``("layers", "q_proj")``) -> :class:`ParamInfo` (shape, logical axes), read from an
+    abstract model (no memory; cached per config).  The single source of the layout for sharding and checkpoint
+    name maps."""
+    return dict(_layout(config, quant, adapter))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,7 +391,7 @@ def param_layout(config: ModelConfig, quant: Quantization | None = None) -> dict
 
 def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache | None = None,
             num_valid=None, lora: OProjLoRA | None = None, impl: str | None = None, return_hidden: bool = False,
-            layers: str = "auto"):
+            layers: str = "auto", remat: str = "none"):
     """Forward pass of one kind (see the module docstring).
 
     Without a cache, ``tokens [B, T]`` is a whole sequence at positions ``0..T-1``; for ``two_stream``
@@ -352,8 +402,8 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
     quadratic self-speculation's layout, :func:`jaxdlm.attention.masks.quadratic_info`).  The cache needs ``T`` free slots after every row's
     length (a denoise pass writes its block there as scratch).
 
-    ``layers``: ``"auto"`` (default: by backend), ``"unrolled"`` or ``"scan"`` (training), see
-    :meth:`Transformer.__call__`.
+    ``layers``: ``"auto"`` (default: by backend), ``"unrolled"`` or ``"scan"`` (training); ``remat``: ``"none"``,
+    ``"full"`` or ``"dots"`` (training); see :meth:`Transformer.__call__`.
 
     Returns ``(logits float32 [B, T, V], cache or None)``.
     """
@@ -370,7 +420,7 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
         else:
             raise ValueError(f"kind={kind!r} is not supported without a cache; expected one of {UNCACHED_KINDS}")
         return model(tokens, q_info.pos, q_info, q_info, lora=lora, impl=impl, return_hidden=return_hidden,
-                     layers=layers)
+                     layers=layers, remat=remat)
     if kind not in CACHED_KINDS:
         raise ValueError(f"kind={kind!r} is not supported with a cache; expected one of {CACHED_KINDS}")
     if kind == "quadratic":
@@ -379,7 +429,7 @@ def forward(model: Transformer, tokens, *, kind: str = "causal", cache: KVCache 
         q_info = masks.cache_query_info(cache.length, t, kind)
         k_info = masks.cache_key_info(cache.length, cache.max_len, t, kind)
     out, new_cache = model(tokens, q_info.pos, q_info, k_info, cache=cache, lora=lora, impl=impl,
-                           return_hidden=return_hidden, layers=layers)
+                           return_hidden=return_hidden, layers=layers, remat=remat)
     if kind == "causal":
         new_cache = new_cache.advance(t if num_valid is None else num_valid)
     else:
@@ -447,12 +497,13 @@ class Model:
         return model if quant is None else quantize_model(model, quant)
 
     @classmethod
-    def abstract(cls, config: ModelConfig, *, dtype=jnp.float32, quantize=None) -> "Model":
+    def abstract(cls, config: ModelConfig, *, dtype=jnp.float32, quantize=None,
+                 adapter: AdapterConfig | None = None) -> "Model":
         """Shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves), no memory: a restore target (``quantize``: the
-        quantized tree, as in :meth:`init`)."""
+        quantized tree, as in :meth:`init`; ``adapter``: with adapter factors, :mod:`jaxdlm.adapter`)."""
         quant = quant_lib.as_quantization(quantize)
         transformer = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0), dtype=jnp.dtype(dtype),
-                                                         quant=quant))
+                                                         quant=quant, adapter=adapter))
         graphdef, params = nnx.split(transformer)
         return cls(config, graphdef, params)
 
@@ -472,9 +523,14 @@ class Model:
         """The weight quantization (static, from the module graph), or ``None`` for float weights."""
         return nnx.merge(self.graphdef, self.params).quant
 
+    @property
+    def adapter_config(self) -> AdapterConfig | None:
+        """The adapter's shape (static, from the module graph; :mod:`jaxdlm.adapter`), or ``None`` without one."""
+        return nnx.merge(self.graphdef, self.params).adapter
+
     def layout(self) -> dict[tuple[str, ...], "ParamInfo"]:
         """Every parameter's path -> :class:`ParamInfo` (shape, logical axes): :func:`param_layout` of this model."""
-        return param_layout(self.config, self.quant)
+        return param_layout(self.config, self.quant, self.adapter_config)
 
     def replace(self, *, params=None, lora=None, mesh=None) -> "Model":
         """A copy with ``params`` / ``lora`` / ``mesh`` replaced where given (same graph, config, tokenizer)."""
@@ -493,7 +549,7 @@ class Model:
             key = tuple(str(k.key) for k in path)
             return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and key not in keep else x
 
-        target = Model.abstract(self.config, dtype=dtype, quantize=quant)
+        target = Model.abstract(self.config, dtype=dtype, quantize=quant, adapter=self.adapter_config)
         nnx.replace_by_pure_dict(target.params, jax.tree_util.tree_map_with_path(cast, nnx.to_pure_dict(self.params)))
         lora = None if self.lora is None else jax.tree.map(lambda x: cast((), x), self.lora)
         return Model(self.config, target.graphdef, target.params, lora=lora, tokenizer=self.tokenizer, mesh=self.mesh)
@@ -519,8 +575,10 @@ class Model:
     def __repr__(self):
         c = self.config
         quant = "" if self.quant is None else f", quantized={self.quant.describe()}"
+        adapter = "" if self.adapter_config is None else f", adapter={self.adapter_config}"
         return (f"Model({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, "
-                f"params={c.num_params() / 1e6:.1f}M, dtype={self.dtype}{quant}, lora={self.lora is not None})")
+                f"params={c.num_params() / 1e6:.1f}M, dtype={self.dtype}{quant}{adapter}, "
+                f"lora={self.lora is not None})")
 
 
 def quantize_model(model, quantize):
@@ -533,7 +591,7 @@ def quantize_model(model, quantize):
         raise ValueError("quantize_model needs a scheme: 'int8', 'int4' or 'fp8'")
     if model.quant is not None:
         raise ValueError(f"the model is already quantized ({model.quant.describe()}); quantize its float original")
-    target = Model.abstract(model.config, dtype=model.dtype, quantize=quant)
+    target = Model.abstract(model.config, dtype=model.dtype, quantize=quant, adapter=model.adapter_config)
     pure = nnx.to_pure_dict(model.params)
     for path in quant.weight_paths():
         node = pure
@@ -543,3 +601,49 @@ def quantize_model(model, quantize):
             node[leaf_path[-1]] = jnp.asarray(value)
     nnx.replace_by_pure_dict(target.params, pure)
     return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer)
+
+
+def add_adapter(model, adapter: AdapterConfig, factors: adapter_lib.Adapter | None = None):
+    """A copy of ``model`` (a :class:`~jaxdlm.model.Model` without an adapter; float or quantized) with an adapter
+    of ``adapter``'s shape: ``factors`` cast to the compute dtype, or zeros (a structure to fill with
+    :func:`jaxdlm.adapter.set_adapter`).  Its base parameters, draft LoRA and tokenizer are shared."""
+    if model.adapter_config is not None:
+        raise ValueError("the model already has an adapter; merge it (merge_adapter) or start from its base")
+    target = Model.abstract(model.config, dtype=model.dtype, quantize=model.quant, adapter=adapter)
+    pure = nnx.to_pure_dict(model.params)
+    shapes = adapter.shapes(param_layout(model.config))
+    for t, a_path, b_path in adapter_lib.leaf_paths(adapter):
+        for i, path in enumerate((a_path, b_path)):
+            value = jnp.zeros(shapes[t][i]) if factors is None else jnp.asarray((factors.a, factors.b)[i][t])
+            pure["layers"][path[-1]] = value.astype(model.dtype)
+    nnx.replace_by_pure_dict(target.params, pure)
+    return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer,
+                 mesh=model.mesh)
+
+
+def merge_adapter(model):
+    """A copy of ``model`` without its adapter whose target weights are ``W + scale * A @ B`` (computed in float32,
+    stored in the compute dtype).  A quantized base is dequantized first, every linear weight (and a quantized
+    head): the result is a float model in the compute dtype (bfloat16 for a quantized base), which generates like
+    the adapter model up to that dtype's rounding.  Draft LoRA and tokenizer are kept."""
+    cfg = model.adapter_config
+    if cfg is None:
+        raise ValueError("the model has no adapter to merge")
+    quant, dtype = model.quant, model.dtype
+    pure = nnx.to_pure_dict(model.params)
+    for path in (quant.weight_paths() if quant is not None else ()):
+        node = pure if len(path) == 1 else pure[path[0]]
+        scale = node.pop(quant_lib.scale_path(path)[-1])
+        node[path[-1]] = quant_lib.dequantize(node[path[-1]], scale, jnp.float32)
+    layers = pure["layers"]
+    for t, a_path, b_path in adapter_lib.leaf_paths(cfg):
+        a, b = layers.pop(a_path[-1]).astype(jnp.float32), layers.pop(b_path[-1]).astype(jnp.float32)
+        w = jnp.asarray(layers[t]).astype(jnp.float32)
+        layers[t] = w + cfg.scale * jnp.einsum("lir,lro->lio", a, b, precision=jax.lax.Precision.HIGHEST)
+    for path in (quant.weight_paths() if quant is not None else ()) + tuple(("layers", t) for t in cfg.targets):
+        node = pure if len(path) == 1 else pure[path[0]]
+        node[path[-1]] = jnp.asarray(node[path[-1]]).astype(dtype)
+    target = Model.abstract(model.config, dtype=dtype)
+    nnx.replace_by_pure_dict(target.params, pure)
+    return Model(model.config, target.graphdef, target.params, lora=model.lora, tokenizer=model.tokenizer,
+                 mesh=model.mesh)

@@ -103,14 +103,15 @@ def test_mesh_that_does_not_divide_the_model_is_rejected(cfg_kw, spec, msg, devi
         sh.param_shardings(model, sh.make_mesh(spec, devices=devices))
 
 
-def test_automatic_attention_backend_is_xla_under_a_multi_device_mesh(devices, monkeypatch):
+def test_automatic_attention_backend_is_pallas_on_a_gpu_mesh(devices, monkeypatch):
+    """The Pallas kernels run per shard under a mesh (tests/test_pallas_sharded.py), so a mesh keeps them."""
     from jaxdlm import attention
 
     monkeypatch.delenv("JAXDLM_ATTENTION", raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attention.default_impl() == "pallas"
     with jax.set_mesh(sh.make_mesh("tensor=8", devices=devices)):
-        assert attention.default_impl() == "xla"
+        assert attention.default_impl() == "pallas"
 
 
 def test_load_restores_straight_into_target_shardings(devices, seed, rng, tmp_path):

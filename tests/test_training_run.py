@@ -9,7 +9,7 @@ import pytest
 
 import jaxdlm
 from jaxdlm import cli
-from jaxdlm.training import checkpointing
+from jaxdlm.training import checkpointing, speed
 from jaxdlm.training.config import load_config, parse_config
 from jaxdlm.training.run import load_dataset, load_trained, run_lineage, train
 from training_utils import counting_data, tiny_config
@@ -42,11 +42,13 @@ def _dump(tmp_path, conf, name="exp.json"):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """One uninterrupted 50-step joint-objective run (shared: its compiled steps are reused below)."""
+    """One uninterrupted 50-step joint-objective run (shared: its compiled steps are reused below), its MFU against
+    a peak of 1e-3 TFLOP/s per device."""
     tmp_path = tmp_path_factory.mktemp("runs")
     rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
     conf = _write_setup(tmp_path, rng, out="straight")
-    final = train(load_config(_dump(tmp_path, conf, "a.json")), progress=False, log=lambda *_: None)
+    final = train(load_config(_dump(tmp_path, conf, "a.json")), progress=False, log=lambda *_: None,
+                  peak_tflops=1e-3)
     return tmp_path, conf, final
 
 
@@ -57,6 +59,13 @@ def test_tiny_model_loss_falls_over_50_steps(straight_run):
     evals = {r["step"]: r for r in recs if r["kind"] == "eval"}
     assert sorted(evals) == [0, 25, 50]  # baseline, periodic, final
     assert sorted(r["step"] for r in recs if r["kind"] == "train") == list(range(1, 51))
+    # every train record carries the speed of its steps: tokens/s, and the MFU against the given peak
+    flops = speed.train_flops_per_token(load_trained(str(tmp_path / "straight")).config,
+                                        load_config(str(tmp_path / "a.json")).objective, conf["data"]["seq_len"])
+    for r in recs:
+        if r["kind"] == "train":
+            assert r["tokens_per_s"] > 0, r
+            assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / (1e9 * jax.device_count()), rel=1e-9)
     before, after = evals[0], evals[50]
     assert after["ar_loss"] < 0.6 * before["ar_loss"], (before, after)
     assert after["diff_loss"] < 0.8 * before["diff_loss"], (before, after)
@@ -204,6 +213,7 @@ BAD = [
     ({"run": {"eval_every": -1}}, "run.eval_every=-1"),
     ({"model": {"overrides": {"mask_token_id": None}}}, "mask_token_id is None"),
     ({"model": {"overrides": {"block_sz": 8}}}, "model.overrides has unknown fields ['block_sz']"),
+    ({"model": {"remat": "half"}}, "model.remat='half' is not supported; allowed: ['none', 'full', 'dots']"),
     ({"trainer": {}}, "unknown config sections ['trainer']"),
 ]
 
@@ -231,7 +241,8 @@ def test_valid_config_check_and_toml(tmp_path, rng, capsys):
     cfg = load_config(str(path))
     assert cfg.optim.total_steps == 50 and cfg.accum == 2 and cfg.data.seq_len == 16
     assert cli.main(["train", str(path), "--check", "--no-compile-cache"]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK" in out and f"memory plan per device ({jax.device_count()} devices)" in out
     assert not os.path.exists(tmp_path / "run")
 
 

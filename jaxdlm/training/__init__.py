@@ -4,7 +4,8 @@ runner (``jaxdlm train CONFIG``).
 
 Submodules: :mod:`~jaxdlm.training.masking`, :mod:`~jaxdlm.training.losses`, :mod:`~jaxdlm.training.step`,
 :mod:`~jaxdlm.training.data`, :mod:`~jaxdlm.training.checkpointing`, :mod:`~jaxdlm.training.lora`,
-:mod:`~jaxdlm.training.config`, :mod:`~jaxdlm.training.run`.  The names below are imported lazily so
+:mod:`~jaxdlm.training.config`, :mod:`~jaxdlm.training.run`, :mod:`~jaxdlm.training.plan` (the memory plan of
+``--check``), :mod:`~jaxdlm.training.speed` (model FLOPs, tokens/s, MFU).  The names below are imported lazily so
 that ``import jaxdlm.training.run`` (the CLI) stays cheap.
 """
 
@@ -24,6 +25,7 @@ _EXPORTS = {
     "draft_loss": "lora", "make_lora_step": "lora", "init_lora_state": "lora", "LoraTrainState": "lora",
     "TrainConfig": "config", "load_config": "config", "parse_config": "config",
     "train": "run", "load_trained": "run",
+    "memory_plan": "plan", "train_flops_per_token": "speed", "adapter_flops_per_token": "speed",
 }
 
 __all__ = sorted(_EXPORTS)

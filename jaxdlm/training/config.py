@@ -8,6 +8,7 @@ Every value is checked before any compute starts; a bad one raises ``ValueError`
     init = "random"           # "random", or a finished/partial run folder to start from (its latest params)
     seed = 0                  # init seed for "random"
     overrides = {mask_token_id = 3, block_size = 16}   # dataclasses.replace on the ModelConfig
+    remat = "none"            # per-layer rematerialisation: "none", "full" (keep layer inputs) or "dots"
 
     [data]
     train = "train.npy"       # tokens: 1-D stream (packed here) or 2-D [N, L] rows; chat: a .jsonl file
@@ -35,6 +36,13 @@ Every value is checked before any compute starts; a bad one raises ``ValueError`
     alpha = 32.0
     target = "soft"           # or "hard"
 
+    [adapter]                 # adapter fine-tuning (LoRA / QLoRA-style; base frozen), off by default
+    enabled = false
+    rank = 16
+    alpha = 32.0
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base_dtype = "bfloat16"   # the frozen base: "float32", "bfloat16", "int8" or "int4" (jaxdlm.quant)
+
     [mesh]                    # how the devices of every process together are laid out (jaxdlm.sharding)
     data = 1                  # data-parallel replicas
     fsdp = 0                  # parameter (and batch) sharding; 0: every device left over (the default)
@@ -58,6 +66,7 @@ import os
 import tomllib
 from typing import Any, Mapping
 
+from jaxdlm.model import REMAT_POLICIES
 from jaxdlm.training.losses import LossConfig
 from jaxdlm.training.step import OptimConfig
 
@@ -71,6 +80,7 @@ class ModelSection:
     init: str = "random"
     seed: int = 0
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    remat: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +99,24 @@ class LoraSection:
     rank: int = 16
     alpha: float = 32.0
     target: str = "soft"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSection:
+    """``[adapter]``: an adapter (:mod:`jaxdlm.adapter`) trains on the frozen base, which is kept in ``base_dtype``
+    (``"int8"`` / ``"int4"``: quantized by :mod:`jaxdlm.quant`, computing in bfloat16)."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    base_dtype: str = "bfloat16"
+
+    def adapter_config(self):
+        """The :class:`~jaxdlm.adapter.AdapterConfig` of this section."""
+        from jaxdlm.adapter import AdapterConfig
+
+        return AdapterConfig(self.rank, self.alpha, tuple(self.targets))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +163,7 @@ class TrainConfig:
     run: RunSection
     base_dir: str = "."
     mesh: MeshSection = MeshSection()
+    adapter: AdapterSection = AdapterSection()
 
     def path(self, p: str | None) -> str | None:
         """``p`` resolved relative to the config file's folder (``~`` expanded)."""
@@ -145,15 +174,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = {}
-        for name in ("model", "data", "objective", "lora", "run", "mesh"):
+        for name in ("model", "data", "objective", "lora", "run", "mesh", "adapter"):
             d[name] = dataclasses.asdict(getattr(self, name))
         d["model"]["overrides"] = dict(self.model.overrides)
+        d["adapter"]["targets"] = list(self.adapter.targets)
         d["optim"] = dict(dataclasses.asdict(self.optim), batch_size=self.batch_size, accum=self.accum,
                           compute_dtype=self.compute_dtype)
         return d
 
 
-_SECTIONS = ("model", "data", "objective", "optim", "lora", "run", "mesh")
+_SECTIONS = ("model", "data", "objective", "optim", "lora", "run", "mesh", "adapter")
 _OPTIM_EXTRA = {"batch_size": int, "accum": int, "compute_dtype": str}
 
 
@@ -233,11 +263,16 @@ def parse_config(data: Mapping[str, Any], base_dir: str = ".") -> TrainConfig:
     lora, _ = _build(LoraSection, "lora", data.get("lora", {}))
     run, _ = _build(RunSection, "run", data.get("run", {}))
     mesh, _ = _build(MeshSection, "mesh", data.get("mesh", {}))
+    adapter = _check_adapter(data.get("adapter", {}), lora)
     batch_size, accum, compute_dtype = _optim_extras(extra)
     _check_sections(model, dsec, lora, run)
     _check_mesh(mesh, batch_size)
+    if adapter.enabled and adapter.base_dtype == "float32" and compute_dtype == "bfloat16":
+        raise ValueError("optim.compute_dtype='bfloat16' with adapter.base_dtype='float32': an adapter run computes "
+                         "in its frozen base's dtype; set adapter.base_dtype = 'bfloat16' (or compute_dtype float32)")
     cfg = TrainConfig(model=model, data=dsec, objective=objective, optim=optim, batch_size=batch_size,
-                      accum=accum, compute_dtype=compute_dtype, lora=lora, run=run, base_dir=base_dir, mesh=mesh)
+                      accum=accum, compute_dtype=compute_dtype, lora=lora, run=run, base_dir=base_dir, mesh=mesh,
+                      adapter=adapter)
     _check_files_and_model(cfg)
     return cfg
 
@@ -283,6 +318,34 @@ def _check_sections(model: ModelSection, dsec: DataSection, lora: LoraSection, r
         raise ValueError("model.config is required (a ModelConfig JSON / HF config.json path, or an inline table)")
     if not isinstance(model.overrides, Mapping):
         raise ValueError(f"model.overrides={model.overrides!r} must be a table")
+    if model.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={model.remat!r} is not supported; allowed: {list(REMAT_POLICIES)}")
+
+
+def _check_adapter(values: Mapping[str, Any], lora: LoraSection) -> AdapterSection:
+    """The ``[adapter]`` section: types by :func:`_build`, ``targets`` a list, ``base_dtype``, then ``rank``,
+    ``alpha`` and ``targets`` by :class:`~jaxdlm.adapter.AdapterConfig`, and not together with ``[lora] enabled``."""
+    from jaxdlm.adapter import TARGETS
+    from jaxdlm.training.adapter import BASE_DTYPES
+
+    values = dict(values) if isinstance(values, Mapping) else values  # (_build names a non-table)
+    if isinstance(values, dict) and "targets" in values:
+        targets = values["targets"]
+        if not isinstance(targets, (list, tuple)):
+            raise ValueError(f"adapter.targets={targets!r} must be a list of layer names from {list(TARGETS)}")
+        values["targets"] = tuple(targets)
+    adapter, _ = _build(AdapterSection, "adapter", values)
+    if adapter.base_dtype not in BASE_DTYPES:
+        raise ValueError(f"adapter.base_dtype={adapter.base_dtype!r} is not supported; allowed: {list(BASE_DTYPES)}")
+    try:
+        adapter.adapter_config()
+    except ValueError as e:
+        raise ValueError(f"adapter.{e}") from None
+    if adapter.enabled and lora.enabled:
+        raise ValueError("adapter.enabled and lora.enabled are both true: [adapter] fine-tunes the model, [lora] "
+                         "trains the draft LoRA of a frozen model; run them one after the other (the draft LoRA "
+                         "on a merged adapter model)")
+    return adapter
 
 
 def _check_mesh(mesh: MeshSection, batch_size: int) -> None:
@@ -311,11 +374,19 @@ def _check_files_and_model(cfg: TrainConfig) -> None:
         raise ValueError("lora.enabled=true needs model.init = a trained run folder (the frozen base model), "
                          "not 'random'")
     if model.init != "random" and not os.path.isdir(cfg.path(model.init)):
-        raise ValueError(f"model.init={model.init!r} must be 'random' or an existing run folder")
+        raise ValueError(f"model.init={model.init!r} must be 'random' or an existing run folder" +
+                         (" or jaxdlm checkpoint folder" if cfg.adapter.enabled else ""))
     mcfg = model_config(cfg)
     if dsec.seq_len % mcfg.block_size:
         raise ValueError(f"data.seq_len={dsec.seq_len} must be a multiple of the model's block_size="
                          f"{mcfg.block_size}")
+    if cfg.adapter.enabled and cfg.adapter.base_dtype == "int4":
+        from jaxdlm.quant import Quantization
+
+        try:
+            Quantization("int4").check(mcfg)
+        except ValueError as e:
+            raise ValueError(f"adapter.base_dtype='int4': {e}") from None
     if (cfg.objective.objective == "joint" or lora.enabled) and mcfg.mask_token_id is None:
         raise ValueError("model mask_token_id is None but the joint objective / draft LoRA needs one; "
                          "set model.overrides.mask_token_id")

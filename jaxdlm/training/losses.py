@@ -97,11 +97,12 @@ def _safe_div(a, n):
     return a / jnp.maximum(n, 1).astype(jnp.float32)
 
 
-def ar_loss(module: Transformer, tokens, loss_mask=None, *, ce_chunk: int | None = 512):
-    """Plain next-token loss over one causal pass: ``(loss, metrics)``; ``tokens [B, L]``."""
+def ar_loss(module: Transformer, tokens, loss_mask=None, *, ce_chunk: int | None = 512, remat: str = "none"):
+    """Plain next-token loss over one causal pass: ``(loss, metrics)``; ``tokens [B, L]``.  ``remat``: per-layer
+    rematerialisation (:data:`jaxdlm.model.REMAT_POLICIES`)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     loss_mask = jnp.ones(tokens.shape, bool) if loss_mask is None else jnp.asarray(loss_mask, bool)
-    hidden, _ = forward(module, tokens, kind="causal", return_hidden=True, layers="scan")
+    hidden, _ = forward(module, tokens, kind="causal", return_hidden=True, layers="scan", remat=remat)
     tgt, valid = _ar_targets(tokens, loss_mask)
     ce = token_ce(hidden, module.head_weight(), tgt, ce_chunk)
     sum_a = jnp.sum(jnp.where(valid, ce, 0.0))
@@ -111,8 +112,10 @@ def ar_loss(module: Transformer, tokens, loss_mask=None, *, ce_chunk: int | None
 
 
 def joint_loss(module: Transformer, tokens, noised: masking.Noised, loss_mask=None, *, alpha: float = 0.3,
-               normalization: str = "pretrain", bidirectional: bool = False, ce_chunk: int | None = 512):
+               normalization: str = "pretrain", bidirectional: bool = False, ce_chunk: int | None = 512,
+               remat: str = "none"):
     """``L_AR + alpha * L_diff`` for clean ``tokens [B, L]`` and their noised copy (see module docstring).
+    ``remat``: per-layer rematerialisation of the forward (:data:`jaxdlm.model.REMAT_POLICIES`).
 
     Returns ``(loss, metrics)``; metrics hold the unweighted mean CEs (``ar_loss``, ``diff_loss``), the
     sums and the counts (``n_masked``, ``n_ar``) so callers can aggregate exactly.
@@ -124,7 +127,7 @@ def joint_loss(module: Transformer, tokens, noised: masking.Noised, loss_mask=No
     loss_mask = jnp.ones(tokens.shape, bool) if loss_mask is None else jnp.asarray(loss_mask, bool)
     kind = "two_stream_bidirectional" if bidirectional else "two_stream"
     hidden, _ = forward(module, jnp.concatenate([noised.x_t, tokens], axis=1), kind=kind, return_hidden=True,
-                        layers="scan")
+                        layers="scan", remat=remat)
     ar_tgt, ar_valid = _ar_targets(tokens, loss_mask)
     ce = token_ce(hidden, module.head_weight(), jnp.concatenate([tokens, ar_tgt], axis=1), ce_chunk)
     ce_d, ce_a = ce[:, :l], ce[:, l:]
@@ -143,20 +146,21 @@ def joint_loss(module: Transformer, tokens, noised: masking.Noised, loss_mask=No
     return loss, metrics
 
 
-def batch_loss(module: Transformer, batch: dict, key, cfg: LossConfig):
+def batch_loss(module: Transformer, batch: dict, key, cfg: LossConfig, remat: str = "none"):
     """The configured loss on one batch ``{"tokens": [B, L], "loss_mask": [B, L] (optional)}``.
 
-    ``key`` draws the noise.  Returns ``(loss, metrics)``.
+    ``key`` draws the noise; ``remat``: per-layer rematerialisation (:data:`jaxdlm.model.REMAT_POLICIES`).
+    Returns ``(loss, metrics)``.
     """
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     loss_mask = batch.get("loss_mask")
     loss_mask = jnp.ones(tokens.shape, bool) if loss_mask is None else jnp.asarray(loss_mask, bool)
     if cfg.objective == "ar":
-        return ar_loss(module, tokens, loss_mask, ce_chunk=cfg.ce_chunk)
+        return ar_loss(module, tokens, loss_mask, ce_chunk=cfg.ce_chunk, remat=remat)
     c = module.config
     if c.mask_token_id is None:
         raise ValueError("the joint objective needs config.mask_token_id (set it with dataclasses.replace)")
     noised = masking.apply_noise(key, tokens, c.mask_token_id, schedule=cfg.schedule, block_size=c.block_size,
                                  eps=cfg.eps, maskable=loss_mask)
     return joint_loss(module, tokens, noised, loss_mask, alpha=cfg.alpha, normalization=cfg.normalization,
-                      bidirectional=cfg.bidirectional, ce_chunk=cfg.ce_chunk)
+                      bidirectional=cfg.bidirectional, ce_chunk=cfg.ce_chunk, remat=remat)

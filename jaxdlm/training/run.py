@@ -94,8 +94,11 @@ def run_lineage(run_dir: str, config_dir: str | None = None) -> list[tuple[str, 
 
 def load_trained(run_dir: str, step: int | None = None, *, mesh=None):
     """The :class:`~jaxdlm.model.Model` of a run folder (relative or ``~`` paths too) at ``step`` (default: latest
-    checkpoint), with the run's draft LoRA for a LoRA run.  ``jaxdlm.load(run_dir)`` calls this.  ``mesh``: the
-    params (and LoRA) are restored straight into their shards on it (:mod:`jaxdlm.sharding` rules)."""
+    checkpoint), with the run's draft LoRA for a LoRA run; for an adapter run (``[adapter]``) the tuned model:
+    its base rebuilt as the run recorded it (init, seed, step, ``base_dtype``) with the trained adapter in it
+    (it generates with the adapter applied; ``jaxdlm.save(model, DIR, merge_adapter=True)`` folds it in).
+    ``jaxdlm.load(run_dir)`` calls this.  ``mesh``: the params (and LoRA) are restored straight into their shards
+    on it (:mod:`jaxdlm.sharding` rules)."""
     import jax
 
     from jaxdlm import sharding as sh
@@ -129,6 +132,8 @@ def load_trained(run_dir: str, step: int | None = None, *, mesh=None):
             lora = lora if mesh is None else _placed(lora, sh.lora_shardings(mesh))
             state = _restore_partial(ck, step, dict(scalars, lora=lora))
             return Model(mcfg, base.graphdef, base.params, lora=state["lora"], tokenizer=base.tokenizer, mesh=mesh)
+        if meta.get("kind") == "adapter":
+            return _load_adapter_run(ck, step, meta, mcfg, mesh)
         params = abstract.params if mesh is None else _placed(abstract.params, sh.param_shardings(abstract, mesh))
         state = _restore_partial(ck, step, {"step": scalars["step"], "params": params})
         return Model(mcfg, abstract.graphdef, state["params"], mesh=mesh)
@@ -158,7 +163,8 @@ class _Experiment(NamedTuple):
     """What a run steps: ``abstract`` (the train state's shapes, dtypes and shardings: the restore target),
     ``init() -> state`` (a fresh state, created directly in its shards), ``run_step(state, batch) -> (state,
     metrics)``, ``evaluate(state) -> metrics`` (``None`` without eval data) and the record saved with each
-    checkpoint.  States are :class:`~jaxdlm.training.step.TrainState` or
+    checkpoint, and the model FLOPs per token of a step (for MFU).  States are
+    :class:`~jaxdlm.training.step.TrainState` or
     :class:`~jaxdlm.training.lora.LoraTrainState` pytrees."""
 
     abstract: Any
@@ -166,6 +172,7 @@ class _Experiment(NamedTuple):
     run_step: Callable
     evaluate: Callable | None
     meta: dict
+    flops_per_token: float | None = None  # model FLOPs per sequence token of a step (speed.py), None: unknown
 
 
 class Stopped(Exception):
@@ -177,11 +184,13 @@ class Stopped(Exception):
         self.step, self.signal_name = step, signal_name
 
 
-def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print) -> dict:
+def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print,
+          peak_tflops: float | None = None) -> dict:
     """Runs (or resumes) the experiment ``cfg`` on the ``[mesh]`` over every device of every process; stops
     after ``max_steps`` optimizer steps in THIS call (the schedule still spans ``optim.total_steps``).  Returns
     the final metrics (of a finished run: the last ones its ``log.jsonl`` holds).  Only process 0 writes the
-    run folder's logs and configs and calls ``log``.
+    run folder's logs and configs and calls ``log``.  ``peak_tflops``: dense bf16 TFLOP/s of one device for the
+    ``mfu`` of the train records, where :data:`~jaxdlm.training.speed.PEAK_BF16_TFLOPS` does not know the device.
 
     Raises :class:`Stopped` when SIGTERM or SIGINT stopped the run early (a checkpoint was written first).
     """
@@ -217,7 +226,8 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
             _write_configs(out, mcfg, cfg)
             _truncate_log(out, start)
         with jax.set_mesh(mesh):  # the model pins its activations' shardings under it
-            return _loop(cfg, exp, state, train_ds, ck, out, start, max_steps, progress and main, log, mesh)
+            return _loop(cfg, exp, state, train_ds, ck, out, start, max_steps, progress and main, log, mesh,
+                         peak_tflops)
     finally:
         ck.close()
 
@@ -244,6 +254,8 @@ def _experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
     from jaxdlm.model import Model
     from jaxdlm.training.checkpointing import Checkpointer
 
+    if cfg.adapter.enabled:
+        return _adapter_experiment(cfg, mcfg, eval_ds, mesh)
     if cfg.model.init == "random":
         return _full_experiment(cfg, mcfg, None, eval_ds, mesh)
     base_run = cfg.path(cfg.model.init)
@@ -266,9 +278,11 @@ def _full_experiment(cfg, mcfg, base: tuple[str, int] | None, eval_ds, mesh) -> 
     import jax
 
     from jaxdlm.model import Model
+    from jaxdlm.training import speed
     from jaxdlm.training import step as step_lib
 
-    tx, run_step, eval_step, shapes, shardings = _steps(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh)
+    tx, run_step, eval_step, shapes, shardings = _steps(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh,
+                                                        cfg.model.remat)
     eval_key = jax.random.PRNGKey(EVAL_NOISE_SEED)
 
     def init_state(params):
@@ -285,7 +299,7 @@ def _full_experiment(cfg, mcfg, base: tuple[str, int] | None, eval_ds, mesh) -> 
                              for i, b in enumerate(_eval_batches(eval_ds, cfg, mesh)))
 
     return _Experiment(_placed(shapes, shardings), init, run_step, evaluate if eval_ds is not None else None,
-                       {"kind": "full"})
+                       {"kind": "full"}, speed.train_flops_per_token(mcfg, cfg.objective, cfg.data.seq_len))
 
 
 def _state_shardings(tx, shapes, trained: str, trained_shardings, mesh):
@@ -341,6 +355,92 @@ def _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step, mesh) -> _E
                        evaluate if eval_ds is not None else None, meta)
 
 
+def _adapter_experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
+    """An adapter (``[adapter]``, :mod:`jaxdlm.adapter`) trains on the frozen base: random (``model.seed``), a run
+    folder or a jaxdlm checkpoint (``model.init``), prepared in ``adapter.base_dtype``
+    (:mod:`jaxdlm.training.adapter`).  The state (checkpointed) is the float32 adapter and its optimizer state; the
+    record saved with it names the base so that :func:`load_trained` rebuilds the tuned model."""
+    import jax
+
+    from jaxdlm import sharding as sh
+    from jaxdlm.model import add_adapter
+    from jaxdlm.training import adapter as tune
+    from jaxdlm.training import speed
+
+    acfg = cfg.adapter.adapter_config()
+    init = cfg.model.init if cfg.model.init == "random" else cfg.path(cfg.model.init)
+    base = tune.base_record(init, cfg.model.seed, cfg.adapter.base_dtype)
+    model = sh.shard_model(add_adapter(tune.load_base(base, mcfg), acfg), mesh)
+    steps = _adapter_steps(model.graphdef, mcfg, acfg, cfg.optim, cfg.objective, mesh, cfg.model.remat, cfg.run.seed)
+    eval_key = jax.random.PRNGKey(EVAL_NOISE_SEED)
+    base_params = model.params
+
+    def evaluate(state):
+        return _mean_metrics(steps.eval_step(state.params, base_params, b, jax.random.fold_in(eval_key, i))
+                             for i, b in enumerate(_eval_batches(eval_ds, cfg, mesh)))
+
+    meta = {"kind": "adapter", "adapter": acfg.to_dict(), "base": base}
+    return _Experiment(_placed(steps.shapes, steps.shardings), steps.init,
+                       lambda state, batch: steps.train_step(state, base_params, batch),
+                       evaluate if eval_ds is not None else None, meta,
+                       speed.adapter_flops_per_token(mcfg, cfg.objective, cfg.data.seq_len, acfg))
+
+
+class _AdapterSteps(NamedTuple):
+    """The jitted programs of an adapter run and its state's layout (:func:`_adapter_steps`)."""
+
+    init: Callable  # () -> a fresh TrainState (float32 Adapter params), created in its shardings
+    train_step: Callable  # (state, base_params, batch [A, B, L]) -> (state, metrics): make_adapter_step
+    eval_step: Callable  # (factors, base_params, batch [B, L], key) -> metrics
+    shapes: Any  # the state's ShapeDtypeStructs (jax.eval_shape of init)
+    shardings: Any  # the state's NamedShardings: the factors and their Adam moments by their logical axes
+
+
+def _adapter_steps(graphdef, mcfg, acfg, optim_cfg, loss_cfg, mesh, remat: str, seed: int) -> _AdapterSteps:
+    """The steps of an adapter run whose base (with the adapter ``acfg`` added) has ``graphdef``: the loaded base's
+    in a run, an abstract one's in the memory plan (:func:`jaxdlm.training.adapter.abstract_base`)."""
+    import jax
+
+    from jaxdlm import adapter as adapter_lib
+    from jaxdlm.model import param_layout
+    from jaxdlm.training import adapter as tune
+    from jaxdlm.training import step as step_lib
+
+    layout = param_layout(mcfg)
+    tx = step_lib.make_optimizer(optim_cfg)
+
+    def init_state():
+        factors = adapter_lib.Adapter.init(layout, acfg, jax.random.PRNGKey(seed))
+        return step_lib.init_state(factors, tx, seed)
+
+    shapes = jax.eval_shape(init_state)
+    shardings = _state_shardings(tx, shapes, "params", adapter_lib.adapter_shardings(layout, acfg, mesh), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = tune.make_adapter_step(graphdef, tx, loss_cfg, schedule=step_lib.wsd_schedule(optim_cfg),
+                                        out_shardings=(shardings, replicated), remat=remat)
+    return _AdapterSteps(jax.jit(init_state, out_shardings=shardings), train_step,
+                         tune.make_adapter_eval_step(graphdef, loss_cfg), shapes, shardings)
+
+
+def _load_adapter_run(ck, step: int, meta: dict, mcfg, mesh):
+    """The tuned model of an adapter run's checkpoint ``step``: its base rebuilt from ``meta["base"]`` with the
+    checkpointed adapter in it (:func:`load_trained`)."""
+    import jax
+
+    from jaxdlm import adapter as adapter_lib
+    from jaxdlm import sharding as sh
+    from jaxdlm.model import add_adapter, param_layout
+    from jaxdlm.training import adapter as tune
+
+    acfg, layout = adapter_lib.AdapterConfig.from_dict(meta["adapter"]), param_layout(mcfg)
+    target = {"step": _placed(jax.ShapeDtypeStruct((), np.int32), mesh),
+              "params": _placed(adapter_lib.Adapter.abstract(layout, acfg),
+                                None if mesh is None else adapter_lib.adapter_shardings(layout, acfg, mesh))}
+    factors = _restore_partial(ck, step, target)["params"]
+    model = add_adapter(tune.load_base(meta["base"], mcfg), acfg, factors)
+    return model if mesh is None else sh.shard_model(model, mesh)
+
+
 def _train_batch(train_ds, cfg, mesh, step: int) -> dict:
     """The global ``[accum, batch_size, L]`` batch of ``step``, rows over ``data`` x ``fsdp``; this process reads
     only its own rows."""
@@ -386,12 +486,12 @@ def _resume(ck, cfg, exp: _Experiment, out: str, log) -> tuple[Any, int]:
 
 def _check_same_config(ck, cfg, out: str) -> None:
     """Refuses to go on with a run folder whose latest checkpoint was written under another config (only
-    ``[mesh]`` and ``[run]`` may change)."""
+    ``[mesh]``, ``[run]`` and ``model.remat``, which changes memory but not results, may change)."""
     saved = ck.restore_meta().get("train_config") or {}
     now = json.loads(json.dumps(cfg.to_dict(), default=str))
-    changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora")
+    changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora", "adapter")
                for k in sorted(set(saved.get(sec, {})) | set(now.get(sec, {})))
-               if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k)]
+               if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k) and (sec, k) != ("model", "remat")]
     if saved and changed:
         raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
                          "use a new run.out_dir or restore the original values")
@@ -440,10 +540,12 @@ _SHOWN_METRICS = ("loss", "ar_loss", "diff_loss", "match", "accept")
 
 
 def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_steps, progress: bool, log,
-          mesh) -> dict:
+          mesh, peak_tflops: float | None = None) -> dict:
     """Steps ``start .. stop - 1`` with the periodic log records, evaluations and checkpoints of ``cfg.run``
     (all three at the last step); returns the last train metrics with the last eval's as ``eval_*``.  A SIGTERM
-    or SIGINT stops it at a step every process agrees on, after a checkpoint there (:class:`Stopped`)."""
+    or SIGINT stops it at a step every process agrees on, after a checkpoint there (:class:`Stopped`).  Train
+    records carry ``tokens_per_s`` and ``mfu`` of the steps since the previous record (:func:`_meter`)."""
+    import jax
     from tqdm.auto import tqdm
 
     from jaxdlm.training import distributed
@@ -457,9 +559,12 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
     def every(n, done):
         return n and done % n == 0 or done == stop
 
+    meter = _meter(cfg, exp, mesh, start, peak_tflops)
+
     def record(kind, step, metrics):
         values = {k: float(v) for k, v in metrics.items()}  # waits for the step
-        rec = {"kind": kind, "step": step, "time": time.time(), **values}
+        rec = {"kind": kind, "step": step, "time": time.time(), **values,
+               **(meter.read(step) if kind == "train" else {})}
         if logf is not None:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -487,13 +592,19 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
                 done = s + 1
                 if every(cfg.run.log_every, done):
                     last = record("train", done, metrics)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", **_speed_postfix(last))
+                elif done == start + 1:  # the first step's time is mostly compilation: left out of the speed
+                    jax.block_until_ready(metrics)
+                    meter.restart(done)
                 if exp.evaluate is not None and every(cfg.run.eval_every, done):
                     ev = evaluate(done)
                     last.update({f"eval_{k}": v for k, v in ev.items() if k not in ("kind", "step", "time")})
                 saved = every(cfg.run.checkpoint_every, done)
                 if saved:
                     save(done)
+                if saved or exp.evaluate is not None and every(cfg.run.eval_every, done):
+                    jax.block_until_ready(state)
+                    meter.restart(done)  # evaluations and checkpoints are not training speed
                 if done < stop and signals.reached(done):
                     if not saved:
                         save(done)
@@ -508,15 +619,36 @@ def _loop(cfg, exp: _Experiment, state, train_ds, ck, out: str, start: int, max_
     return last
 
 
+def _meter(cfg, exp: _Experiment, mesh, start: int, peak_tflops: float | None):
+    """The :class:`~jaxdlm.training.speed.Meter` of a run: every process's tokens of a step, the run's model FLOPs
+    per token and the peak of all the mesh's devices (``peak_tflops`` per device, else the known peak of the
+    device kind, else unknown)."""
+    from jaxdlm.training import speed
+
+    peak = speed.peak_tflops(mesh.devices.flat[0].device_kind, peak_tflops)
+    return speed.Meter(cfg.accum * cfg.batch_size * cfg.data.seq_len, exp.flops_per_token,
+                       None if peak is None else peak * 1e12 * mesh.size, start)
+
+
+def _speed_postfix(rec: dict) -> dict:
+    """The progress bar's speed fields of a train record (those that are known)."""
+    out = {}
+    if rec.get("tokens_per_s") is not None:
+        out["tok/s"] = f"{rec['tokens_per_s']:.4g}"
+    if rec.get("mfu") is not None:
+        out["mfu"] = f"{rec['mfu']:.1%}"
+    return out
+
+
 def _silent(*_args, **_kwargs) -> None:
     """The ``log`` of processes other than 0."""
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(mcfg, optim_cfg, loss_cfg, compute_dtype: str, mesh):
+def _steps(mcfg, optim_cfg, loss_cfg, compute_dtype: str, mesh, remat: str = "none"):
     """``(tx, train_step, eval_step, state shapes, state shardings)`` of a full experiment on ``mesh``: the train
-    step keeps the state in its shardings.  Cached so that resuming in the same process reuses the compiled
-    steps (everything here is hashable configuration)."""
+    step keeps the state in its shardings; ``remat``: ``[model] remat``.  Cached so that resuming in the same
+    process reuses the compiled steps (everything here is hashable configuration)."""
     import jax
     import jax.numpy as jnp
 
@@ -532,8 +664,8 @@ def _steps(mcfg, optim_cfg, loss_cfg, compute_dtype: str, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = step_lib.make_train_step(abstract.graphdef, tx, loss_cfg, compute_dtype=compute,
                                           schedule=step_lib.wsd_schedule(optim_cfg),
-                                          out_shardings=(shardings, replicated))
-    eval_step = step_lib.make_eval_step(abstract.graphdef, loss_cfg, compute_dtype=compute)
+                                          out_shardings=(shardings, replicated), remat=remat)
+    eval_step = step_lib.make_eval_step(abstract.graphdef, loss_cfg, compute_dtype=compute, remat=remat)
     return tx, train_step, eval_step, shapes, shardings
 
 
@@ -566,7 +698,15 @@ def add_arguments(parser):
 
     parser.add_argument("config", help="experiment config (.toml or .json)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this call")
-    parser.add_argument("--check", action="store_true", help="only validate the config and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, compile the train step from abstract shapes (no data, no weights) "
+                             "and print its memory plan per device; exit 1 when it does not fit")
+    parser.add_argument("--json", action="store_true", help="--check: the plan as one JSON object on the last line")
+    parser.add_argument("--device-memory", type=int, default=None, metavar="BYTES",
+                        help="--check: plan against this many bytes per device instead of the device's own limit")
+    parser.add_argument("--peak-tflops", type=float, default=None, metavar="X",
+                        help="dense bf16 TFLOP/s of one device, for the mfu of the train records (default: known "
+                             "for H100 SXM and H200, else mfu is null)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = parser.add_argument_group(
         "many processes (jax.distributed; docs/training.md)",
@@ -586,17 +726,38 @@ def run_command(args) -> int:
     from jaxdlm.training.config import load_config
 
     cfg = load_config(args.config)
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--device-memory", args.device_memory)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} {value} must be > 0")
     if args.check:
         print(f"{args.config}: OK")
-        return 0
+        return _check_plan(cfg, args)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                            heartbeat_timeout_s=args.heartbeat_timeout)
     try:
-        final = train(cfg, max_steps=args.max_steps, progress=not args.no_progress)
+        final = train(cfg, max_steps=args.max_steps, progress=not args.no_progress, peak_tflops=args.peak_tflops)
     except Stopped:
         return distributed.EXIT_PREEMPTED
     if distributed.is_main():
         print(json.dumps(final, indent=1))
+    return 0
+
+
+def _check_plan(cfg, args) -> int:
+    """``--check`` after validation: the memory plan (:mod:`jaxdlm.training.plan`) printed, as JSON on the last line
+    with ``--json``; 1 with one line on stderr (the biggest part, what to change) when it does not fit."""
+    from jaxdlm.training import plan as plan_lib
+
+    if cfg.lora.enabled:
+        print("memory plan: not made for lora.enabled=true runs (the plan covers full-parameter and [adapter] runs)")
+        return 0
+    plan = plan_lib.memory_plan(cfg, device_memory=args.device_memory)
+    print(plan_lib.describe(plan))
+    if args.json:
+        print(json.dumps(plan))
+    if plan["fits"] is False:
+        print(f"jaxdlm train: {plan_lib.advice(plan, cfg)}", file=sys.stderr)
+        return 1
     return 0
 
 

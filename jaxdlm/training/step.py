@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxdlm.model import check_remat
 from jaxdlm.training.losses import LossConfig, batch_loss
 
 DECAY_SHAPES = ("linear", "cosine")
@@ -109,7 +110,7 @@ class TrainState:
     earlier versions used, so their checkpoints restore into it (and a dict target restores parts of it)."""
 
     step: jax.Array  # int32 []: optimizer steps taken
-    params: Any  # nnx.State: the float32 master parameters
+    params: Any  # nnx.State: the float32 master parameters (an adapter run: the jaxdlm.adapter.Adapter)
     opt_state: Any  # optax state (Adam's moments shaped like params)
     rng: jax.Array  # uint32 [2]: raw PRNG key data of the training noise
 
@@ -142,12 +143,14 @@ def cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_loss_fn(graphdef, loss_cfg: LossConfig, compute_dtype=None) -> Callable:
-    """``loss_fn(params, batch, key) -> (loss, metrics)`` for one micro-batch ``{"tokens": [B, L], ...}``."""
+def make_loss_fn(graphdef, loss_cfg: LossConfig, compute_dtype=None, remat: str = "none") -> Callable:
+    """``loss_fn(params, batch, key) -> (loss, metrics)`` for one micro-batch ``{"tokens": [B, L], ...}``;
+    ``remat``: per-layer rematerialisation of the forward (:data:`jaxdlm.model.REMAT_POLICIES`)."""
+    check_remat(remat)
 
     def loss_fn(params, batch, key):
         module = nnx.merge(graphdef, cast_floating(params, compute_dtype))
-        return batch_loss(module, batch, key, loss_cfg)
+        return batch_loss(module, batch, key, loss_cfg, remat)
 
     return loss_fn
 
@@ -172,31 +175,41 @@ def _accumulate(loss_fn, params, batch, key):
     return jax.tree.map(lambda g: g / a, g_sum), jax.tree.map(lambda m: m / a, m_sum)
 
 
+def apply_gradients(state: TrainState, grads, metrics: dict, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
+    """One optimizer update of ``state.params`` by ``grads`` (shaped like them): the new state (step + 1) and
+    ``metrics`` with ``grad_norm`` (before clipping) and, given the ``schedule``, ``lr``."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: LossConfig, *, compute_dtype=None,
-                    schedule: optax.Schedule | None = None, donate: bool = True, out_shardings=None) -> Callable:
+                    schedule: optax.Schedule | None = None, donate: bool = True, out_shardings=None,
+                    remat: str = "none") -> Callable:
     """A jitted ``step(state, batch) -> (state, metrics)`` (see the module docstring for the layouts).
 
     Metrics: the loss terms averaged over micro-batches, ``grad_norm`` (before clipping) and ``lr``.
     ``out_shardings``: ``(state shardings, metrics sharding)`` to pin the outputs to (on a mesh: the state keeps
     the layout it was created or restored in, so every step runs the same compiled program).
+    ``remat``: ``"none"``, ``"full"`` or ``"dots"``, per-layer rematerialisation (:data:`jaxdlm.model.REMAT_POLICIES`;
+    the gradients do not change, the memory of the backward pass does).
     """
-    loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype)
+    loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype, remat)
 
     def step(state, batch):
         key = jax.random.fold_in(state.rng, state.step)
         grads, metrics = _accumulate(loss_fn, state.params, batch, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return apply_gradients(state, grads, metrics, tx, schedule)
 
     pinned = {} if out_shardings is None else {"out_shardings": out_shardings}
     return jax.jit(step, donate_argnums=(0,) if donate else (), **pinned)
 
 
-def make_eval_step(graphdef, loss_cfg: LossConfig, *, compute_dtype=None) -> Callable:
-    """A jitted ``eval(params, batch [B, L], key) -> metrics`` (no gradient)."""
-    loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype)
+def make_eval_step(graphdef, loss_cfg: LossConfig, *, compute_dtype=None, remat: str = "none") -> Callable:
+    """A jitted ``eval(params, batch [B, L], key) -> metrics`` (no gradient; ``remat`` as the train step's)."""
+    loss_fn = make_loss_fn(graphdef, loss_cfg, compute_dtype, remat)
     return jax.jit(lambda params, batch, key: loss_fn(params, batch, key)[1])
