@@ -1,5 +1,5 @@
-"""Test configuration: CPU backend with 8 fake devices, full float32 matmuls, fresh random seeds, one compilation
-cache for the whole session."""
+"""Test configuration: CPU backend with 8 fake devices, no LLVM optimisation (fast compiles), full float32 matmuls,
+fresh random seeds, one compilation cache for the whole session."""
 
 import os
 import shutil
@@ -9,7 +9,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 fake CPU devices for the sharding tests (must be set before jax is imported)
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# No LLVM optimisation of the compiled CPU code: the suite compiles hundreds of small programs and this halves the
+# compile time (the HLO passes, hence the numerics, are unchanged; only the few tests that run the embedded default
+# model run slower).  CPU runs only (a GPU run of tests/test_pallas.py keeps the default).  docs/testing.md section 1.
+if "xla_backend_optimization_level" not in _flags and os.environ["JAX_PLATFORMS"] == "cpu":
+    _flags = (_flags + " --xla_backend_optimization_level=0").strip()
+os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -84,7 +84,8 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-               JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     env.pop("TEST_SIGNAL_AT", None)
     env.update(extra)
