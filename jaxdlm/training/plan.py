@@ -123,17 +123,21 @@ def _adapter_step_memory(mcfg, acfg, base_dtype: str, optim_cfg, loss_cfg, mesh,
             **_compiled_bytes(mesh, lambda: steps.train_step.lower(state, base_params, batch))}
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _bytes_text(n: int) -> str:
+    """Bytes for people, in the largest binary unit that keeps the figure >= 1 (B, KiB, MiB, GiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def describe(plan: dict) -> str:
     """One line of the plan for people."""
     m, limit = plan["memory"], plan["device_memory"]
-    parts = ", ".join(f"{k} {_gib(m[k])}" for k in PARTS)
-    against = "device memory unknown" if limit is None else f"{_gib(limit)} device memory"
+    parts = ", ".join(f"{k} {_bytes_text(m[k])}" for k in PARTS)
+    against = "device memory unknown" if limit is None else f"{_bytes_text(limit)} device memory"
     verdict = {True: "fits", False: "does NOT fit", None: "fit unknown"}[plan["fits"]]
-    return (f"memory plan per device ({plan['devices']} devices): {parts}; total {_gib(m['total'])} of {against}: "
+    return (f"memory plan per device ({plan['devices']} devices): {parts}; total {_bytes_text(m['total'])} of {against}: "
             f"{verdict}")
 
 
@@ -154,5 +158,5 @@ def advice(plan: dict, cfg) -> str:
             todo.append(f'set adapter.base_dtype = "{smaller}" (now "{cfg.adapter.base_dtype}")')
         todo.append(f"raise mesh.fsdp to shard the {biggest} over more devices (now {plan['devices']} devices, "
                     f"mesh data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} tensor={cfg.mesh.tensor})")
-    return (f"the run does not fit: {_gib(m['total'])} per device > {_gib(plan['device_memory'])} device memory; "
-            f"the biggest part is {biggest} ({_gib(m[biggest])}): " + ", or ".join(todo))
+    return (f"the run does not fit: {_bytes_text(m['total'])} per device > {_bytes_text(plan['device_memory'])} device memory; "
+            f"the biggest part is {biggest} ({_bytes_text(m[biggest])}): " + ", or ".join(todo))
