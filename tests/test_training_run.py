@@ -268,3 +268,33 @@ def test_chat_dataset_from_jsonl(tmp_path, rng):
     answers = [[words[t] for t, m in zip(row, mask) if m] for row, mask in zip(ds.tokens, ds.loss_mask)]
     assert answers[0][:2] == ["hello", "bye"] and answers[1][0] == "bye"
     assert all("user" not in a and "hi" not in a for a in answers)
+
+
+def test_resume_check_reads_missing_fields_of_an_older_run_as_defaults(tmp_path):
+    """A run folder written before a config field existed (here: no ``[adapter]``, no ``model.remat``) resumes
+    under a config that leaves the field at its default, and is refused when the field changed."""
+    import json as json_lib
+
+    from jaxdlm.testing import tiny_config
+    from jaxdlm.training.config import parse_config
+    from jaxdlm.training.run import _check_same_config
+
+    np.save(tmp_path / "t.npy", np.full(64 * 32, 5, np.int32))
+
+    def config(**adapter):
+        conf = {"model": {"config": tiny_config().to_dict()}, "data": {"train": "t.npy", "seq_len": 32}}
+        return parse_config(dict(conf, adapter=adapter) if adapter else conf, base_dir=str(tmp_path))
+
+    class Saved:  # the checkpoint metadata of an older run
+        def __init__(self, cfg):
+            d = json_lib.loads(json_lib.dumps(cfg.to_dict(), default=str))
+            del d["adapter"], d["model"]["remat"]
+            self.meta = {"train_config": d}
+
+        def restore_meta(self):
+            return self.meta
+
+    old = Saved(config())
+    _check_same_config(old, config(), "run")  # nothing changed: no error
+    with pytest.raises(ValueError, match=r"adapter\.enabled.*changed"):
+        _check_same_config(old, config(enabled=True), "run")

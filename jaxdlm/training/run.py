@@ -486,15 +486,30 @@ def _resume(ck, cfg, exp: _Experiment, out: str, log) -> tuple[Any, int]:
 
 def _check_same_config(ck, cfg, out: str) -> None:
     """Refuses to go on with a run folder whose latest checkpoint was written under another config (only
-    ``[mesh]``, ``[run]`` and ``model.remat``, which changes memory but not results, may change)."""
+    ``[mesh]``, ``[run]`` and ``model.remat``, which changes memory but not results, may change).  A field the
+    saved config lacks (a run from before that field existed) counts as its default value."""
     saved = ck.restore_meta().get("train_config") or {}
     now = json.loads(json.dumps(cfg.to_dict(), default=str))
+    defaults = _default_config_dict()
     changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora", "adapter")
                for k in sorted(set(saved.get(sec, {})) | set(now.get(sec, {})))
-               if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k) and (sec, k) != ("model", "remat")]
+               if saved.get(sec, {}).get(k, defaults.get(sec, {}).get(k)) != now.get(sec, {}).get(k)
+               and (sec, k) != ("model", "remat")]
     if saved and changed:
         raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
                          "use a new run.out_dir or restore the original values")
+
+
+def _default_config_dict() -> dict:
+    """Each compared section's fields at their defaults, as ``TrainConfig.to_dict()`` writes them (JSON)."""
+    import dataclasses
+
+    from jaxdlm.training import config as config_lib
+
+    sections = {"model": config_lib.ModelSection(), "data": config_lib.DataSection(),
+                "objective": config_lib.LossConfig(), "optim": config_lib.OptimConfig(),
+                "lora": config_lib.LoraSection(), "adapter": config_lib.AdapterSection()}
+    return json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in sections.items()}, default=str))
 
 
 def _write_configs(out: str, mcfg, cfg) -> None:
