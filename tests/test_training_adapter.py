@@ -162,3 +162,21 @@ def test_adapter_config_errors_name_the_field(tmp_path, adapter, match):
     conf["adapter"].update(adapter)
     with pytest.raises(ValueError, match=match):
         parse_config(conf, base_dir=str(tmp_path))
+
+
+def test_a_resumed_adapter_run_keeps_the_base_its_checkpoint_recorded(runs):
+    """Resuming rebuilds the base the run's checkpoint names (here: another random seed than the config's), not
+    whatever ``model.init`` points at now (a base run may have trained on since)."""
+    from jaxdlm.training import adapter as tune
+    from jaxdlm.training.config import model_config
+    from jaxdlm.training.run import _experiment, run_mesh
+
+    tmp = runs[0]
+    conf = dict(_conf("resumed", "float32"), model={"config": "model.json", "init": "random", "seed": 0})
+    cfg = parse_config(conf, base_dir=str(tmp))
+    mcfg = model_config(cfg)
+    recorded = tune.base_record("random", 7, "float32")
+    exp = _experiment(cfg, mcfg, None, run_mesh(cfg, mcfg), {"kind": "adapter", "base": recorded})
+    assert exp.meta["base"] == recorded
+    fresh = _experiment(cfg, mcfg, None, run_mesh(cfg, mcfg))
+    assert fresh.meta["base"]["seed"] == 0

@@ -220,7 +220,8 @@ def train(cfg, *, max_steps: int | None = None, progress: bool = True, log=print
             log(f"{out} is finished: it stopped at step {latest} of optim.total_steps={cfg.optim.total_steps}; "
                 "nothing to train (raise optim.total_steps in a new run.out_dir to train on)")
             return _last_metrics(out) if main else {}
-        exp = _experiment(cfg, mcfg, eval_ds, mesh)  # (outside set_mesh: NNX would read the logical axis names
+        resumed = ck.restore_meta() if latest is not None else None
+        exp = _experiment(cfg, mcfg, eval_ds, mesh, resumed)  # (outside set_mesh: NNX would read the logical axis names
         state, start = _resume(ck, cfg, exp, out, log)  # of new params as mesh axes)
         if main:
             _write_configs(out, mcfg, cfg)
@@ -248,14 +249,16 @@ def run_mesh(cfg, mcfg):
     return mesh
 
 
-def _experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
-    """The model to start from (random, or a trained run's) and the full or draft-LoRA experiment around it."""
+def _experiment(cfg, mcfg, eval_ds, mesh, resumed: dict | None = None) -> _Experiment:
+    """The model to start from (random, or a trained run's) and the full, draft-LoRA or adapter experiment around
+    it.  ``resumed``: the record of the run's own latest checkpoint when it resumes; a frozen base (LoRA, adapter)
+    is then the one that record names, not the base run's latest step now (which may have moved on)."""
     from jaxdlm.config import ModelConfig
     from jaxdlm.model import Model
     from jaxdlm.training.checkpointing import Checkpointer
 
     if cfg.adapter.enabled:
-        return _adapter_experiment(cfg, mcfg, eval_ds, mesh)
+        return _adapter_experiment(cfg, mcfg, eval_ds, mesh, (resumed or {}).get("base"))
     if cfg.model.init == "random":
         return _full_experiment(cfg, mcfg, None, eval_ds, mesh)
     base_run = cfg.path(cfg.model.init)
@@ -266,6 +269,8 @@ def _experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
     base_ck = Checkpointer(os.path.join(base_run, "checkpoints"))
     base_step = base_ck.latest_step()
     base_ck.close()
+    if resumed and resumed.get("kind") == "lora":
+        base_step = resumed["base_step"]
     if not cfg.lora.enabled:
         return _full_experiment(cfg, mcfg, (base_run, base_step), eval_ds, mesh)
     model = load_trained(base_run, base_step, mesh=mesh)
@@ -355,11 +360,12 @@ def _lora_experiment(cfg, mcfg, model, eval_ds, base_run, base_step, mesh) -> _E
                        evaluate if eval_ds is not None else None, meta)
 
 
-def _adapter_experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
+def _adapter_experiment(cfg, mcfg, eval_ds, mesh, recorded_base: dict | None = None) -> _Experiment:
     """An adapter (``[adapter]``, :mod:`jaxdlm.adapter`) trains on the frozen base: random (``model.seed``), a run
     folder or a jaxdlm checkpoint (``model.init``), prepared in ``adapter.base_dtype``
     (:mod:`jaxdlm.training.adapter`).  The state (checkpointed) is the float32 adapter and its optimizer state; the
-    record saved with it names the base so that :func:`load_trained` rebuilds the tuned model."""
+    record saved with it names the base so that :func:`load_trained` rebuilds the tuned model; a resumed run
+    rebuilds the base its checkpoint recorded (``recorded_base``)."""
     import jax
 
     from jaxdlm import sharding as sh
@@ -369,7 +375,7 @@ def _adapter_experiment(cfg, mcfg, eval_ds, mesh) -> _Experiment:
 
     acfg = cfg.adapter.adapter_config()
     init = cfg.model.init if cfg.model.init == "random" else cfg.path(cfg.model.init)
-    base = tune.base_record(init, cfg.model.seed, cfg.adapter.base_dtype)
+    base = recorded_base or tune.base_record(init, cfg.model.seed, cfg.adapter.base_dtype)
     model = sh.shard_model(add_adapter(tune.load_base(base, mcfg), acfg), mesh)
     steps = _adapter_steps(model.graphdef, mcfg, acfg, cfg.optim, cfg.objective, mesh, cfg.model.remat, cfg.run.seed)
     eval_key = jax.random.PRNGKey(EVAL_NOISE_SEED)
