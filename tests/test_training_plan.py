@@ -215,3 +215,18 @@ def test_flop_formula_parts():
     assert speed.peak_tflops("NVIDIA H100 80GB HBM3") == speed.peak_tflops("NVIDIA H200") == 989.0
     assert speed.peak_tflops("cpu") is None and speed.peak_tflops("NVIDIA H100 PCIe") is None
     assert speed.peak_tflops("cpu", 2.5) == 2.5
+
+
+def test_check_without_a_plan_still_ends_with_json(plan_configs, capsys):
+    """A mesh this machine cannot hold (the plan compiles on its devices) and a draft-LoRA run: validation passes
+    (exit 0), one line says why there is no plan, and ``--json`` still ends with an object that says so."""
+    conf = json.loads(plan_configs["none"].read_text())
+    cases = {"mesh": dict(conf, mesh={"data": 2, "fsdp": 2 * jax.device_count()},
+                          optim={"batch_size": 4 * jax.device_count()}),
+             "lora": dict(conf, lora={"enabled": True}, model=dict(conf["model"], init="no_weights"))}
+    for name, case in cases.items():
+        path = plan_configs["none"].parent / f"noplan_{name}.json"
+        path.write_text(json.dumps(case))
+        rc, got, _ = _check(path, capsys)
+        assert rc == 0 and got["memory"] is None and got["fits"] is None, (name, got)
+        assert ("does not fit the" in got["reason"]) if name == "mesh" else ("lora" in got["reason"]), got

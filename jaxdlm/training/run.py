@@ -766,11 +766,28 @@ def run_command(args) -> int:
 
 def _check_plan(cfg, args) -> int:
     """``--check`` after validation: the memory plan (:mod:`jaxdlm.training.plan`) printed, as JSON on the last line
-    with ``--json``; 1 with one line on stderr (the biggest part, what to change) when it does not fit."""
+    with ``--json``; 1 with one line on stderr (the biggest part, what to change) when it does not fit.  No plan
+    (said in one line, and with ``--json`` an object whose ``reason`` says why) for a draft-LoRA run or where this
+    machine's devices cannot hold the run's mesh (the plan compiles the step on them)."""
+    import jax
+
+    from jaxdlm.training import config as config_lib
     from jaxdlm.training import plan as plan_lib
 
+    reason = None
     if cfg.lora.enabled:
-        print("memory plan: not made for lora.enabled=true runs (the plan covers full-parameter and [adapter] runs)")
+        reason = "not made for lora.enabled=true runs (the plan covers full-parameter and [adapter] runs)"
+    else:
+        try:
+            run_mesh(cfg, config_lib.model_config(cfg))
+        except ValueError as e:
+            reason = (f"skipped: {e} (the plan compiles the step on this machine's {jax.device_count()} devices; "
+                      "run --check where the run's devices are)")
+    if reason is not None:
+        print(f"memory plan: {reason}")
+        if args.json:
+            print(json.dumps({"devices": jax.device_count(), "memory": None, "device_memory": None, "fits": None,
+                              "reason": reason}))
         return 0
     plan = plan_lib.memory_plan(cfg, device_memory=args.device_memory)
     print(plan_lib.describe(plan))
