@@ -215,6 +215,11 @@ def test_flop_formula_parts():
     assert speed.peak_tflops("NVIDIA H100 80GB HBM3") == speed.peak_tflops("NVIDIA H200") == 989.0
     assert speed.peak_tflops("cpu") is None and speed.peak_tflops("NVIDIA H100 PCIe") is None
     assert speed.peak_tflops("cpu", 2.5) == 2.5
+    # a sliding window that cuts the sequence is not modelled: no FLOP count (mfu null), not an over-count
+    windowed, obj = tiny_config(block_size=4, sliding_window=8), LossConfig()
+    assert speed.train_flops_per_token(windowed, obj, 16) is None
+    plain = tiny_config(block_size=4)
+    assert speed.train_flops_per_token(windowed, obj, 8) == speed.train_flops_per_token(plain, obj, 8)
 
 
 def test_check_without_a_plan_still_ends_with_json(plan_configs, capsys):

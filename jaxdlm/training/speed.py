@@ -79,19 +79,31 @@ def _forward_flops(mcfg, loss_cfg, seq_len: int) -> tuple[float, float, int]:
     return matmul, attn, streams
 
 
-def train_flops_per_token(mcfg, loss_cfg, seq_len: int) -> float:
+def _windowed(mcfg, seq_len: int) -> bool:
+    """Whether a sliding window cuts this sequence's attention (the pair counts above do not model it; both
+    streams share positions ``0..L-1``, so a window of ``L`` or more cuts nothing)."""
+    return mcfg.sliding_window is not None and mcfg.sliding_window < seq_len
+
+
+def train_flops_per_token(mcfg, loss_cfg, seq_len: int) -> float | None:
     """Model FLOPs of one training forward + backward per token of a ``seq_len``-token sequence (formula:
     docs/training.md).  ``mcfg``: a :class:`~jaxdlm.config.ModelConfig`; ``loss_cfg``: a
-    :class:`~jaxdlm.training.losses.LossConfig` (its objective decides the layout)."""
+    :class:`~jaxdlm.training.losses.LossConfig` (its objective decides the layout).  ``None`` where a sliding
+    window shorter than the sequence cuts attention (not counted: ``mfu`` is then null)."""
+    if _windowed(mcfg, seq_len):
+        return None
     matmul, attn, _ = _forward_flops(mcfg, loss_cfg, seq_len)
     return 3.0 * (matmul + attn)
 
 
-def adapter_flops_per_token(mcfg, loss_cfg, seq_len: int, adapter) -> float:
+def adapter_flops_per_token(mcfg, loss_cfg, seq_len: int, adapter) -> float | None:
     """Model FLOPs of one adapter step (:mod:`jaxdlm.training.adapter`) per sequence token (formula:
     docs/training.md): the frozen base's matmuls forward and input-gradient backward (2x; no weight gradient),
     the adapter's ``x @ A`` and ``(x A) @ B`` 3x (forward, input and factor gradients), attention 3x as in
-    :func:`train_flops_per_token`.  ``adapter``: an :class:`~jaxdlm.adapter.AdapterConfig`."""
+    :func:`train_flops_per_token` (``None`` under a sliding window, as there).  ``adapter``: an
+    :class:`~jaxdlm.adapter.AdapterConfig`."""
+    if _windowed(mcfg, seq_len):
+        return None
     matmul, attn, streams = _forward_flops(mcfg, loss_cfg, seq_len)
     dims = _projections(mcfg)
     per_layer = sum(adapter.rank * (dims[t][0] + dims[t][1]) for t in adapter.targets)  # A [in, r], B [r, out]
