@@ -9,19 +9,28 @@ over ``[x_t | x_0]``, AdamW, float32 master weights and a bf16 forward / backwar
 its own process, so that one running out of memory (or past its time limit) is recorded and the others still
 run.  A case:
 
-* makes the ``--check`` memory plan (:func:`jaxdlm.training.plan.memory_plan`, per device);
-* builds the run's state and train step the way ``jaxdlm train`` does (``run._full_experiment``; an adapter
-  case: :func:`adapter_experiment`), compiles it (the first step, timed as ``compile_s``) and times ``--steps``
-  steps on random token rows;
+* builds the run's state and train step the way ``jaxdlm train`` does (:func:`full_step`: ``run._full_experiment``;
+  :func:`adapter_step`: ``run._adapter_steps``) and compiles the step once, from abstract arguments
+  (``compile_s``);
+* reads the ``--check`` memory plan (per device, the byte split of :mod:`jaxdlm.training.plan`) from that compiled
+  program; where it does not fit the device (``fits`` false) the case records the plan and ``skipped`` and stops
+  there, before any weight is drawn;
+* otherwise places the state (and an adapter case's base), runs the compiled step once (``first_step_s``) and
+  times ``--steps`` more on random token rows;
 * reports tokens/s per device, MFU against the device's dense bf16 peak (:mod:`jaxdlm.training.speed`; null on a
   CPU unless ``--peak-tflops``), the model FLOPs per token and the device's peak memory in use where it reports one.
 
 Cases (:data:`CASES`, each with its own time limit): the 3B full fine-tune with Pallas (flash) attention inside
-the step and the same with XLA attention (``JAXDLM_ATTENTION``), side by side; the 3B adapter fine-tune (rank 16 on
-all seven projections, bf16 base) and the 8B adapter fine-tune with an int8 base (its memory plan and peak memory
-in use against one 80 GB H100: ``fits_80gb``), both with Pallas attention.  An adapter case builds the run's
-adapter step (``run._adapter_steps``) on a random base drawn directly in its ``base_dtype`` layout
-(:func:`adapter_experiment`) and counts an adapter step's model FLOPs (``speed.adapter_flops_per_token``).
+the step and the same with XLA attention (``JAXDLM_ATTENTION``); the 3B adapter fine-tune (rank 16 on all seven
+projections, bf16 base), also with Pallas and with XLA attention; the 8B adapter fine-tune with an int8 base, Pallas
+attention.  Every plan is also read against one 80 GB H100 (``fits_80gb``, :func:`limit_80gb`).  The XLA-attention
+3B full fine-tune is not expected to fit an 80 GB GPU (18 bytes per parameter, then the ``[heads, 2L, 2L]`` float32
+scores), so ``pallas_over_xla_tokens_per_s`` is the adapter pair's ratio and
+``pallas_over_xla_tokens_per_s_full`` the full pair's, each ``null`` unless both cases ran.  An adapter case draws
+its random base directly in its ``base_dtype`` layout (:func:`random_params`) and counts an adapter step's model
+FLOPs (``speed.adapter_flops_per_token``).
+The versions are read first, and the result file is rewritten (atomically) after each case, so that a run killed
+part-way keeps the cases done.
 Results (device, versions, date, figures) go to ``experiments/results/bench_train_<preset or tiny>_<backend>.json``
 and a Markdown table to stdout.
 """
@@ -65,7 +74,7 @@ CASES = {
                        "adapter": dict(ADAPTER, base_dtype="int8")},
 }
 #: Seconds the versions (device, jax, flax, python) may take, read in a child process before the cases.
-VERSIONS_TIMEOUT_S = 40
+VERSIONS_TIMEOUT_S = 30
 #: Seconds of every case's limit plus :data:`VERSIONS_TIMEOUT_S`: ``gpu_session.sh train`` gives the benchmark 30 s
 #: more than this (the parent's own start and writes), and its whole part stays under 8 minutes.
 BUDGET_S = VERSIONS_TIMEOUT_S + sum(c["timeout_s"] for c in CASES.values())
