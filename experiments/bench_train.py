@@ -166,7 +166,7 @@ class CaseStep(NamedTuple):
     params_bytes: int  # per device: the trained params (an adapter step: plus the frozen base)
     optimizer_bytes: int  # per device: the optimizer state
     init: Callable  # () -> (state, extra) on the devices, in those shardings
-    flops_per_token: float
+    flops_per_token: float | None  # model FLOPs per token (None where speed.py gives no count)
 
 
 def full_step(cfg, mcfg, mesh) -> CaseStep:
@@ -259,7 +259,8 @@ def run_case(name: str, args) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     return dict(head, tokens_per_step=tokens, step_s=step_s, step_s_all=[round(t, 6) for t in times[1:]],
                 first_step_s=times[0], tokens_per_s_per_device=tps, flops_per_token=cs.flops_per_token,
-                peak_tflops=peak, mfu=None if peak is None else tps * cs.flops_per_token / (peak * 1e12),
+                peak_tflops=peak, mfu=None if peak is None or cs.flops_per_token is None
+                else tps * cs.flops_per_token / (peak * 1e12),
                 peak_bytes_in_use=stats.get("peak_bytes_in_use"), first_loss=losses[0], last_loss=losses[-1])
 
 
