@@ -33,11 +33,14 @@
 #             runs it on a tiny model (--smoke sizes).
 # train     - the training step (issue 22), under 8 minutes: experiments/bench_train.py on one GPU at L = 4096
 #             ([x_t | x_0]: 8192 tokens per step), batch 1, bf16 compute, remat per layer: tokens/s per GPU, MFU and
-#             the --check memory plan of the 3B-shaped full fine-tune (Pallas against XLA attention inside the step,
-#             first), then the 3B adapter fine-tune (bf16 base) and the 8B adapter fine-tune on an int8 base (memory
-#             plan, peak memory in use, whether it fits one 80 GB H100), each case in its own process with its own
-#             limit (130 + 90 + 100 + 110 s; an OOM is recorded and the next case runs). JAX may take 95% of the
-#             GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION). --tiny as a third argument runs it on a tiny model.
+#             the memory plan (from the one compiled step) of the 3B-shaped full fine-tune and of the 3B adapter
+#             fine-tune (bf16 base), each with Pallas and with XLA attention inside the step, then the 8B adapter
+#             fine-tune on an int8 base (memory plan, peak memory in use, whether it fits one 80 GB H100), each case
+#             in its own process with its own limit (90 + 70 + 70 + 65 + 85 s after 30 s for the versions: 420 s,
+#             bench_train.BUDGET_S; the step gets 30 s more). A case whose plan does not fit the GPU is recorded
+#             and not run; an OOM or a timeout is recorded and the next case runs; the JSON is rewritten after
+#             each case. JAX may take 95% of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION). --tiny as a third
+#             argument runs it on a tiny model.
 #
 # Each step is bounded by `timeout` so a slow one cannot take the rest with it. env.log, steps.log and the
 # result files go to OUTDIR (the device tool's $OUT; at most 8 files per part), to be copied into
@@ -146,11 +149,12 @@ case "$PART" in
     step 520 bench_serve $PY experiments/bench_serve.py "${SERVE[@]}" --out "$OUT/bench_serve_gpu8b.json"
     ;;
   train)
-    { nvidia-smi; $PY -c "import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__)"; } > "$OUT/env.log" 2>&1
+    # at most 25 + 440 s: the step's limit is bench_train.BUDGET_S (the case limits and the versions' 420 s) + 30 s
+    timeout 25 sh -c "nvidia-smi; $PY -c 'import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__)'" > "$OUT/env.log" 2>&1
     cat "$OUT/env.log"
     TRAIN=(--preset 3b --seq-len 4096 --batch 1 --steps 5)
-    if [ -n "$TINY" ]; then TRAIN=(--tiny --case-timeout 100); fi
-    step 455 bench_train env XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95} \
+    if [ -n "$TINY" ]; then TRAIN=(--tiny --case-timeout 75); fi
+    step 440 bench_train env XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95} \
       $PY experiments/bench_train.py "${TRAIN[@]}" --out "$OUT/bench_train_3b.json"
     ;;
   *) echo "unknown PART=$PART (bandwidth | check | gen4_16 | attention | quant | train_default | serve | train)"; exit 2 ;;

@@ -59,8 +59,14 @@ def memory_plan(cfg, *, device_memory: int | None = None) -> dict:
                                       cfg.objective, mesh, cfg.model.remat, batch_shape)
     else:
         memory = _step_memory(mcfg, cfg.optim, cfg.objective, cfg.compute_dtype, mesh, cfg.model.remat, batch_shape)
+    return plan_of(memory, mesh.size, device_memory)
+
+
+def plan_of(memory: dict, devices: int, device_memory: int | None = None) -> dict:
+    """The plan object (module docstring) of the per-device bytes ``memory`` (``{"params", "optimizer",
+    "temporaries", "total"}``) on ``devices`` devices, against ``device_memory`` or the device's own limit."""
     limit = device_memory if device_memory is not None else device_memory_limit()
-    return {"devices": mesh.size, "memory": dict(memory), "device_memory": limit,
+    return {"devices": devices, "memory": dict(memory), "device_memory": limit,
             "fits": None if limit is None else memory["total"] <= limit}
 
 
@@ -78,15 +84,23 @@ def _abstract_batch(mesh, batch_shape) -> dict:
             "loss_mask": jax.ShapeDtypeStruct(batch_shape, jnp.bool_, sharding=where)}
 
 
+def compiled_bytes(compiled) -> dict:
+    """``{"temporaries", "total"}`` bytes per device of a compiled step (``compiled.memory_analysis()``): ``total``
+    is arguments + outputs - outputs that reuse donated arguments + temporaries."""
+    from jaxdlm import compat
+
+    mem = compat.compiled_memory(compiled)
+    return {"temporaries": mem["temp"], "total": mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]}
+
+
 def _compiled_bytes(mesh, lowered_fn) -> dict:
-    """``{"temporaries", "total"}`` of the step ``lowered_fn()`` lowers (under ``mesh``), compiled for analysis."""
+    """:func:`compiled_bytes` of the step ``lowered_fn()`` lowers (under ``mesh``), compiled for analysis."""
     import jax
 
     from jaxdlm import compat
 
     with jax.set_mesh(mesh):
-        mem = compat.compiled_memory(compat.compile_for_analysis(lowered_fn()))
-    return {"temporaries": mem["temp"], "total": mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]}
+        return compiled_bytes(compat.compile_for_analysis(lowered_fn()))
 
 
 @functools.lru_cache(maxsize=8)
