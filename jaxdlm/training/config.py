@@ -184,6 +184,14 @@ class TrainConfig:
 
 
 _SECTIONS = ("model", "data", "objective", "optim", "lora", "run", "mesh", "adapter")
+
+
+def default_sections() -> dict:
+    """Every field of every section at its default, as :meth:`TrainConfig.to_dict` writes it (JSON values): what a
+    run folder saved before a field existed ran with (``_check_same_config`` on resume)."""
+    sections = {"model": ModelSection(), "data": DataSection(), "objective": LossConfig(), "optim": OptimConfig(),
+                "lora": LoraSection(), "run": RunSection(), "mesh": MeshSection(), "adapter": AdapterSection()}
+    return json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in sections.items()}, default=str))
 _OPTIM_EXTRA = {"batch_size": int, "accum": int, "compute_dtype": str}
 
 

@@ -494,9 +494,11 @@ def _check_same_config(ck, cfg, out: str) -> None:
     """Refuses to go on with a run folder whose latest checkpoint was written under another config (only
     ``[mesh]``, ``[run]`` and ``model.remat``, which changes memory but not results, may change).  A field the
     saved config lacks (a run from before that field existed) counts as its default value."""
+    from jaxdlm.training.config import default_sections
+
     saved = ck.restore_meta().get("train_config") or {}
     now = json.loads(json.dumps(cfg.to_dict(), default=str))
-    defaults = _default_config_dict()
+    defaults = default_sections()
     changed = [f"{sec}.{k}" for sec in ("model", "data", "objective", "optim", "lora", "adapter")
                for k in sorted(set(saved.get(sec, {})) | set(now.get(sec, {})))
                if saved.get(sec, {}).get(k, defaults.get(sec, {}).get(k)) != now.get(sec, {}).get(k)
@@ -504,18 +506,6 @@ def _check_same_config(ck, cfg, out: str) -> None:
     if saved and changed:
         raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
                          "use a new run.out_dir or restore the original values")
-
-
-def _default_config_dict() -> dict:
-    """Each compared section's fields at their defaults, as ``TrainConfig.to_dict()`` writes them (JSON)."""
-    import dataclasses
-
-    from jaxdlm.training import config as config_lib
-
-    sections = {"model": config_lib.ModelSection(), "data": config_lib.DataSection(),
-                "objective": config_lib.LossConfig(), "optim": config_lib.OptimConfig(),
-                "lora": config_lib.LoraSection(), "adapter": config_lib.AdapterSection()}
-    return json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in sections.items()}, default=str))
 
 
 def _write_configs(out: str, mcfg, cfg) -> None:
